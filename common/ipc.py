@@ -1,0 +1,128 @@
+"""Typed ZeroMQ sockets and the address book of one server.
+
+Topology (who binds what; arrows are PUSH->PULL unless marked):
+
+    server        binds server_in      <- tokenizer (DeltaBatch, RequestError),
+                                          scheduler (RequestError, SchedulerStats)
+    tokenizer     binds tokenizer_in   <- server (GenerateRequest), scheduler (TokenBatch)
+    scheduler     binds scheduler_in   <- tokenizer (TokenizedRequest),
+                                          server and tokenizer (AbortRequest, StatsRequest)
+    scheduler     binds worker_plan    -> every worker rank (PUB/SUB: StepPlan)
+    scheduler     binds worker_result  <- worker rank 0 (StepResult), any rank (WorkerReady)
+    launcher      binds launcher_in    <- every child (ProcessReady)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from fovea.common.codec import Decoder, Encoder
+
+T = TypeVar("T")
+
+
+class Addresses(msgspec.Struct, frozen=True, kw_only=True):
+    server_in: str
+    tokenizer_in: str
+    scheduler_in: str
+    worker_plan: str
+    worker_result: str
+    launcher_in: str
+
+    @staticmethod
+    def local() -> Addresses:
+        """ipc:// endpoints in a fresh private directory (removed by the launcher)."""
+        d = tempfile.mkdtemp(prefix=f"fovea-{os.getpid()}-")
+        names = ("server_in", "tokenizer_in", "scheduler_in", "worker_plan", "worker_result")
+        kw = {n: f"ipc://{d}/{n}" for n in (*names, "launcher_in")}
+        return Addresses(**kw)
+
+    @property
+    def ipc_dir(self) -> str | None:
+        prefix = "ipc://"
+        if self.launcher_in.startswith(prefix):
+            return os.path.dirname(self.launcher_in[len(prefix) :])
+        return None
+
+
+def _socket(ctx: zmq.Context[Any], kind: int, addr: str, bind: bool) -> zmq.Socket[Any]:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    # No high-water-mark drops: a dropped message would be a lost request.
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if kind == zmq.SUB:
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    if bind:
+        sock.bind(addr)
+    else:
+        sock.connect(addr)
+    return sock
+
+
+class Sender:
+    """PUSH or PUB end. `send` never blocks on a slow peer (no HWM)."""
+
+    def __init__(self, ctx: zmq.Context[Any], addr: str, *, bind: bool, pub: bool = False):
+        self.addr = addr
+        self.sock = _socket(ctx, zmq.PUB if pub else zmq.PUSH, addr, bind)
+        self._enc = Encoder()
+
+    def send(self, msg: Any) -> None:
+        self.sock.send_multipart(self._enc.encode(msg), copy=False)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class Receiver(Generic[T]):
+    """PULL or SUB end that decodes exactly the union `types`."""
+
+    def __init__(
+        self, ctx: zmq.Context[Any], addr: str, types: Any, *, bind: bool, sub: bool = False
+    ):
+        self.addr = addr
+        self.sock = _socket(ctx, zmq.SUB if sub else zmq.PULL, addr, bind)
+        self._dec = Decoder(types)
+
+    def recv(self, timeout_ms: int | None = None) -> T | None:
+        """Block up to timeout_ms (None: forever); None if nothing came."""
+        if timeout_ms is not None and not self.sock.poll(timeout_ms):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        return self._dec.decode([f.buffer for f in frames])  # type: ignore[no-any-return]
+
+    def recv_all(self) -> list[T]:
+        """Every message already queued, without blocking."""
+        out: list[T] = []
+        while True:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return out
+            out.append(self._dec.decode([f.buffer for f in frames]))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class AsyncReceiver(Generic[T]):
+    """PULL end for asyncio code (the HTTP server, the Engine)."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, addr: str, types: Any, *, bind: bool):
+        self.addr = addr
+        self.sock = _socket(ctx, zmq.PULL, addr, bind)
+        self._dec = Decoder(types)
+
+    async def recv(self) -> T:
+        frames = await self.sock.recv_multipart(copy=False)
+        return self._dec.decode([f.buffer for f in frames])  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,255 @@
+"""Every message that crosses a process boundary, grouped by the edge it crosses.
+
+Data only: msgspec Structs, msgpack on the wire, no pickle. Each receiving socket decodes a
+Union of the tagged structs it may get (the `To*` aliases at the bottom), so a socket rejects
+a message that was never meant for it.
+
+A request's identity: the server names it `rid`; a request with n > 1 becomes n sequences
+`(rid, index)` at the tokenizer. The scheduler and workers key sequences by `seq_key(rid, index)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from fovea.common.sampling import SamplingParams
+
+
+def seq_key(rid: str, index: int) -> str:
+    return f"{rid}#{index}"
+
+
+# ---------------------------------------------------------------- server -> tokenizer
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    # A string, or OpenAI content parts ({"type": "text", "text": ...}); None for an
+    # assistant turn that only carried tool calls.
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
+    """Exactly one of `text`, `input_ids` and `messages` is set (the server checks)."""
+
+    rid: str
+    sampling: SamplingParams
+    text: str | None = None
+    input_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    # Extra variables for the chat template (e.g. enable_thinking).
+    chat_template_kwargs: dict[str, Any] = {}
+    arrival_time: float = 0.0
+
+
+# ---------------------------------------------------------------- tokenizer -> scheduler
+
+
+class TokenizedRequest(msgspec.Struct, tag=True, kw_only=True):
+    """One sequence to generate. `sampling.max_new_tokens` is resolved (never None)."""
+
+    rid: str
+    index: int
+    input_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float = 0.0
+
+
+# ---------------------------------------------------------------- server/detokenizer -> scheduler
+
+
+class AbortRequest(msgspec.Struct, tag=True):
+    """Stop a request's sequences and free their KV slots. index None: every sequence."""
+
+    rid: str
+    index: int | None = None
+    # "client" (disconnect), "stop" (detokenizer matched a stop string), "shutdown".
+    reason: str = "client"
+
+
+class StatsRequest(msgspec.Struct, tag=True):
+    query_id: str
+
+
+# ---------------------------------------------------------------- scheduler -> server
+
+
+class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
+    """A snapshot of the scheduler. Invariant with nothing running:
+    free_slots + tree_slots == total_slots."""
+
+    query_id: str
+    total_slots: int
+    free_slots: int
+    tree_slots: int
+    evictable_slots: int
+    running: int
+    waiting: int
+    steps: int
+    cache_hit_tokens: int
+    prompt_tokens: int
+    generated_tokens: int
+
+
+class RequestError(msgspec.Struct, tag=True, kw_only=True):
+    """A request failed before producing output (sent by tokenizer or scheduler)."""
+
+    rid: str
+    message: str
+    status: int = 400
+    param: str | None = None
+
+
+# ---------------------------------------------------------------- scheduler -> worker (PUB)
+
+
+class NewSequence(msgspec.Struct, array_like=True, gc=False):
+    """Sent once per admission (again after a retraction). `input_ids` is every token known so
+    far (prompt, plus output generated before a retraction); the first `len(prefix_slots)` of
+    them already have KV in those slots (a radix-cache hit)."""
+
+    key: str
+    input_ids: list[int]
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    prefix_slots: list[int]
+
+
+class ScheduledChunk(msgspec.Struct, array_like=True, gc=False):
+    """Compute `len(new_slots)` more tokens of sequence `key`, writing their KV to `new_slots`.
+    `sample`: the chunk reaches the end of the known tokens, so sample the next one."""
+
+    key: str
+    new_slots: list[int]
+    sample: bool
+
+
+class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """One forward pass: a diff against what the workers already hold."""
+
+    step: int
+    new: list[NewSequence]
+    chunks: list[ScheduledChunk]
+    # Sequences the workers forget before this step (finished, aborted, retracted).
+    dropped: list[str]
+
+
+class SyncPing(msgspec.Struct, tag=True):
+    """Repeated by the scheduler until every rank answers: PUB/SUB drops messages sent before a
+    subscriber has joined, so no plan is sent until all ranks have answered."""
+
+    nonce: int
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+# ---------------------------------------------------------------- worker -> scheduler
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True, gc=False):
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
+    nonce: int
+    rank: int
+    num_slots: int  # KV slots in the pool (same on every rank)
+    max_seqs: int  # rows in the worker's request table
+
+
+class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """For each chunk of the plan with sample=True, in plan order: the sampled token."""
+
+    step: int
+    keys: list[str]
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+    forward_s: float
+
+
+class WorkerFailed(msgspec.Struct, tag=True):
+    """A step raised; the worker reports it and exits (the launcher then stops the server)."""
+
+    rank: int
+    message: str
+
+
+# ---------------------------------------------------------------- scheduler -> tokenizer service (detokenize)
+
+
+class SeqOutput(msgspec.Struct, array_like=True, gc=False):
+    rid: str
+    index: int
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    matched_stop: int | None  # the stop token id that finished it, if any
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+class TokenBatch(msgspec.Struct, tag=True, array_like=True, gc=False):
+    outputs: list[SeqOutput]
+
+
+# ---------------------------------------------------------------- tokenizer service -> server
+
+
+class TopLogprob(msgspec.Struct, array_like=True, gc=False):
+    token: str
+    token_id: int
+    logprob: float
+
+
+class TextLogprob(msgspec.Struct, array_like=True, gc=False):
+    token: str
+    token_id: int
+    logprob: float
+    top: list[TopLogprob]
+
+
+class TextDelta(msgspec.Struct, array_like=True, gc=False):
+    rid: str
+    index: int
+    text: str  # new text since the last delta
+    token_ids: list[int]  # new tokens since the last delta
+    logprobs: list[TextLogprob] | None
+    finish_reason: str | None
+    matched_stop: int | str | None
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+class DeltaBatch(msgspec.Struct, tag=True, array_like=True, gc=False):
+    deltas: list[TextDelta]
+
+
+# ---------------------------------------------------------------- any child -> launcher
+
+
+class ProcessReady(msgspec.Struct, tag=True, kw_only=True):
+    role: str
+    pid: int
+    info: dict[str, str] = {}
+
+
+# ---------------------------------------------------------------- what each socket accepts
+
+# The tokenizer service tokenizes (GenerateRequest from the server) and detokenizes (TokenBatch
+# from the scheduler) in one process, so a request's stop strings are known before its tokens.
+ToTokenizer = GenerateRequest | TokenBatch
+ToScheduler = TokenizedRequest | AbortRequest | StatsRequest
+ToWorker = StepPlan | SyncPing | Shutdown
+FromWorker = WorkerReady | StepResult | WorkerFailed
+ToServer = DeltaBatch | RequestError | SchedulerStats
+ToLauncher = ProcessReady

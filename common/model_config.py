@@ -1,0 +1,73 @@
+"""What every process needs to know about a model directory, read from its JSON files only
+(no torch, no transformers): architecture, context length, stop tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import msgspec
+
+
+class ModelConfigError(ValueError):
+    pass
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    path: str
+    architecture: str
+    model_type: str
+    context_length: int
+    vocab_size: int
+    eos_token_ids: list[int]
+
+
+def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    # v5 multimodal configs nest the language model under text_config.
+    nested = cfg.get("text_config")
+    return nested if isinstance(nested, dict) else cfg
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def read_model_info(path: str, context_length: int | None = None) -> ModelInfo:
+    """Raise ModelConfigError (one clear line) for a missing or unusable directory."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise ModelConfigError(f"model path {path!r} is not a directory")
+    if not os.path.isfile(cfg_path):
+        raise ModelConfigError(f"no config.json in {path!r}: not a Hugging Face model directory")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelConfigError(f"cannot read {cfg_path}: {e}") from e
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise ModelConfigError(f"{cfg_path} names no architectures")
+    text = _text_config(cfg)
+    model_max = int(text.get("max_position_embeddings") or cfg.get("max_position_embeddings") or 2048)
+    if context_length is not None and context_length > model_max:
+        raise ModelConfigError(
+            f"--context-length {context_length} exceeds the model's {model_max} positions"
+        )
+    eos = _as_ids(text.get("eos_token_id", cfg.get("eos_token_id")))
+    gen_path = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            eos += [t for t in _as_ids(json.load(f).get("eos_token_id")) if t not in eos]
+    return ModelInfo(
+        path=path,
+        architecture=str(archs[0]),
+        model_type=str(cfg.get("model_type", "")),
+        context_length=context_length or model_max,
+        vocab_size=int(text.get("vocab_size") or cfg.get("vocab_size") or 0),
+        eos_token_ids=eos,
+    )
