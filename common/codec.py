@@ -45,8 +45,8 @@ class Decoder:
         self._dec: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
             types, ext_hook=self._ext_hook
         )
-        self._meta: msgspec.msgpack.Decoder[tuple[int, str, list[int]]] = (
-            msgspec.msgpack.Decoder(tuple[int, str, list[int]])
+        self._meta: msgspec.msgpack.Decoder[tuple[int, str, list[int]]] = msgspec.msgpack.Decoder(
+            tuple[int, str, list[int]]
         )
 
     def _ext_hook(self, code: int, data: memoryview) -> Any:

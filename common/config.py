@@ -36,9 +36,7 @@ class ServerArgs:
     )
     host: str = _opt("127.0.0.1", "Address the HTTP server binds.")
     port: int = _opt(30000, "Port the HTTP server binds.")
-    served_model_name: str | None = _opt(
-        None, "Model name in the API (default: the model path)."
-    )
+    served_model_name: str | None = _opt(None, "Model name in the API (default: the model path).")
     api_key: str | None = _opt(None, "If set, requests must send 'Authorization: Bearer KEY'.")
     tp_size: int = _opt(1, "Tensor-parallel size: worker processes, one per device.")
     dtype: str = _opt(
@@ -47,7 +45,9 @@ class ServerArgs:
         "(avx512_bf16/amx_bf16), float32 otherwise.",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
-    device: str = _opt("auto", "Device for the workers: auto, cpu or cuda.", ("auto", "cpu", "cuda"))
+    device: str = _opt(
+        "auto", "Device for the workers: auto, cpu or cuda.", ("auto", "cpu", "cuda")
+    )
     context_length: int | None = _opt(
         None, "Maximum tokens per sequence (default: the model config's)."
     )
@@ -72,9 +72,7 @@ class ServerArgs:
     )
     disable_radix_cache: bool = _opt(False, "Turn the prefix cache off.")
     random_seed: int = _opt(0, "Seed for sampling of requests that give no seed.")
-    log_level: str = _opt(
-        "info", "Log level.", ("debug", "info", "warning", "error", "critical")
-    )
+    log_level: str = _opt("info", "Log level.", ("debug", "info", "warning", "error", "critical"))
 
     @property
     def model_name(self) -> str:

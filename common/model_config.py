@@ -53,7 +53,9 @@ def read_model_info(path: str, context_length: int | None = None) -> ModelInfo:
     if not archs:
         raise ModelConfigError(f"{cfg_path} names no architectures")
     text = _text_config(cfg)
-    model_max = int(text.get("max_position_embeddings") or cfg.get("max_position_embeddings") or 2048)
+    model_max = int(
+        text.get("max_position_embeddings") or cfg.get("max_position_embeddings") or 2048
+    )
     if context_length is not None and context_length > model_max:
         raise ModelConfigError(
             f"--context-length {context_length} exceeds the model's {model_max} positions"

@@ -32,16 +32,15 @@ def setup_process(role: str, log_level: str) -> logging.Logger:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         except OSError:
             pass
-    # The launcher owns shutdown: Ctrl-C in a terminal reaches every process of the group,
-    # and children must not die before it can stop them in order.
+    # The launcher owns shutdown: a child leaves the terminal's process group, so Ctrl-C
+    # reaches only the launcher, which then stops the children in order.
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return logging.getLogger(f"fovea.{role}")
 
 
-def report_ready(
-    ctx: zmq.Context[Any], addrs: Addresses, role: str, **info: str
-) -> None:
+def report_ready(ctx: zmq.Context[Any], addrs: Addresses, role: str, **info: str) -> None:
     sender = Sender(ctx, addrs.launcher_in, bind=False)
     sender.send(ProcessReady(role=role, pid=os.getpid(), info=info))
     # LINGER is 0 on our sockets: let the message leave before the socket closes.

@@ -55,8 +55,13 @@ def make_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 400) -> No
 def make_tiny_model(kind: str, out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     """kind: 'llama' or 'qwen2'. Returns the directory."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, Qwen2Config
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

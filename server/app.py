@@ -1,0 +1,285 @@
+"""HTTP routes: OpenAI chat/completions/models, SGLang's /generate, health and info.
+
+The server never tokenizes: it validates, hands a GenerateRequest to the tokenizer service and
+streams back the TextDeltas (server/requests.py). Errors are OpenAI error objects with a 4xx
+status (5xx only when the backend itself is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fovea.common.config import ServerArgs
+from fovea.common.ipc import Addresses
+from fovea.common.messages import GenerateRequest, TextDelta
+from fovea.common.model_config import ModelInfo
+from fovea.common.sampling import SamplingError, SamplingParams, validate_sampling
+from fovea.server import responses as R
+from fovea.server.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateReqInput,
+    native_sampling,
+    new_id,
+)
+from fovea.server.requests import RequestFailed, RequestManager
+
+log = logging.getLogger("fovea.server")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def _checked(sampling: SamplingParams) -> SamplingParams:
+    try:
+        validate_sampling(sampling)
+    except SamplingError as e:
+        raise APIError(400, str(e), e.param) from e
+    return sampling
+
+
+def create_app(args: ServerArgs, model: ModelInfo, addrs: Addresses) -> FastAPI:
+    state: dict[str, RequestManager] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        mgr = RequestManager(addrs)
+        mgr.start()
+        state["mgr"] = mgr
+        yield
+        mgr.close()
+
+    app = FastAPI(title="Fovea", lifespan=lifespan)
+
+    def manager() -> RequestManager:
+        return state["mgr"]
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> Response:
+        return R.error(e.status, e.message, e.param)
+
+    @app.exception_handler(RequestFailed)
+    async def _failed(request: Request, e: RequestFailed) -> Response:
+        return R.error(e.status, e.message, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> Response:
+        return R.error(400, *R.describe_validation(e.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> Response:
+        return R.error(e.status_code, str(e.detail))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        if args.api_key and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization") != f"Bearer {args.api_key}":
+                return R.error(401, "invalid or missing API key", code="invalid_api_key")
+        return await call_next(request)
+
+    def check_model(name: str | None) -> None:
+        if name not in (None, "", "default", args.model_name, args.model_path):
+            raise APIError(404, f"The model `{name}` does not exist.", "model")
+
+    async def run(
+        request: Request, req: GenerateRequest, stream: bool, render: R.Renderer
+    ) -> Response:
+        deltas = manager().generate(req)
+        if stream:
+            # Wait for the first delta before answering 200, so a refused request (prompt too
+            # long, bad template) still gets its 4xx status rather than an error event.
+            first = await anext(deltas)
+            return StreamingResponse(
+                render.stream(_prepend(first, deltas)), media_type="text/event-stream"
+            )
+        collect = asyncio.ensure_future(render.collect(deltas))
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collect.done():
+                collect.cancel()  # client left: closing the iterator aborts the request
+        if collect.cancelled():
+            return Response(status_code=499)
+        return R.json(collect.result())
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        sampling = _checked(body.sampling())
+        req = GenerateRequest(
+            rid=new_id("chatcmpl"),
+            sampling=sampling,
+            messages=[m.to_message() for m in body.messages],
+            add_generation_prompt=body.add_generation_prompt,
+            chat_template_kwargs=body.chat_template_kwargs or {},
+        )
+        render = R.ChatRenderer(req.rid, args.model_name, sampling, body.include_usage)
+        return await run(request, req, body.stream, render)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported", "echo")
+        prompts = R.split_prompts(body.prompt)
+        if len(prompts) != 1:
+            if body.stream:
+                raise APIError(400, "streaming supports one prompt per request", "prompt")
+            return await _batch(request, body, prompts)
+        sampling = _checked(body.sampling())
+        req = R.prompt_request(new_id("cmpl"), prompts[0], sampling)
+        render = R.CompletionRenderer(req.rid, args.model_name, sampling, body.include_usage)
+        return await run(request, req, body.stream, render)
+
+    async def _batch(request: Request, body: CompletionRequest, prompts: list[Any]) -> Response:
+        sampling = _checked(body.sampling())
+        rid = new_id("cmpl")
+        renders = [R.CompletionRenderer(rid, args.model_name, sampling, False) for _ in prompts]
+        results = await asyncio.gather(
+            *(
+                r.collect(manager().generate(R.prompt_request(f"{rid}-{i}", p, sampling)))
+                for i, (r, p) in enumerate(zip(renders, prompts, strict=True))
+            )
+        )
+        return R.json(R.merge_completions(rid, args.model_name, results, sampling.n))
+
+    @app.post("/generate")
+    async def generate(body: GenerateReqInput, request: Request) -> Response:
+        if (body.text is None) == (body.input_ids is None):
+            raise APIError(400, "give exactly one of text and input_ids", "text")
+        try:
+            sampling = native_sampling(
+                body.sampling_params, body.return_logprob, body.top_logprobs_num
+            )
+        except KeyError as e:
+            raise APIError(
+                400, f"unknown sampling parameter {e.args[0]!r}", "sampling_params"
+            ) from e
+        except msgspec.ValidationError as e:
+            raise APIError(400, f"sampling_params: {e}", "sampling_params") from e
+        sampling = _checked(sampling)
+        prompts = R.split_prompts(body.text if body.text is not None else body.input_ids)
+        reqs = [R.prompt_request(new_id("gen"), p, sampling) for p in prompts]
+        if len(reqs) == 1:
+            return await run(request, reqs[0], body.stream, R.NativeRenderer(reqs[0].rid))
+        if body.stream:
+            raise APIError(400, "streaming supports one prompt per request", "text")
+        outs = await asyncio.gather(
+            *(R.NativeRenderer(r.rid).collect(manager().generate(r)) for r in reqs)
+        )
+        return R.json([o for out in outs for o in (out if isinstance(out, list) else [out])])
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return R.json(R.model_list(args, model))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if manager().failed:
+            return R.error(503, manager().failed or "unavailable")
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_generate(request: Request) -> Response:
+        req = GenerateRequest(
+            rid=new_id("health"),
+            sampling=SamplingParams(max_new_tokens=1, temperature=0.0),
+            input_ids=[0],
+        )
+        try:
+            await asyncio.wait_for(R.NativeRenderer(req.rid).collect(manager().generate(req)), 60)
+        except (RequestFailed, TimeoutError) as e:
+            return R.error(503, f"generation failed: {e}")
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def model_info() -> Response:
+        return R.json(R.model_info(args, model))
+
+    @app.get("/get_server_info")
+    async def server_info() -> Response:
+        stats = await manager().stats()
+        info: dict[str, Any] = {"version": R.VERSION, "args": R.public_args(args)}
+        info["scheduler"] = msgspec.to_builtins(stats)
+        info["inflight_requests"] = manager().num_inflight
+        return R.json(info)
+
+    return app
+
+
+async def _prepend(first: TextDelta, rest: AsyncIterator[TextDelta]) -> AsyncIterator[TextDelta]:
+    yield first
+    async for d in rest:
+        yield d
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # The body is already read: the next ASGI message is the disconnect.
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+def run_http_server(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
+    """Process entry of the HTTP server."""
+    import uvicorn
+
+    from fovea.common.process import report_ready, setup_process
+
+    log = setup_process("http", args.log_level)
+    app = create_app(args, model, addrs)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level if args.log_level != "info" else "warning",
+        timeout_keep_alive=30,
+    )
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            if task.done():
+                break
+            await asyncio.sleep(0.05)
+        if server.started:
+            import zmq
+
+            log.info(
+                "role=http pid=%d listen=http://%s:%d sockets: in=%s tokenizer=%s scheduler=%s",
+                os.getpid(),
+                args.host,
+                args.port,
+                addrs.server_in,
+                addrs.tokenizer_in,
+                addrs.scheduler_in,
+            )
+            report_ready(zmq.Context.instance(), addrs, "http")
+        await task
+        if not server.started:
+            raise SystemExit(1)
+
+    try:
+        import uvloop
+
+        uvloop.run(serve())
+    except ImportError:
+        asyncio.run(serve())

@@ -1,0 +1,218 @@
+"""The offline Engine: the same processes as launch_server, minus HTTP, driven from Python.
+
+    from fovea import Engine
+    with Engine(model_path="SmolLM2-135M-Instruct") as llm:
+        outs = llm.generate(["Hello"], {"max_new_tokens": 8, "temperature": 0})
+
+The request manager lives on a private event loop in a background thread; `generate` blocks on
+it, and `async_generate` bridges to the caller's loop. If a child process dies, pending and later
+requests fail with RuntimeError instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
+
+import msgspec
+
+from fovea.common.config import ServerArgs, check_args
+from fovea.common.messages import GenerateRequest, TextDelta
+from fovea.common.sampling import SamplingParams, validate_sampling
+from fovea.server.launch import ChildDied, ProcessGroup, prepare
+from fovea.server.openai_protocol import native_sampling
+from fovea.server.requests import RequestFailed, RequestManager
+from fovea.server.responses import NativeRenderer
+
+T = TypeVar("T")
+Prompt = str | list[int]
+
+
+class Engine:
+    def __init__(self, model_path: str, **kwargs: Any) -> None:
+        args = ServerArgs(model_path=model_path, **kwargs)
+        problem = check_args(args)
+        if problem:
+            raise ValueError(problem)
+        self.args, self.model = prepare(args)
+        self._group = ProcessGroup(self.args, self.model, with_http=False)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fovea-engine", daemon=True
+        )
+        self._closed = False
+        self._group.start()
+        try:
+            self._group.wait_ready()
+        except BaseException:
+            self._group.stop()
+            raise
+        self._thread.start()
+        self._mgr: RequestManager = self._call(self._make_manager())
+        self._watch = threading.Thread(target=self._supervise, name="fovea-watch", daemon=True)
+        self._watch.start()
+
+    async def _make_manager(self) -> RequestManager:
+        mgr = RequestManager(self._group.addrs)
+        mgr.start()
+        return mgr
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _supervise(self) -> None:
+        while not self._closed:
+            try:
+                self._group.wait_any_exit(0.5)
+            except ChildDied as e:
+                if not self._closed:
+                    self._loop.call_soon_threadsafe(self._mgr.fail_all, f"engine stopped: {e}")
+                return
+
+    # ------------------------------------------------------------------ requests
+
+    def _requests(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None,
+    ) -> tuple[list[GenerateRequest], bool]:
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+        )
+        plist: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        params = (
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params or {}] * len(plist)
+        )
+        if len(params) != len(plist):
+            raise ValueError(f"{len(plist)} prompts but {len(params)} sampling_params")
+        reqs = []
+        for prompt, p in zip(plist, params, strict=True):
+            sampling = _sampling(p)
+            rid = uuid.uuid4().hex
+            if isinstance(prompt, str):
+                reqs.append(
+                    GenerateRequest(
+                        rid=rid, sampling=sampling, text=prompt, arrival_time=time.time()
+                    )
+                )
+            else:
+                reqs.append(
+                    GenerateRequest(
+                        rid=rid, sampling=sampling, input_ids=list(prompt), arrival_time=time.time()
+                    )
+                )
+        return reqs, single
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+    ) -> Any:
+        """Outputs in SGLang's shape ({"text", "output_ids", "meta_info"}): one dict for one
+        prompt, else a list in prompt order (a list per prompt when n > 1)."""
+        reqs, single = self._requests(prompts, sampling_params)
+
+        async def run_all() -> list[Any]:
+            return await asyncio.gather(
+                *(NativeRenderer(r.rid).collect(self._mgr.generate(r)) for r in reqs)
+            )
+
+        outs = self._wrap(lambda: self._call(run_all()))
+        return outs[0] if single else outs
+
+    async def async_generate(
+        self, prompt: Prompt, sampling_params: dict[str, Any] | None = None, stream: bool = False
+    ) -> Any:
+        """One prompt. stream=False: the output dict; stream=True: an async iterator of
+        cumulative outputs, one per new piece of text."""
+        (req,), _ = self._requests(prompt, sampling_params)
+        if stream:
+            return self._stream(req)
+        fut = asyncio.run_coroutine_threadsafe(
+            NativeRenderer(req.rid).collect(self._mgr.generate(req)), self._loop
+        )
+        try:
+            return await asyncio.wrap_future(fut)
+        except RequestFailed as e:
+            raise ValueError(e.message) from e
+
+    async def _stream(self, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        render = NativeRenderer(req.rid)
+        deltas = self._mgr.generate(req)
+
+        async def next_delta() -> TextDelta:
+            return await anext(deltas)
+
+        try:
+            while True:
+                fut = asyncio.run_coroutine_threadsafe(next_delta(), self._loop)
+                try:
+                    delta = await asyncio.wrap_future(fut)
+                except StopAsyncIteration:
+                    return
+                except RequestFailed as e:
+                    raise ValueError(e.message) from e
+                yield render.chunks(delta)[0]
+        finally:
+            # Abandoned early: closing the iterator on its own loop aborts the request.
+            asyncio.run_coroutine_threadsafe(deltas.aclose(), self._loop)
+
+    def _wrap(self, fn: Any) -> Any:
+        if self._closed:
+            raise RuntimeError("the engine is shut down")
+        try:
+            return fn()
+        except RequestFailed as e:
+            if e.status >= 500:
+                raise RuntimeError(e.message) from e
+            raise ValueError(e.message) from e
+
+    def get_server_info(self) -> dict[str, Any]:
+        stats = self._call(self._mgr.stats())
+        return {"scheduler": msgspec.to_builtins(stats)}
+
+    # ------------------------------------------------------------------ lifetime
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call(self._close_manager())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            self._group.stop()
+
+    async def _close_manager(self) -> None:
+        self._mgr.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.shutdown()
+
+
+def _sampling(params: dict[str, Any] | SamplingParams) -> SamplingParams:
+    if isinstance(params, SamplingParams):
+        sampling = params
+    else:
+        try:
+            sampling = native_sampling(params, False, 0)
+        except KeyError as e:
+            raise ValueError(f"unknown sampling parameter {e.args[0]!r}") from e
+        except msgspec.ValidationError as e:
+            raise ValueError(f"sampling_params: {e}") from e
+    validate_sampling(sampling)
+    return sampling

@@ -1,0 +1,195 @@
+"""`launch_server`: start every process, wait until each is ready, serve, supervise, shut down.
+
+Children (spawned, each its own OS process): worker ranks, scheduler, tokenizer service and,
+for launch_server, the HTTP server. If any child dies, everything is stopped and the launcher
+exits non-zero (so systemd or Kubernetes restarts it) instead of hanging; SIGTERM and SIGINT
+stop the children in order and exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import zmq
+
+from fovea.common.config import ServerArgs, parse_args
+from fovea.common.ipc import Addresses, Receiver
+from fovea.common.messages import ProcessReady, ToLauncher
+from fovea.common.model_config import ModelConfigError, ModelInfo, read_model_info
+
+log = logging.getLogger("fovea.launcher")
+
+# Children stopped first go first: nothing new enters while the backend winds down.
+_STOP_ORDER = ("http", "tokenizer", "scheduler", "worker")
+
+
+class ChildDied(RuntimeError):
+    pass
+
+
+def _run_http(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
+    from fovea.server.app import run_http_server
+
+    run_http_server(args, addrs, model)
+
+
+def _run_tokenizer(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
+    from fovea.tokenizer_service.tokenize import run_tokenizer
+
+    run_tokenizer(args, addrs, model)
+
+
+def _run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
+    from fovea.scheduler.main import run_scheduler
+
+    run_scheduler(args, addrs, model)
+
+
+def _run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) -> None:
+    from fovea.worker.main import run_worker
+
+    run_worker(args, addrs, model, rank)
+
+
+class ProcessGroup:
+    """The children of one server (or one offline Engine) and their supervision."""
+
+    def __init__(self, args: ServerArgs, model: ModelInfo, with_http: bool) -> None:
+        self.args = args
+        self.model = model
+        self.addrs = Addresses.local()
+        self.with_http = with_http
+        self.procs: dict[str, BaseProcess] = {}
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._ready_in: Receiver[ToLauncher] = Receiver(
+            self._ctx, self.addrs.launcher_in, ToLauncher, bind=True
+        )
+
+    def start(self) -> None:
+        spawn = mp.get_context("spawn")
+        common = (self.args, self.addrs, self.model)
+        targets: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = [
+            (f"worker{r}", _run_worker, (*common, r)) for r in range(self.args.tp_size)
+        ]
+        targets += [("scheduler", _run_scheduler, common), ("tokenizer", _run_tokenizer, common)]
+        if self.with_http:
+            targets.append(("http", _run_http, common))
+        for role, fn, fn_args in targets:
+            proc = spawn.Process(target=fn, args=fn_args, name=f"fovea-{role}")
+            proc.start()
+            self.procs[role] = proc
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Return once every child reported ready; raise ChildDied if one exits first."""
+        pending = set(self.procs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            msg = self._ready_in.recv(timeout_ms=200)
+            if isinstance(msg, ProcessReady):
+                pending.discard(msg.role)
+                log.info("%s ready (pid %d)", msg.role, msg.pid)
+            self.check_alive()
+            if deadline is not None and time.monotonic() > deadline:
+                raise ChildDied(f"not ready after {timeout:.0f} s: {', '.join(sorted(pending))}")
+
+    def check_alive(self) -> None:
+        for role, proc in self.procs.items():
+            if not proc.is_alive():
+                raise ChildDied(f"{role} (pid {proc.pid}) exited with code {proc.exitcode}")
+
+    def wait_any_exit(self, timeout: float) -> None:
+        """Block up to `timeout` s; raise ChildDied if a child exited meanwhile."""
+        sentinels = [p.sentinel for p in self.procs.values()]
+        if multiprocessing.connection.wait(sentinels, timeout):
+            self.check_alive()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM each kind in order, SIGKILL what is left after `grace` s."""
+        for kind in _STOP_ORDER:
+            group = [p for role, p in self.procs.items() if role.startswith(kind)]
+            for p in group:
+                if p.is_alive() and p.pid is not None:
+                    os.kill(p.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for p in group:
+                p.join(max(0.0, deadline - time.monotonic()))
+                if p.is_alive():
+                    log.warning("%s did not stop in %.0f s: killing it", p.name, grace)
+                    p.kill()
+                    p.join(1.0)
+        self._ready_in.close()
+        self._ctx.term()
+        if self.addrs.ipc_dir:
+            shutil.rmtree(self.addrs.ipc_dir, ignore_errors=True)
+
+
+def prepare(args: ServerArgs) -> tuple[ServerArgs, ModelInfo]:
+    """Resolve a built-in alias to its directory and read the model's config. Raises ValueError
+    subclasses with one-line messages."""
+    from fovea.server.builtin_models import resolve_model_path
+    from fovea.worker.models.registry import check_architecture
+
+    path = resolve_model_path(args.model_path)
+    model = read_model_info(path, args.context_length)
+    check_architecture(model.architecture)
+    served = args.served_model_name or args.model_path
+    return dataclasses.replace(args, model_path=path, served_model_name=served), model
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s launcher[%(process)d] %(levelname)s %(message)s",
+    )
+    try:
+        args, model = prepare(args)
+    except (ValueError, ModelConfigError) as e:
+        print(f"launch_server: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    group = ProcessGroup(args, model, with_http=True)
+    log.info(
+        "role=launcher pid=%d model=%s ipc=%s", os.getpid(), args.model_path, group.addrs.ipc_dir
+    )
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    code = 0
+    try:
+        group.start()
+        group.wait_ready()
+        log.info("serving %s on http://%s:%d", args.model_name, args.host, args.port)
+        while True:
+            group.wait_any_exit(1.0)
+    except _Stop as e:
+        log.info("received %s: shutting down", e)
+    except ChildDied as e:
+        log.error("child died: %s; stopping the server", e)
+        code = 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        group.stop()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""In-flight requests of the server (and of the offline Engine): send, collect, abort.
+
+One task reads every message addressed to this process (server_in) and routes it to the
+request it belongs to. A request's iterator ends after its n sequences finished; if it is
+abandoned early (client gone, task cancelled), the scheduler is told to abort it at once so its
+KV slots are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from fovea.common.ipc import Addresses, AsyncReceiver, Sender
+from fovea.common.messages import (
+    AbortRequest,
+    DeltaBatch,
+    GenerateRequest,
+    RequestError,
+    SchedulerStats,
+    StatsRequest,
+    TextDelta,
+    ToServer,
+)
+
+log = logging.getLogger("fovea.server")
+
+
+class RequestFailed(Exception):
+    """The request was refused by a later stage (tokenizer or scheduler), or the server failed."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+
+
+class _InFlight:
+    __slots__ = ("queue", "remaining")
+
+    def __init__(self, n: int) -> None:
+        self.queue: asyncio.Queue[TextDelta | RequestError] = asyncio.Queue()
+        self.remaining = n
+
+
+class RequestManager:
+    """Must be created and used inside one running event loop."""
+
+    def __init__(self, addrs: Addresses) -> None:
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._actx = zmq.asyncio.Context()
+        self._to_tokenizer = Sender(self._ctx, addrs.tokenizer_in, bind=False)
+        self._to_scheduler = Sender(self._ctx, addrs.scheduler_in, bind=False)
+        self._inbox: AsyncReceiver[ToServer] = AsyncReceiver(
+            self._actx, addrs.server_in, ToServer, bind=True
+        )
+        self._inflight: dict[str, _InFlight] = {}
+        self._stats: dict[str, asyncio.Future[SchedulerStats]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.failed: str | None = None  # set when the backend is gone: refuse new work
+        self._routes = {
+            DeltaBatch: self._on_deltas,
+            RequestError: self._on_error,
+            SchedulerStats: self._on_stats,
+        }
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._route_forever())
+
+    async def _route_forever(self) -> None:
+        while True:
+            msg = await self._inbox.recv()
+            self._routes[type(msg)](msg)  # type: ignore[operator]
+
+    def _on_deltas(self, batch: DeltaBatch) -> None:
+        for d in batch.deltas:
+            req = self._inflight.get(d.rid)
+            if req is not None:
+                req.queue.put_nowait(d)
+
+    def _on_error(self, err: RequestError) -> None:
+        req = self._inflight.get(err.rid)
+        if req is not None:
+            req.queue.put_nowait(err)
+
+    def _on_stats(self, stats: SchedulerStats) -> None:
+        fut = self._stats.pop(stats.query_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(stats)
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TextDelta]:
+        """Deltas of all the request's sequences, interleaved, until each has finished."""
+        if self.failed:
+            raise RequestFailed(self.failed, status=503)
+        if req.rid in self._inflight:
+            raise RequestFailed(f"request id {req.rid!r} is already in flight", status=400)
+        state = _InFlight(req.sampling.n)
+        self._inflight[req.rid] = state
+        self._to_tokenizer.send(req)
+        done = False
+        try:
+            while state.remaining > 0:
+                item = await state.queue.get()
+                if isinstance(item, RequestError):
+                    done = True
+                    raise RequestFailed(item.message, item.status, item.param)
+                if item.finish_reason is not None:
+                    state.remaining -= 1
+                yield item
+            done = True
+        finally:
+            del self._inflight[req.rid]
+            if not done:
+                log.info("rid=%s abandoned by the client: aborting", req.rid)
+                self._to_scheduler.send(AbortRequest(req.rid, None, "client"))
+
+    def fail_all(self, message: str) -> None:
+        """The backend died: every waiting request gets a 503 error."""
+        self.failed = message
+        for rid, req in self._inflight.items():
+            req.queue.put_nowait(RequestError(rid=rid, message=message, status=503))
+
+    async def stats(self, timeout: float = 10.0) -> SchedulerStats:
+        qid = uuid.uuid4().hex
+        fut: asyncio.Future[SchedulerStats] = asyncio.get_running_loop().create_future()
+        self._stats[qid] = fut
+        self._to_scheduler.send(StatsRequest(qid))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._stats.pop(qid, None)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for s in (self._to_tokenizer, self._to_scheduler, self._inbox):
+            s.close()
+        self._ctx.term()
+        self._actx.term()
