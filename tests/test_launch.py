@@ -1,0 +1,85 @@
+"""The launch_server command: argument errors, supervision, shutdown."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from server_harness import Server, child_pids, pid_alive
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fovea.launch_server", *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_help_lists_flags() -> None:
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for flag in (
+        "--model-path", "--host", "--port", "--tp-size", "--dtype", "--context-length",
+        "--served-model-name", "--api-key", "--mem-fraction-static", "--chunked-prefill-size",
+        "--max-running-requests", "--log-level", "--chat-template",
+    ):  # fmt: skip
+        assert flag in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model-path", "/nonexistent/model"], "/nonexistent/model"),
+        (["--model-path", "x", "--tp-size", "0"], "--tp-size must be >= 1"),
+        (["--model-path", "x", "--dtype", "int3"], "invalid choice"),
+        ([], "--model-path is required"),
+    ],
+)
+def test_bad_arguments_one_line_and_exit_2(args: list[str], needle: str) -> None:
+    out = run_cli(*args)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert needle in last
+    assert "Traceback" not in out.stderr
+
+
+def test_config_without_architecture(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    out = run_cli("--model-path", str(tmp_path))
+    assert out.returncode == 2
+    assert "names no architectures" in out.stderr
+
+
+def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> float:
+    t0 = time.monotonic()
+    proc.wait(timeout)
+    return time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_child_death_stops_server(tiny_llama: Path, tmp_path: Path) -> None:
+    srv = Server(tiny_llama, log_path=tmp_path / "log").wait_ready()
+    children = child_pids(srv.proc.pid)
+    assert len(children) == 4  # worker0, scheduler, tokenizer, http
+    victim = children[1]
+    import os
+
+    os.kill(victim, signal.SIGKILL)
+    elapsed = _wait_exit(srv.proc, 10)
+    assert srv.proc.returncode == 1
+    assert elapsed <= 5.0
+    assert "exited with code -9" in srv.log_tail()
+    time.sleep(0.5)
+    assert [p for p in children if pid_alive(p)] == []
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly(tiny_llama: Path, tmp_path: Path) -> None:
+    srv = Server(tiny_llama, log_path=tmp_path / "log").wait_ready()
+    children = child_pids(srv.proc.pid)
+    assert srv.stop() == 0
+    assert [p for p in children if pid_alive(p)] == []
