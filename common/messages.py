@@ -128,7 +128,7 @@ class ScheduledChunk(msgspec.Struct, array_like=True, gc=False):
     sample: bool
 
 
-class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
+class StepPlan(msgspec.Struct, tag=True, gc=False):
     """One forward pass: a diff against what the workers already hold."""
 
     step: int
@@ -165,7 +165,7 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     max_seqs: int  # rows in the worker's request table
 
 
-class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
+class StepResult(msgspec.Struct, tag=True, gc=False):
     """For each chunk of the plan with sample=True, in plan order: the sampled token."""
 
     step: int
@@ -197,7 +197,7 @@ class SeqOutput(msgspec.Struct, array_like=True, gc=False):
     completion_tokens: int
 
 
-class TokenBatch(msgspec.Struct, tag=True, array_like=True, gc=False):
+class TokenBatch(msgspec.Struct, tag=True, gc=False):
     outputs: list[SeqOutput]
 
 
@@ -230,7 +230,7 @@ class TextDelta(msgspec.Struct, array_like=True, gc=False):
     completion_tokens: int
 
 
-class DeltaBatch(msgspec.Struct, tag=True, array_like=True, gc=False):
+class DeltaBatch(msgspec.Struct, tag=True, gc=False):
     deltas: list[TextDelta]
 
 

@@ -1,0 +1,105 @@
+"""common/: config parsing, message codec, sampling validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fovea.common.codec import Decoder, Encoder
+from fovea.common.config import ServerArgs, parse_args
+from fovea.common.messages import (
+    AbortRequest,
+    StepPlan,
+    ToScheduler,
+    ToWorker,
+    TokenizedRequest,
+)
+from fovea.common.model_config import ModelConfigError, read_model_info
+from fovea.common.sampling import SamplingError, SamplingParams, validate_sampling
+
+
+def test_cli_env_and_defaults() -> None:
+    env = {"FOVEA_PORT": "8123", "FOVEA_DISABLE_RADIX_CACHE": "true", "FOVEA_TP_SIZE": "2"}
+    args = parse_args(["--model-path", "m", "--tp-size", "4"], env=env)
+    assert isinstance(args, ServerArgs)
+    assert (args.model_path, args.port, args.tp_size, args.disable_radix_cache) == ("m", 8123, 4, True)
+    assert args.page_size == 1 and args.dtype == "auto"
+    assert args.model_name == "m"
+
+
+def test_cli_bad_env_value_exits(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model-path", "m"], env={"FOVEA_PORT": "eighty"})
+    assert e.value.code == 2
+    assert "bad value in FOVEA_PORT" in capsys.readouterr().err
+
+
+def test_codec_roundtrip_with_array_frames() -> None:
+    enc, dec = Encoder(), Decoder(ToScheduler)
+    msg = TokenizedRequest(rid="r1", index=2, input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=4))
+    frames = enc.encode(msg)
+    assert len(frames) == 1
+    assert dec.decode(frames) == msg
+    assert dec.decode(enc.encode(AbortRequest("r1", None, "client"))) == AbortRequest("r1", None, "client")
+
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    frames = Encoder().encode({"pixels": arr})
+    assert len(frames) == 2 and bytes(frames[1]) == arr.tobytes()
+    out = Decoder(dict).decode([bytes(f) for f in frames])
+    assert out["pixels"].dtype == np.float32 and out["pixels"].tolist() == arr.tolist()
+
+
+def test_socket_union_rejects_foreign_message() -> None:
+    import msgspec
+
+    frames = Encoder().encode(AbortRequest("x"))
+    with pytest.raises(msgspec.ValidationError):
+        Decoder(ToWorker).decode(frames)
+    plan = StepPlan(step=3, new=[], chunks=[], dropped=["a#0"])
+    assert Decoder(ToWorker).decode(Encoder().encode(plan)) == plan
+
+
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        ({"max_new_tokens": 0}, "max_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -3}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"n": 0}, "n"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"min_new_tokens": 5, "max_new_tokens": 2}, "min_tokens"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_sampling_validation_names_the_param(kwargs: dict[str, object], param: str) -> None:
+    with pytest.raises(SamplingError) as e:
+        validate_sampling(SamplingParams(**kwargs))  # type: ignore[arg-type]
+    assert e.value.param == param
+
+
+def test_sampling_defaults_valid_and_greedy() -> None:
+    validate_sampling(SamplingParams())
+    assert SamplingParams(temperature=0.0).greedy and SamplingParams(top_k=1).greedy
+    assert not SamplingParams().greedy
+
+
+def test_model_info(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                    "max_position_embeddings": 2048, "vocab_size": 100, "eos_token_id": 2})
+    )  # fmt: skip
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    info = read_model_info(str(tmp_path))
+    assert (info.context_length, info.eos_token_ids, info.vocab_size) == (2048, [2, 7], 100)
+    assert read_model_info(str(tmp_path), 512).context_length == 512
+    with pytest.raises(ModelConfigError, match="exceeds the model's 2048 positions"):
+        read_model_info(str(tmp_path), 4096)
+    with pytest.raises(ModelConfigError, match="is not a directory"):
+        read_model_info(str(tmp_path / "nope"))
