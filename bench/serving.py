@@ -1,0 +1,218 @@
+"""Closed-loop serving benchmark for any OpenAI-compatible server (Fovea, vLLM, SGLang, ...).
+
+`--concurrency` workers each send one streaming request at a time until `--num-prompts` are
+done. Per request: TTFT (first chunk with text), inter-token latencies (gaps between chunks with
+text: a server that packs several tokens into one chunk reports fewer, longer gaps) and
+end-to-end latency. Output tokens come from the final usage chunk, else the chunk count.
+Prints one JSON line on stdout; progress and errors go to stderr.
+
+    python -m fovea.bench.serving --base-url http://127.0.0.1:30000 \
+        --model SmolLM2-135M-Instruct --tokenizer SmolLM2-135M-Instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from fovea.bench.prompts import Prompt, build_prompts, load_tokenizer
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    error: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--base-url", default="http://127.0.0.1:30000")
+    p.add_argument("--model", required=True, help="the model name the server serves")
+    p.add_argument("--tokenizer", required=True, help="local HF tokenizer dir (or built-in alias)")
+    p.add_argument("--system", default="", help="label for the JSON line (default: --base-url)")
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--num-prompts", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=200)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--shared-prefix-len", type=int, default=0, help="W3: common prefix tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1, help="untimed requests sent first")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--max-duration", type=float, default=1800.0, help="seconds for the whole run")
+    return p.parse_args(argv)
+
+
+def request_body(args: argparse.Namespace, prompt: Prompt, max_tokens: int) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": args.model,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if args.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt.text}]
+    else:
+        body["prompt"] = prompt.text
+    return body
+
+
+def _chunk_text(chunk: dict[str, Any]) -> str:
+    text = ""
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta")
+        text += (delta.get("content") or "") if delta is not None else (choice.get("text") or "")
+    return text
+
+
+async def send_one(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> Result:
+    res = Result()
+    chunks = 0
+    start = time.perf_counter()
+    last = start
+    try:
+        async with client.stream("POST", path, json=body) as resp:
+            if resp.status_code != 200:
+                detail = (await resp.aread()).decode(errors="replace")[:200]
+                res.error = f"HTTP {resp.status_code}: {detail}"
+                return res
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    res.error = f"stream error: {json.dumps(chunk['error'])[:200]}"
+                    return res
+                now = time.perf_counter()
+                if _chunk_text(chunk):
+                    if chunks == 0:
+                        res.ttft_s = now - start
+                    else:
+                        res.itl_s.append(now - last)
+                    last = now
+                    chunks += 1
+                usage = chunk.get("usage")
+                if usage:
+                    res.input_tokens = int(usage.get("prompt_tokens") or 0)
+                    res.output_tokens = int(usage.get("completion_tokens") or 0)
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        res.error = f"{type(e).__name__}: {e}"
+        return res
+    res.e2e_s = time.perf_counter() - start
+    res.output_tokens = res.output_tokens or chunks
+    res.ok = chunks > 0
+    if not res.ok:
+        res.error = "stream ended without any text"
+    return res
+
+
+def summarize_ms(values_s: list[float]) -> dict[str, float]:
+    """p50/p90/p99 (linear interpolation, like numpy's default) and mean, in milliseconds."""
+    if not values_s:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0}
+    xs = sorted(v * 1000.0 for v in values_s)
+
+    def pct(q: float) -> float:
+        pos = (len(xs) - 1) * q
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    out = {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "mean": sum(xs) / len(xs)}
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def report(
+    args: argparse.Namespace, system: str, results: list[Result], duration_s: float
+) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.input_tokens or args.input_len for r in ok)
+    dur = max(duration_s, 1e-9)
+    return {
+        "system": system,
+        "endpoint": args.endpoint,
+        "num_prompts": args.num_prompts,
+        "concurrency": args.concurrency,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "shared_prefix_len": args.shared_prefix_len,
+        "completed": len(ok),
+        "total_output_tokens": out_tokens,
+        "duration_s": round(duration_s, 3),
+        "request_throughput": round(len(ok) / dur, 3),
+        "output_tokens_per_s": round(out_tokens / dur, 3),
+        "total_tokens_per_s": round((in_tokens + out_tokens) / dur, 3),
+        "ttft_ms": summarize_ms([r.ttft_s for r in ok]),
+        "itl_ms": summarize_ms([x for r in ok for x in r.itl_s]),
+        "e2e_ms": summarize_ms([r.e2e_s for r in ok]),
+        "errors": args.num_prompts - len(ok),
+    }
+
+
+async def run(args: argparse.Namespace, prompts: list[Prompt]) -> tuple[list[Result], float]:
+    path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
+    limits = httpx.Limits(
+        max_connections=args.concurrency, max_keepalive_connections=args.concurrency
+    )
+    # trust_env=False: never route through a proxy; talk only to --base-url.
+    async with httpx.AsyncClient(
+        base_url=args.base_url, timeout=args.request_timeout, limits=limits, trust_env=False
+    ) as client:
+        for i in range(args.warmup):
+            warm = await send_one(client, path, request_body(args, prompts[i % len(prompts)], 8))
+            if not warm.ok:
+                print(f"warm-up request failed: {warm.error}", file=sys.stderr)
+        results = [Result(error="not run (--max-duration reached)") for _ in prompts]
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(len(prompts)):
+            queue.put_nowait(i)
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                body = request_body(args, prompts[i], args.output_len)
+                results[i] = await send_one(client, path, body)
+                if not results[i].ok:
+                    print(f"request {i} failed: {results[i].error}", file=sys.stderr)
+
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+        done, pending = await asyncio.wait(tasks, timeout=args.max_duration)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for t in done:
+            t.result()  # a bug in the client itself should not be a silent "error" count
+        return results, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    tokenizer = load_tokenizer(args.tokenizer)
+    prompts = build_prompts(
+        tokenizer, args.num_prompts, args.input_len, args.shared_prefix_len, args.seed
+    )
+    results, duration = asyncio.run(run(args, prompts))
+    print(json.dumps(report(args, args.system or args.base_url, results, duration)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
