@@ -44,5 +44,4 @@ def report_ready(ctx: zmq.Context[Any], addrs: Addresses, role: str, **info: str
     sender = Sender(ctx, addrs.launcher_in, bind=False)
     sender.send(ProcessReady(role=role, pid=os.getpid(), info=info))
     # LINGER is 0 on our sockets: let the message leave before the socket closes.
-    sender.sock.setsockopt(zmq.LINGER, 5000)
-    sender.close()
+    sender.sock.close(linger=5000)

@@ -1,0 +1,55 @@
+"""Builds each step's StepPlan as a diff against what the workers hold.
+
+A sequence is sent in full (`NewSequence`) with its first chunk after each admission, and
+again only after it was dropped (retraction); later chunks carry only the new slots. Drops
+(finished, aborted, retracted sequences) accumulate until the next plan goes out, and the
+workers apply them before that plan's new sequences, so a re-admitted key can reuse its name.
+"""
+
+from __future__ import annotations
+
+from fovea.common.messages import NewSequence, ScheduledChunk, StepPlan
+from fovea.scheduler.request import Sequence
+
+
+class PlanBuilder:
+    def __init__(self) -> None:
+        self.step = 0  # the number the next plan gets
+        self._new: list[NewSequence] = []
+        self._chunks: list[ScheduledChunk] = []
+        self._dropped: list[str] = []
+
+    @property
+    def pending_drops(self) -> list[str]:
+        return list(self._dropped)
+
+    def drop(self, seq: Sequence) -> None:
+        """The workers must forget `seq` (a no-op if they were never told of it)."""
+        if seq.sent:
+            self._dropped.append(seq.key)
+            seq.sent = False
+
+    def add_chunk(self, seq: Sequence, new_slots: list[int], sample: bool) -> None:
+        """Schedule `len(new_slots)` more tokens of `seq` (its slots already include them)."""
+        if not seq.sent:
+            self._new.append(
+                NewSequence(
+                    key=seq.key,
+                    input_ids=seq.token_ids,
+                    num_prompt_tokens=len(seq.prompt_ids),
+                    sampling=seq.sampling,
+                    prefix_slots=seq.slots[: seq.prefix_len],
+                )
+            )
+            seq.sent = True
+        self._chunks.append(ScheduledChunk(seq.key, new_slots, sample))
+
+    def build(self) -> StepPlan | None:
+        """The plan of everything added since the last one; None when there is nothing to
+        compute (pending drops then wait for the next plan)."""
+        if not self._chunks:
+            return None
+        plan = StepPlan(self.step, self._new, self._chunks, self._dropped)
+        self.step += 1
+        self._new, self._chunks, self._dropped = [], [], []
+        return plan

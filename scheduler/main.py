@@ -1,0 +1,109 @@
+"""The scheduler process: handshake with the workers, then receive, step, send.
+
+No torch here: only the scheduler core, msgspec and zmq.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, NoReturn
+
+import zmq
+
+from fovea.common.config import ServerArgs
+from fovea.common.ipc import Addresses, Receiver, Sender
+from fovea.common.messages import (
+    FromWorker,
+    StepPlan,
+    StepResult,
+    SyncPing,
+    TokenBatch,
+    ToScheduler,
+    WorkerFailed,
+    WorkerReady,
+)
+from fovea.common.model_config import ModelInfo
+from fovea.common.process import report_ready, setup_process
+from fovea.scheduler.scheduler import Scheduler, SchedulerConfig
+
+PING_INTERVAL_S = 0.1
+IDLE_POLL_MS = 1000  # an idle scheduler blocks on its inbox this long per wait
+
+
+def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
+    log = setup_process("scheduler", args.log_level)
+    ctx: zmq.Context[Any] = zmq.Context()
+    inbox: Receiver[ToScheduler] = Receiver(ctx, addrs.scheduler_in, ToScheduler, bind=True)
+    plans = Sender(ctx, addrs.worker_plan, bind=True, pub=True)
+    results: Receiver[FromWorker] = Receiver(ctx, addrs.worker_result, FromWorker, bind=True)
+    to_tokenizer = Sender(ctx, addrs.tokenizer_in, bind=False)
+    to_server = Sender(ctx, addrs.server_in, bind=False)
+    num_slots, max_seqs = handshake(plans, results, args.tp_size, log)
+    core = Scheduler(SchedulerConfig.from_args(args, model, max_seqs), num_slots)
+    log.info(
+        "role=scheduler pid=%d slots=%d page_size=%d max_running=%d sockets: in=%s plan=%s "
+        "result=%s tokenizer=%s server=%s",
+        os.getpid(), core.total_slots, args.page_size, core.config.max_running_requests,
+        addrs.scheduler_in, addrs.worker_plan, addrs.worker_result, addrs.tokenizer_in,
+        addrs.server_in,
+    )  # fmt: skip
+    report_ready(ctx, addrs, "scheduler", total_slots=str(core.total_slots))
+
+    while True:
+        msgs = inbox.recv_all()
+        if not msgs and not core.has_work:
+            msg = inbox.recv(timeout_ms=IDLE_POLL_MS)  # idle: block instead of spinning
+            msgs = [msg] if msg is not None else []
+        for msg in msgs:
+            core.handle(msg)
+        plan = core.schedule()
+        if plan is not None:
+            plans.send(plan)
+            core.process_result(wait_result(results, plan, log))
+        if core.outputs:
+            to_tokenizer.send(TokenBatch(core.outputs))
+            core.outputs = []
+        for out in core.to_server:
+            to_server.send(out)
+        core.to_server = []
+
+
+def handshake(
+    plans: Sender, results: Receiver[FromWorker], tp_size: int, log: logging.Logger
+) -> tuple[int, int]:
+    """Ping until every rank answered (PUB/SUB drops what is sent before a subscriber joins).
+    Returns the smallest (num_slots, max_seqs) over the ranks."""
+    nonce = int.from_bytes(os.urandom(4), "little")
+    ready: dict[int, WorkerReady] = {}
+    while len(ready) < tp_size:
+        plans.send(SyncPing(nonce))
+        deadline = time.monotonic() + PING_INTERVAL_S
+        while (left := deadline - time.monotonic()) > 0:
+            msg = results.recv(timeout_ms=max(1, int(left * 1000)))
+            if isinstance(msg, WorkerFailed):
+                fail(msg, log)
+            if isinstance(msg, WorkerReady) and msg.nonce == nonce:
+                ready[msg.rank] = msg
+    return min(r.num_slots for r in ready.values()), min(r.max_seqs for r in ready.values())
+
+
+def wait_result(results: Receiver[FromWorker], plan: StepPlan, log: logging.Logger) -> StepResult:
+    """Block until rank 0 returns this plan's result. Late WorkerReady answers to extra pings
+    are skipped; a WorkerFailed ends the process."""
+    while True:
+        msg = results.recv()
+        if isinstance(msg, WorkerFailed):
+            fail(msg, log)
+        if isinstance(msg, StepResult):
+            if msg.step != plan.step:
+                log.error("worker returned step %d while step %d ran", msg.step, plan.step)
+                sys.exit(1)
+            return msg
+
+
+def fail(msg: WorkerFailed, log: logging.Logger) -> NoReturn:
+    log.error("worker rank %d failed: %s; the scheduler exits", msg.rank, msg.message)
+    sys.exit(1)

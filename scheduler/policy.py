@@ -1,0 +1,60 @@
+"""Admission order and per-step budgets.
+
+Order: sequences that were retracted go first (they already waited once), in queue order.
+The rest go first-come-first-served, except with the "lpm" policy when the queue is long
+(>= LPM_MIN_WAITING): then the longest cached prefix goes first, so requests sharing a prefix
+run while that prefix is still in the tree (ties keep arrival order).
+
+Budget: one step computes at most `max_prefill_tokens` tokens, decode tokens included; one
+sequence's prefill chunk is capped at `chunked_prefill_size` (-1: no chunking, and a prompt
+larger than the whole budget is still taken when it is the step's only prefill, otherwise it
+could never run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fovea.scheduler.radix_cache import RadixCache
+from fovea.scheduler.request import Sequence
+
+LPM_MIN_WAITING = 8
+
+
+def admission_order(waiting: list[Sequence], policy: str, cache: RadixCache) -> list[Sequence]:
+    """The waiting queue in the order admission should try it. With lpm this matches every
+    waiting prompt against the tree (marking those prefixes recently used)."""
+    retracted = [s for s in waiting if s.retracted]
+    fresh = sorted((s for s in waiting if not s.retracted), key=lambda s: s.arrival)
+    if policy == "lpm" and len(waiting) >= LPM_MIN_WAITING and not cache.disabled:
+        hit = {s.key: len(cache.match_prefix(s.token_ids[:-1])[0]) for s in fresh}
+        fresh.sort(key=lambda s: -hit[s.key])  # stable: ties stay in arrival order
+    return retracted + fresh
+
+
+def decode_reserve(num_running: int, page_size: int) -> int:
+    """Slots admission leaves free so that every running sequence can decode at least one
+    more step without retraction (retraction handles longer shortfalls)."""
+    return num_running * page_size
+
+
+@dataclass
+class StepBudget:
+    tokens_left: int  # max_prefill_tokens minus the tokens already scheduled this step
+    chunk_cap: int  # chunked_prefill_size; -1: no chunking
+    prefill_scheduled: bool = False
+
+    @property
+    def chunking(self) -> bool:
+        return self.chunk_cap != -1
+
+    def prefill_chunk(self, pending: int) -> int:
+        """How many of a sequence's `pending` tokens it may compute this step (0: none)."""
+        if not self.chunking:
+            fits = pending <= self.tokens_left
+            return pending if fits or not self.prefill_scheduled else 0
+        return max(0, min(pending, self.chunk_cap, self.tokens_left))
+
+    def take(self, n: int) -> None:
+        self.tokens_left -= n
+        self.prefill_scheduled = True

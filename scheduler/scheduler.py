@@ -1,0 +1,390 @@
+"""The scheduler core: socket-free, driven by messages in and plans/results out.
+
+Composed of a KV allocator, a radix cache, a policy (order, budget) and a plan builder. The
+process loop (main.py) feeds it messages, asks it for a plan, and gives it the result.
+
+Memory: running sequences are served oldest admission first. When one needs slots that are
+not free, the unlocked tree is evicted (LRU) first, then the newest running sequences are
+retracted, up to and including the one asking. A retracted sequence's computed tokens go into
+the radix tree (so its re-admission can hit them) and it returns to the front of the waiting
+queue with prompt + outputs so far as input. The oldest running sequence therefore always
+progresses, and each sequence alone fits (checked on arrival): no deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fovea.common.config import ServerArgs
+from fovea.common.messages import (
+    AbortRequest,
+    RequestError,
+    SchedulerStats,
+    SeqOutput,
+    StatsRequest,
+    StepPlan,
+    StepResult,
+    TokenizedRequest,
+    TokenLogprobs,
+    ToScheduler,
+)
+from fovea.common.model_config import ModelInfo
+from fovea.scheduler.batch import PlanBuilder
+from fovea.scheduler.kv_allocator import KVAllocator
+from fovea.scheduler.policy import StepBudget, admission_order, decode_reserve
+from fovea.scheduler.radix_cache import RadixCache
+from fovea.scheduler.request import SeqStatus, Sequence
+
+log = logging.getLogger("fovea.scheduler")
+
+ABORT_MEMORY_S = 60.0  # how long an abort for a not-yet-seen request is remembered
+ABORT_MEMORY_MAX = 10_000
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    context_length: int
+    eos_token_ids: tuple[int, ...] = ()
+    page_size: int = 1
+    max_prefill_tokens: int = 2048
+    chunked_prefill_size: int = 512
+    max_running_requests: int = 128
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+
+    @staticmethod
+    def from_args(args: ServerArgs, model: ModelInfo, max_seqs: int) -> SchedulerConfig:
+        """`max_seqs`: rows in the workers' request table, a hard cap on running sequences."""
+        return SchedulerConfig(
+            context_length=model.context_length,
+            eos_token_ids=tuple(model.eos_token_ids),
+            page_size=args.page_size,
+            max_prefill_tokens=args.max_prefill_tokens,
+            chunked_prefill_size=args.chunked_prefill_size,
+            max_running_requests=min(args.max_running_requests, max_seqs),
+            schedule_policy=args.schedule_policy,
+            disable_radix_cache=args.disable_radix_cache,
+        )
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        num_slots: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.allocator = KVAllocator(num_slots, config.page_size)
+        self.cache = RadixCache(config.page_size, disabled=config.disable_radix_cache)
+        self.plans = PlanBuilder()
+        self.waiting: list[Sequence] = []  # retracted first, then arrival order
+        self.running: list[Sequence] = []  # admission order: the newest retract first
+        self.seqs: dict[str, Sequence] = {}  # every waiting or running sequence by key
+        # Outboxes, emptied by the process loop after each round.
+        self.outputs: list[SeqOutput] = []  # -> tokenizer service, one TokenBatch per round
+        self.to_server: list[RequestError | SchedulerStats] = []
+        self._clock = clock
+        self._aborted: OrderedDict[tuple[str, int | None], float] = OrderedDict()
+        self._arrivals = 0
+        self._admissions = 0
+        self.num_retractions = 0
+        self.cache_hit_tokens = 0
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.handlers: dict[type, Callable[[Any], None]] = {
+            TokenizedRequest: self.add_request,
+            AbortRequest: self.abort,
+            StatsRequest: self.stats,
+        }
+
+    @property
+    def total_slots(self) -> int:
+        return self.allocator.total_slots
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def handle(self, msg: ToScheduler) -> None:
+        self.handlers[type(msg)](msg)
+
+    # ------------------------------------------------------------------ messages in
+
+    def add_request(self, req: TokenizedRequest) -> None:
+        if self._was_aborted(req.rid, req.index):
+            n = len(req.input_ids)
+            self.outputs.append(SeqOutput(req.rid, req.index, [], None, "abort", None, n, 0, 0))
+            return
+        max_new = req.sampling.max_new_tokens
+        assert max_new is not None, "the tokenizer resolves max_new_tokens"
+        need = len(req.input_ids) + max_new
+        if not req.input_ids:
+            self._reject(req.rid, f"request {req.rid}: empty prompt")
+        elif need > self.total_slots:
+            self._reject(
+                req.rid,
+                f"request {req.rid} needs {need} KV slots ({len(req.input_ids)} prompt + "
+                f"{max_new} max new tokens) but the cache holds only {self.total_slots}; "
+                "lower max_tokens or shorten the prompt",
+            )
+        else:
+            seq = Sequence(req.rid, req.index, list(req.input_ids), req.sampling, self._arrivals)
+            if seq.key in self.seqs:
+                log.warning("request %s: duplicate sequence %s ignored", req.rid, seq.key)
+                return
+            self._arrivals += 1
+            self.prompt_tokens += len(req.input_ids)
+            self.seqs[seq.key] = seq
+            self.waiting.append(seq)
+
+    def abort(self, msg: AbortRequest) -> None:
+        """Reason "stop" (the detokenizer matched a stop string) emits nothing: the client
+        already has its final output. Other reasons emit a final "abort" output per sequence."""
+        targets = [
+            s
+            for s in self.seqs.values()
+            if s.rid == msg.rid and (msg.index is None or s.index == msg.index)
+        ]
+        if msg.reason != "stop" and (not targets or msg.index is None):
+            # Sequences of this rid may still be on their way from the tokenizer.
+            self._remember_abort(msg.rid, msg.index)
+        for seq in targets:
+            if seq.status is SeqStatus.RUNNING:
+                self._release(seq)
+                self.running.remove(seq)
+            else:
+                self.waiting.remove(seq)
+            seq.status = SeqStatus.FINISHED
+            del self.seqs[seq.key]
+            log.debug("request %s: sequence %s aborted (%s)", seq.rid, seq.key, msg.reason)
+            if msg.reason != "stop":
+                self.outputs.append(self._output(seq, [], None, "abort", None))
+
+    def stats(self, msg: StatsRequest) -> None:
+        self.to_server.append(
+            SchedulerStats(
+                query_id=msg.query_id,
+                total_slots=self.total_slots,
+                free_slots=self.allocator.available,
+                tree_slots=self.cache.total_size,
+                evictable_slots=self.cache.evictable_size,
+                running=len(self.running),
+                waiting=len(self.waiting),
+                steps=self.plans.step,
+                cache_hit_tokens=self.cache_hit_tokens,
+                prompt_tokens=self.prompt_tokens,
+                generated_tokens=self.generated_tokens,
+            )
+        )
+
+    # ------------------------------------------------------------------ one step
+
+    def schedule(self) -> StepPlan | None:
+        """Plan the next forward pass; None when there is nothing to compute."""
+        decodes = sum(1 for s in self.running if s.pending == 1)
+        budget = StepBudget(
+            self.config.max_prefill_tokens - decodes, self.config.chunked_prefill_size
+        )
+        retractions = self.num_retractions
+        self._schedule_running(budget)
+        # Memory ran out this step: admitting more would only be retracted again.
+        if self.num_retractions == retractions:
+            self._admit_waiting(budget)
+        return self.plans.build()
+
+    def _schedule_running(self, budget: StepBudget) -> None:
+        """Decode every running sequence (oldest first) and continue chunked prefills within
+        the budget, retracting the newest sequences when memory runs out."""
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            want = 1 if seq.pending == 1 else budget.prefill_chunk(seq.pending)
+            if want > 0:
+                got = self._grow(i, want)
+                if got is None:  # seq was the newest left and gave way
+                    return
+                if seq.pending > 1:
+                    budget.take(len(got))
+                sample = len(got) == seq.pending
+                seq.slots.extend(got)
+                self.plans.add_chunk(seq, got, sample)
+            i += 1
+
+    def _grow(self, i: int, want: int) -> list[int] | None:
+        """Slots for up to `want` more tokens of running[i] (a prefill chunk may shrink to what
+        memory holds). Evicts the tree, then retracts the newest running sequences, ending
+        with running[i] itself (then None)."""
+        seq = self.running[i]
+        alloc = self.allocator
+        while True:
+            short = alloc.slots_needed(seq.num_computed, want) - alloc.available
+            if short > 0:
+                alloc.free(self.cache.evict(short))
+            room = -seq.num_computed % alloc.page_size + alloc.available
+            n = min(want, room)
+            if n == want or (n >= 1 and want > 1):
+                got = alloc.extend(seq.slots, n)
+                assert got is not None
+                return got
+            victim = self.running[-1]
+            self._retract(victim)
+            if victim is seq:
+                return None
+
+    def _admit_waiting(self, budget: StepBudget) -> None:
+        cap = self.config.max_running_requests
+        for seq in admission_order(self.waiting, self.config.schedule_policy, self.cache):
+            if len(self.running) >= cap or not self._admit(seq, budget):
+                return
+
+    def _admit(self, seq: Sequence, budget: StepBudget) -> bool:
+        """Admit `seq` with its first chunk if budget and memory allow; False otherwise."""
+        # At least the last known token is computed, to get the logits of the next one.
+        prefix_slots, node = self.cache.match_prefix(seq.token_ids[:-1])
+        prefix_len = len(prefix_slots)
+        extend = seq.num_tokens - prefix_len
+        n = budget.prefill_chunk(extend)
+        if n == 0:
+            return False
+        self.cache.inc_lock(node)
+        alloc = self.allocator
+        room = (
+            alloc.available
+            + self.cache.evictable_size
+            - decode_reserve(len(self.running), alloc.page_size)
+        )
+        if alloc.slots_needed(prefix_len, n) > room:
+            # The prefix is page-aligned, so m tokens take ceil(m / page) pages.
+            n = room - room % alloc.page_size if budget.chunking else 0
+            if n <= 0:
+                self.cache.dec_lock(node)
+                return False
+        short = alloc.slots_needed(prefix_len, n) - alloc.available
+        if short > 0:
+            alloc.free(self.cache.evict(short))
+        got = alloc.extend(prefix_slots, n)
+        assert got is not None
+        self.waiting.remove(seq)
+        self.running.append(seq)
+        seq.status = SeqStatus.RUNNING
+        seq.slots = prefix_slots + got
+        seq.prefix_len = prefix_len
+        seq.node = node
+        seq.admitted_at = self._admissions
+        self._admissions += 1
+        seq.retracted = False
+        if seq.cached_tokens is None:
+            seq.cached_tokens = prefix_len
+            self.cache_hit_tokens += prefix_len
+        budget.take(n)
+        self.plans.add_chunk(seq, got, n == extend)
+        return True
+
+    # ------------------------------------------------------------------ results
+
+    def process_result(self, result: StepResult) -> None:
+        """Append each sampled token, check stop conditions, emit one SeqOutput per token."""
+        for key, token, lp in zip(result.keys, result.token_ids, result.logprobs, strict=True):
+            seq = self.seqs.get(key)
+            if seq is None or seq.status is not SeqStatus.RUNNING:
+                continue  # aborted since the plan went out
+            seq.output_ids.append(token)
+            self.generated_tokens += 1
+            reason, matched = self._finish_reason(seq, token)
+            self.outputs.append(self._output(seq, [token], lp, reason, matched))
+            if reason is not None:
+                self._release(seq)
+                self.running.remove(seq)
+                seq.status = SeqStatus.FINISHED
+                seq.finish_reason = reason
+                del self.seqs[key]
+
+    def _finish_reason(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
+        sp = seq.sampling
+        n_out = len(seq.output_ids)
+        if n_out >= sp.min_new_tokens:
+            eos = not sp.ignore_eos and token in self.config.eos_token_ids
+            if eos or token in sp.stop_token_ids:
+                return "stop", token
+        if n_out >= seq.max_new_tokens or seq.num_tokens >= self.config.context_length:
+            return "length", None
+        return None, None
+
+    # ------------------------------------------------------------------ memory
+
+    def _release(self, seq: Sequence) -> None:
+        """Give up `seq`'s slots: its computed tokens (page-aligned) go into the tree, the
+        duplicates of what the tree already held and the partial last page are freed, its
+        lock is dropped, and the workers are told to forget it."""
+        n = seq.num_computed
+        aligned = n - n % self.config.page_size
+        present = self.cache.insert(seq.token_ids[:aligned], seq.slots[:aligned])
+        # Slots [prefix_len, present) duplicate the tree's; [aligned, n) is a partial page.
+        self.allocator.free(seq.slots[seq.prefix_len : present] + seq.slots[aligned:])
+        if seq.node is not None:
+            self.cache.dec_lock(seq.node)
+        seq.node = None
+        seq.slots = []
+        seq.prefix_len = 0
+        self.plans.drop(seq)
+
+    def _retract(self, seq: Sequence) -> None:
+        self._release(seq)
+        self.running.remove(seq)
+        seq.status = SeqStatus.WAITING
+        seq.retracted = True
+        self.waiting.insert(0, seq)
+        self.num_retractions += 1
+        log.info(
+            "request %s: sequence %s retracted (out of KV slots) after %d output tokens",
+            seq.rid, seq.key, len(seq.output_ids),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ helpers
+
+    def _output(
+        self,
+        seq: Sequence,
+        tokens: list[int],
+        lp: TokenLogprobs | None,
+        reason: str | None,
+        matched: int | None,
+    ) -> SeqOutput:
+        return SeqOutput(
+            seq.rid,
+            seq.index,
+            tokens,
+            [lp] if lp is not None else None,
+            reason,
+            matched,
+            len(seq.prompt_ids),
+            seq.cached_tokens or 0,
+            len(seq.output_ids),
+        )
+
+    def _reject(self, rid: str, message: str) -> None:
+        log.warning("%s", message)
+        self.to_server.append(RequestError(rid=rid, message=message, status=400))
+
+    def _remember_abort(self, rid: str, index: int | None) -> None:
+        now = self._clock()
+        while self._aborted and (
+            next(iter(self._aborted.values())) <= now or len(self._aborted) >= ABORT_MEMORY_MAX
+        ):
+            self._aborted.popitem(last=False)
+        self._aborted[(rid, index)] = now + ABORT_MEMORY_S
+        self._aborted.move_to_end((rid, index))
+
+    def _was_aborted(self, rid: str, index: int) -> bool:
+        now = self._clock()
+        for k in ((rid, None), (rid, index)):
+            expiry = self._aborted.get(k)
+            if expiry is not None and expiry > now:
+                return True
+        return False

@@ -1,0 +1,83 @@
+"""The paged KV cache: per layer one K and one V tensor indexed by slot.
+
+Slot convention (the scheduler relies on it): slots 0..page_size-1 are a scratch page, never
+handed out; attention reads padding from slot 0 and masks it. Usable slots are
+page_size..num_slots+page_size-1, so each tensor has num_slots + page_size rows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+CPU_DEFAULT_FRACTION = 0.25
+CUDA_DEFAULT_FRACTION = 0.88
+
+
+def total_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def plan_num_slots(
+    *,
+    device: torch.device,
+    bytes_per_slot: int,
+    weight_bytes: int,
+    page_size: int,
+    mem_fraction: float | None,
+    max_total_tokens: int | None,
+) -> int:
+    """Usable slots: the memory budget left after the weights, capped by max_total_tokens,
+    rounded down to whole pages. Raises if not even one page fits."""
+    if device.type == "cuda":
+        fraction = CUDA_DEFAULT_FRACTION if mem_fraction is None else mem_fraction
+        used = torch.cuda.memory_allocated(device)
+        # weights are already counted in `used` once loaded on the device
+        budget = int(fraction * total_memory_bytes(device)) - max(used, weight_bytes)
+    else:
+        fraction = CPU_DEFAULT_FRACTION if mem_fraction is None else mem_fraction
+        budget = int(fraction * total_memory_bytes(device)) - weight_bytes
+    slots = max(budget, 0) // bytes_per_slot
+    if max_total_tokens is not None:
+        slots = min(slots, max_total_tokens)
+    slots -= slots % page_size
+    if slots < page_size:
+        raise RuntimeError(
+            f"no memory left for the KV cache (budget {budget} bytes after {weight_bytes} bytes "
+            f"of weights); raise --mem-fraction-static"
+        )
+    return slots
+
+
+class KVPool:
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_slots: int,
+        page_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_slots = num_slots
+        self.page_size = page_size
+        rows = num_slots + page_size
+        # torch.empty: pages never written cost no physical memory on CPU.
+        # Each: [num_slots + page_size, kv_heads, head_dim]
+        self.k = [torch.empty(rows, kv_heads, head_dim, dtype=dtype, device=device)]
+        self.v = [torch.empty(rows, kv_heads, head_dim, dtype=dtype, device=device)]
+        for _ in range(num_layers - 1):
+            self.k.append(torch.empty(rows, kv_heads, head_dim, dtype=dtype, device=device))
+            self.v.append(torch.empty(rows, kv_heads, head_dim, dtype=dtype, device=device))
+        # The scratch page is read as padding (masked): keep it finite so 0 * x stays 0.
+        for t in (*self.k, *self.v):
+            t[:page_size].zero_()
+
+    @staticmethod
+    def bytes_per_slot(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * kv_heads * head_dim * dtype.itemsize

@@ -1,0 +1,113 @@
+"""Load a Hugging Face safetensors checkpoint into a Fovea model, each rank reading only its
+slices (safe_open + get_slice; the parameter's weight_loader narrows).
+
+Single file (`model.safetensors`) or sharded (`model.safetensors.index.json`). Any checkpoint
+tensor without a parameter, or a parameter no tensor fills, is an error naming them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from fovea.worker.layers.linear import default_weight_loader
+from fovea.worker.models.registry import model_class
+
+
+class WeightLoadError(ValueError):
+    pass
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """tensor name -> safetensors file path."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise WeightLoadError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def _checkpoint_slices(path: str) -> Iterator[tuple[str, Any]]:
+    """(name, lazy slice) for every tensor, one file open at a time."""
+    by_file: dict[str, list[str]] = {}
+    for name, file in checkpoint_files(path).items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        if not os.path.isfile(file):
+            raise WeightLoadError(f"checkpoint shard {file!r} is missing")
+        with safe_open(file, framework="pt") as f:
+            for name in sorted(names):
+                yield name, f.get_slice(name)
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    params = dict(model.named_parameters())
+    mapping: list[tuple[str, str, Any]] = list(getattr(model, "stacked_params_mapping", []))
+    skip: tuple[str, ...] = getattr(model, "skip_weight_suffixes", ())
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    # Every (parameter, shard) that must be filled.
+    expected: set[tuple[str, Any]] = set()
+    for pname in params:
+        shards = [shard for dst, _, shard in mapping if f".{dst}." in f".{pname}"]
+        expected.update((pname, s) for s in shards or [None])
+    filled: set[tuple[str, Any]] = set()
+    unexpected: list[str] = []
+    for name, loaded in _checkpoint_slices(path):
+        if name.endswith(skip) or (tied and name == "lm_head.weight"):
+            continue
+        pname, shard = name, None
+        for dst, src, shard_id in mapping:
+            if f".{src}." in name:
+                pname, shard = name.replace(f".{src}.", f".{dst}."), shard_id
+                break
+        param = params.get(pname)
+        if param is None:
+            unexpected.append(name)
+            continue
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, loaded, shard)
+        except ValueError as e:
+            raise WeightLoadError(f"{name}: {e}") from e
+        filled.add((pname, shard))
+    if unexpected:
+        raise WeightLoadError(
+            f"checkpoint {path!r} has weights the model does not use: {', '.join(unexpected)}"
+        )
+    missing = sorted(f"{p}[{s}]" if s is not None else p for p, s in expected - filled)
+    if missing:
+        raise WeightLoadError(f"checkpoint {path!r} lacks weights: {', '.join(missing)}")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(path: str, architecture: str, dtype: torch.dtype, device: torch.device) -> Any:
+    """Build the architecture's model from `path`/config.json on `device` in `dtype` (rotary
+    tables stay float32) and fill it from the checkpoint. Returns it in eval mode."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf_config = json.load(f)
+    cls = model_class(architecture)
+    with torch.device(device), _default_dtype(dtype):
+        model = cls(hf_config)
+    load_weights(model, path)
+    return model.eval()

@@ -1,0 +1,91 @@
+"""The worker process: one per tensor-parallel rank. Receives StepPlans (SUB), runs them,
+and rank 0 sends StepResults (PUSH)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import zmq
+
+from fovea.common.config import ServerArgs
+from fovea.common.ipc import Addresses, Receiver, Sender
+from fovea.common.messages import (
+    Shutdown,
+    StepPlan,
+    SyncPing,
+    ToWorker,
+    WorkerFailed,
+    WorkerReady,
+)
+from fovea.common.model_config import ModelInfo
+from fovea.common.process import report_ready, setup_process
+from fovea.worker.distributed import destroy_distributed, init_distributed
+from fovea.worker.model_runner import ModelRunner, pick_device
+
+
+def dist_init_method(addrs: Addresses) -> str:
+    """A rendezvous file beside the server's ipc sockets (single node; every rank of one
+    server derives the same path)."""
+    base = addrs.ipc_dir or tempfile.gettempdir()
+    return f"file://{os.path.join(base, 'torch_dist_init')}"
+
+
+def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) -> None:
+    log = setup_process(f"worker{rank}", args.log_level)
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    init_distributed(args.tp_size, rank, dist_init_method(addrs), device)
+    runner = ModelRunner(args, model, rank)
+    ctx: zmq.Context[Any] = zmq.Context()
+    plans: Receiver[ToWorker] = Receiver(ctx, addrs.worker_plan, ToWorker, bind=False, sub=True)
+    results = Sender(ctx, addrs.worker_result, bind=False)
+    log.info(
+        "role=worker rank=%d pid=%d device=%s dtype=%s slots=%d sockets: sub %s, push %s",
+        rank, os.getpid(), runner.device, str(runner.dtype).removeprefix("torch."),
+        runner.num_slots, addrs.worker_plan, addrs.worker_result,
+    )  # fmt: skip
+    report_ready(ctx, addrs, f"worker{rank}", slots=str(runner.num_slots))
+
+    def on_ping(msg: SyncPing) -> bool:
+        ready = WorkerReady(
+            nonce=msg.nonce, rank=rank, num_slots=runner.num_slots, max_seqs=runner.max_seqs
+        )
+        results.send(ready)
+        return True
+
+    def on_plan(plan: StepPlan) -> bool:
+        result = runner.step(plan)
+        if rank == 0:
+            results.send(result)
+        return True
+
+    handlers: dict[type, Callable[[Any], bool]] = {
+        SyncPing: on_ping,
+        StepPlan: on_plan,
+        Shutdown: lambda _: False,
+    }
+    try:
+        while True:
+            msg = plans.recv()
+            if not handlers[type(msg)](msg):
+                break
+    except Exception as e:
+        log.error("step failed:\n%s", traceback.format_exc())
+        results.send(WorkerFailed(rank, f"{type(e).__name__}: {e}"))
+        results.sock.setsockopt(zmq.LINGER, 5000)
+        results.close()
+        sys.exit(1)
+    finally:
+        destroy_distributed()
+    log.info("worker%d shut down", rank)
+    plans.close()
+    results.close()
+    ctx.term()

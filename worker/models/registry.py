@@ -1,0 +1,36 @@
+"""Architecture name (config.json `architectures[0]`) -> model class, imported lazily so that
+checking a name needs no torch."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# architecture -> (module under fovea.worker.models, class name)
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
+}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def check_architecture(name: str) -> None:
+    if name not in _MODELS:
+        raise UnsupportedArchitecture(
+            f"architecture {name!r} is not supported; supported: "
+            f"{', '.join(supported_architectures())}"
+        )
+
+
+def model_class(name: str) -> Any:
+    check_architecture(name)
+    module, cls = _MODELS[name]
+    return getattr(importlib.import_module(f"fovea.worker.models.{module}"), cls)
