@@ -8,7 +8,7 @@ import msgspec
 MAX_TOP_LOGPROBS = 20
 
 
-class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """How to pick each next token. Defaults are OpenAI's."""
 
     max_new_tokens: int | None = None  # None: up to the context length

@@ -10,9 +10,11 @@ slots hold the KV of exactly the same token prefix (so a cache hit is a correct 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from fovea.common.messages import StepPlan, StepResult
-from fovea.scheduler.scheduler import Scheduler
+from fovea.common.messages import SeqOutput, StepPlan, StepResult, TokenizedRequest
+from fovea.common.sampling import SamplingParams
+from fovea.scheduler.scheduler import Scheduler, SchedulerConfig
 
 
 @dataclass
@@ -92,3 +94,26 @@ def assert_idle_invariant(sched: Scheduler) -> None:
     sched.allocator.free(sched.cache.evict(total))
     assert sched.allocator.available == total
     assert sched.cache.total_size == 0
+
+
+def make(
+    num_slots: int = 64, script: dict[str, list[int]] | None = None, **kw: Any
+) -> tuple[Scheduler, FakeWorker]:
+    kw.setdefault("context_length", 64)
+    cfg = SchedulerConfig(eos_token_ids=(2,), **kw)
+    sched = Scheduler(cfg, num_slots)
+    return sched, FakeWorker(sched.total_slots, cfg.page_size, script)
+
+
+def req(rid: str, ids: list[int], max_new: int = 3, index: int = 0, **sp: Any) -> TokenizedRequest:
+    return TokenizedRequest(
+        rid=rid, index=index, input_ids=ids, sampling=SamplingParams(max_new_tokens=max_new, **sp)
+    )
+
+
+def outputs_of(sched: Scheduler, rid: str) -> list[SeqOutput]:
+    return [o for o in sched.outputs if o.rid == rid]
+
+
+def tokens_of(sched: Scheduler, rid: str, index: int = 0) -> list[int]:
+    return [t for o in sched.outputs if (o.rid, o.index) == (rid, index) for t in o.new_token_ids]

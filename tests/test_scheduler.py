@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from fake_worker import FakeWorker, assert_idle_invariant, run_to_idle
+from fake_worker import assert_idle_invariant, make, outputs_of, req, run_to_idle, tokens_of
 
 from fovea.common.messages import (
     NewSequence,
@@ -12,33 +10,7 @@ from fovea.common.messages import (
     SchedulerStats,
     SeqOutput,
     StatsRequest,
-    TokenizedRequest,
 )
-from fovea.common.sampling import SamplingParams
-from fovea.scheduler.scheduler import Scheduler, SchedulerConfig
-
-
-def make(
-    num_slots: int = 64, script: dict[str, list[int]] | None = None, **kw: Any
-) -> tuple[Scheduler, FakeWorker]:
-    kw.setdefault("context_length", 64)
-    cfg = SchedulerConfig(eos_token_ids=(2,), **kw)
-    sched = Scheduler(cfg, num_slots)
-    return sched, FakeWorker(sched.total_slots, cfg.page_size, script)
-
-
-def req(rid: str, ids: list[int], max_new: int = 3, index: int = 0, **sp: Any) -> TokenizedRequest:
-    return TokenizedRequest(
-        rid=rid, index=index, input_ids=ids, sampling=SamplingParams(max_new_tokens=max_new, **sp)
-    )
-
-
-def outputs_of(sched: Scheduler, rid: str) -> list[SeqOutput]:
-    return [o for o in sched.outputs if o.rid == rid]
-
-
-def tokens_of(sched: Scheduler, rid: str, index: int = 0) -> list[int]:
-    return [t for o in sched.outputs if (o.rid, o.index) == (rid, index) for t in o.new_token_ids]
 
 
 def test_one_request_exact_plans_and_outputs() -> None:
@@ -74,7 +46,7 @@ def test_one_request_exact_plans_and_outputs() -> None:
             cache_hit_tokens=0,
             prompt_tokens=3,
             generated_tokens=3,
-        )  # fmt: skip
+        )
     ]
     assert_idle_invariant(sched)
 

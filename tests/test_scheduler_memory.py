@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import random
 
-from fake_worker import FakeWorker, assert_idle_invariant, run_to_idle
-from test_scheduler import make, req, tokens_of
+from fake_worker import FakeWorker, assert_idle_invariant, make, req, run_to_idle, tokens_of
 
 from fovea.common.messages import AbortRequest, RequestError, ScheduledChunk, SeqOutput
 from fovea.scheduler.scheduler import ABORT_MEMORY_S, Scheduler, SchedulerConfig
@@ -20,8 +19,10 @@ def test_retraction_under_a_tiny_pool_completes_every_request() -> None:
         assert tokens_of(sched, rid) == list(range(base + 3, base + 9))
         final = [o for o in sched.outputs if o.rid == rid][-1]
         assert (final.finish_reason, final.completion_tokens, final.prompt_tokens) == (
-            "length", 6, 3,
-        )  # fmt: skip
+            "length",
+            6,
+            3,
+        )
     # All three fit at first (9 slots + a 1-slot reserve each); two decodes later the pool
     # is full and c, the newest, gives way.
     assert [[n.key for n in p.new] for p in worker.plans[:3]] == [["a#0", "b#0", "c#0"], [], []]
@@ -145,7 +146,7 @@ def stress(page_size: int, seed: int) -> None:
     expected: dict[str, list[int]] = {}
     stems = [[rng.randrange(100, 400) for _ in range(12)] for _ in range(3)]
     for i in range(24):
-        prompt = rng.choice(stems)[: rng.randrange(2, 13)] + [rng.randrange(100, 400)]
+        prompt = [*rng.choice(stems)[: rng.randrange(2, 13)], rng.randrange(100, 400)]
         max_new = rng.randrange(1, 48 - len(prompt))
         expected[f"r{i}"] = [(prompt[-1] + k) % 512 for k in range(1, max_new + 1)]
         sched.handle(req(f"r{i}", prompt, max_new=max_new, ignore_eos=True))

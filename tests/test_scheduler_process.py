@@ -50,11 +50,15 @@ def test_scheduler_process_round_trip_and_worker_failure() -> None:
     launcher: Receiver[ToLauncher] = Receiver(ctx, addrs.launcher_in, ToLauncher, bind=True)
     tokenizer: Receiver[ToTokenizer] = Receiver(ctx, addrs.tokenizer_in, ToTokenizer, bind=True)
     server: Receiver[ToServer] = Receiver(ctx, addrs.server_in, ToServer, bind=True)
-    args = ServerArgs(model_path="unused", tp_size=2, log_level="info")
+    args = ServerArgs(model_path="unused", tp_size=2, log_level="warning")
     model = ModelInfo(
-        path="unused", architecture="LlamaForCausalLM", model_type="llama",
-        context_length=64, vocab_size=512, eos_token_ids=[2],
-    )  # fmt: skip
+        path="unused",
+        architecture="LlamaForCausalLM",
+        model_type="llama",
+        context_length=64,
+        vocab_size=512,
+        eos_token_ids=[2],
+    )
     proc = mp.get_context("spawn").Process(target=run_scheduler, args=(args, addrs, model))
     proc.start()
     try:
@@ -89,10 +93,18 @@ def test_scheduler_process_round_trip_and_worker_failure() -> None:
         inbox.send(StatsRequest("q1"))
         stats = server.recv(timeout_ms=TIMEOUT_MS)
         assert stats == SchedulerStats(
-            query_id="q1", total_slots=24, free_slots=21, tree_slots=3, evictable_slots=3,
-            running=0, waiting=0, steps=2, cache_hit_tokens=0, prompt_tokens=2,
+            query_id="q1",
+            total_slots=24,
+            free_slots=21,
+            tree_slots=3,
+            evictable_slots=3,
+            running=0,
+            waiting=0,
+            steps=2,
+            cache_hit_tokens=0,
+            prompt_tokens=2,
             generated_tokens=2,
-        )  # fmt: skip
+        )
 
         inbox.send(TokenizedRequest(rid="s", index=0, input_ids=[9], sampling=sampling))
         next_plan(subs[0])

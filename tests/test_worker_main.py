@@ -81,12 +81,6 @@ def test_failing_step_reports_and_exits_nonzero(tiny_llama: Path) -> None:
     ctx.destroy(linger=0)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="race in common/process.py report_ready: Sender.close() closes with linger=0 and "
-    "drops the ProcessReady when the connect has not completed (fix: "
-    "sender.sock.close(linger=5000)); remove this marker once fixed",
-)
 def test_worker_reports_ready_to_launcher(tiny_llama: Path) -> None:
     ctx: zmq.Context[Any] = zmq.Context()
     proc, plans, _, ready = _start(tiny_llama, ctx)
