@@ -8,7 +8,7 @@ import pytest
 # Test helper modules (tiny_models, server_harness) import as top-level names.
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import make_tiny_model  # noqa: E402
+from tiny_models import make_tiny_model
 
 
 @pytest.fixture(scope="session")

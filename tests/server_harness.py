@@ -36,6 +36,22 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
+def role_children(pid: int) -> list[int]:
+    """The launcher's children that serve a role (not multiprocessing's resource tracker)."""
+    return [
+        p for p in child_pids(pid)
+        if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]  # fmt: skip
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """The pids still alive after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if pid_alive(p)]
+
+
 def pid_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -53,7 +69,7 @@ class Server:
             "--model-path", str(model_path), "--port", str(self.port), *extra,
         ]  # fmt: skip
         self.log_path = log_path
-        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 

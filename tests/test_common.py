@@ -10,9 +10,9 @@ from fovea.common.config import ServerArgs, parse_args
 from fovea.common.messages import (
     AbortRequest,
     StepPlan,
+    TokenizedRequest,
     ToScheduler,
     ToWorker,
-    TokenizedRequest,
 )
 from fovea.common.model_config import ModelConfigError, read_model_info
 from fovea.common.sampling import SamplingError, SamplingParams, validate_sampling

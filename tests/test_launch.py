@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from server_harness import Server, child_pids, pid_alive
+from server_harness import Server, child_pids, role_children, wait_gone
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -63,10 +63,7 @@ def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> float:
 @pytest.mark.slow
 def test_child_death_stops_server(tiny_llama: Path, tmp_path: Path) -> None:
     srv = Server(tiny_llama, log_path=tmp_path / "log").wait_ready()
-    children = [
-        p for p in child_pids(srv.proc.pid)
-        if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()
-    ]  # fmt: skip
+    children = role_children(srv.proc.pid)
     assert len(children) == 4  # worker0, scheduler, tokenizer, http
     victim = children[1]
     import os
@@ -76,13 +73,12 @@ def test_child_death_stops_server(tiny_llama: Path, tmp_path: Path) -> None:
     assert srv.proc.returncode == 1
     assert elapsed <= 5.0
     assert "exited with code -9" in srv.log_tail()
-    time.sleep(0.5)
-    assert [p for p in children if pid_alive(p)] == []
+    assert wait_gone(children) == []
 
 
 @pytest.mark.slow
 def test_sigterm_stops_cleanly(tiny_llama: Path, tmp_path: Path) -> None:
     srv = Server(tiny_llama, log_path=tmp_path / "log").wait_ready()
-    children = child_pids(srv.proc.pid)
+    children = child_pids(srv.proc.pid)  # the resource tracker too: nothing may outlive it
     assert srv.stop() == 0
-    assert [p for p in children if pid_alive(p)] == []
+    assert wait_gone(children) == []
