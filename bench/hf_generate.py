@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fovea.bench.prompts import build_prompts, load_tokenizer, resolve_model_dir
-from fovea.bench.serving import Result, summarize_ms
+from fovea.bench.serving import Result, report
 
 
 class StepClock:
@@ -128,26 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         results += batch_results
     duration = time.perf_counter() - start
 
-    out_tokens = sum(r.output_tokens for r in results)
-    in_tokens = sum(r.input_tokens for r in results)
-    line = {
-        "system": f"hf-transformers-generate ({args.device}, {str(dtype).removeprefix('torch.')})",
-        "num_prompts": args.num_prompts,
-        "concurrency": args.batch_size,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
-        "shared_prefix_len": args.shared_prefix_len,
-        "completed": len(results),
-        "total_output_tokens": out_tokens,
-        "duration_s": round(duration, 3),
-        "request_throughput": round(len(results) / duration, 3),
-        "output_tokens_per_s": round(out_tokens / duration, 3),
-        "total_tokens_per_s": round((in_tokens + out_tokens) / duration, 3),
-        "ttft_ms": summarize_ms([r.ttft_s for r in results]),
-        "itl_ms": summarize_ms([x for r in results for x in r.itl_s]),
-        "e2e_ms": summarize_ms([r.e2e_s for r in results]),
-        "errors": 0,
-    }
+    # serving.py's report, with the batch as the concurrency: one JSON shape for both.
+    shape = argparse.Namespace(**vars(args), concurrency=args.batch_size, endpoint="generate")
+    system = f"hf-transformers-generate ({args.device}, {str(dtype).removeprefix('torch.')})"
+    line = report(shape, system, results, duration)
     print(json.dumps(line), flush=True)
 
 
