@@ -24,7 +24,7 @@ class Encoder:
     def _enc_hook(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
             arr = np.ascontiguousarray(obj)
-            self._aux.append(memoryview(arr).cast("B"))
+            self._aux.append(memoryview(arr.data).cast("B"))
             meta = self._meta.encode((len(self._aux), arr.dtype.str, list(arr.shape)))
             return msgspec.msgpack.Ext(_ARRAY_EXT, meta)
         raise NotImplementedError(f"cannot encode {type(obj).__name__}")

@@ -63,7 +63,7 @@ def _socket(ctx: zmq.Context[Any], kind: int, addr: str, bind: bool) -> zmq.Sock
         sock.bind(addr)
     else:
         sock.connect(addr)
-    return sock
+    return sock  # type: ignore[no-any-return]
 
 
 class Sender:
@@ -121,7 +121,7 @@ class AsyncReceiver(Generic[T]):
         self._dec = Decoder(types)
 
     async def recv(self) -> T:
-        frames = await self.sock.recv_multipart(copy=False)
+        frames = await self.sock.recv_multipart(copy=False)  # type: ignore[misc]
         return self._dec.decode([f.buffer for f in frames])  # type: ignore[no-any-return]
 
     def close(self) -> None:

@@ -83,7 +83,7 @@ class Engine:
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
         )
-        plist: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        plist: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item,arg-type]
         params = (
             sampling_params
             if isinstance(sampling_params, list)
@@ -144,7 +144,7 @@ class Engine:
 
     async def _stream(self, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         render = NativeRenderer(req.rid)
-        deltas = self._mgr.generate(req)
+        deltas = self._mgr.generate(req)  # an async generator: it has aclose()
 
         async def next_delta() -> TextDelta:
             return await anext(deltas)
@@ -161,7 +161,7 @@ class Engine:
                 yield render.chunks(delta)[0]
         finally:
             # Abandoned early: closing the iterator on its own loop aborts the request.
-            asyncio.run_coroutine_threadsafe(deltas.aclose(), self._loop)
+            asyncio.run_coroutine_threadsafe(deltas.aclose(), self._loop)  # type: ignore[attr-defined]
 
     def _wrap(self, fn: Any) -> Any:
         if self._closed:
