@@ -82,3 +82,25 @@ def test_sigterm_stops_cleanly(tiny_llama: Path, tmp_path: Path) -> None:
     children = child_pids(srv.proc.pid)  # the resource tracker too: nothing may outlive it
     assert srv.stop() == 0
     assert wait_gone(children) == []
+
+
+@pytest.mark.slow
+def test_api_key_required(tiny_llama: Path, tmp_path: Path) -> None:
+    import httpx
+    import openai
+
+    srv = Server(tiny_llama, "--api-key", "sekret", log_path=tmp_path / "log").wait_ready()
+    try:
+        r = httpx.get(srv.base + "/v1/models")
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        bad = httpx.get(srv.base + "/v1/models", headers={"authorization": "Bearer nope"})
+        assert bad.status_code == 401
+        client = openai.OpenAI(base_url=srv.base + "/v1", api_key="sekret", max_retries=0)
+        r2 = client.chat.completions.create(
+            model=str(tiny_llama), messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert (r2.usage.completion_tokens, r2.choices[0].finish_reason) == (2, "length")
+    finally:
+        assert srv.stop() == 0
