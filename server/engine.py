@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
@@ -26,7 +25,7 @@ from fovea.common.sampling import SamplingParams, validate_sampling
 from fovea.server.launch import ChildDied, ProcessGroup, prepare
 from fovea.server.openai_protocol import native_sampling
 from fovea.server.requests import RequestFailed, RequestManager
-from fovea.server.responses import NativeRenderer
+from fovea.server.responses import NativeRenderer, prompt_request
 
 T = TypeVar("T")
 Prompt = str | list[int]
@@ -91,22 +90,12 @@ class Engine:
         )
         if len(params) != len(plist):
             raise ValueError(f"{len(plist)} prompts but {len(params)} sampling_params")
-        reqs = []
-        for prompt, p in zip(plist, params, strict=True):
-            sampling = _sampling(p)
-            rid = uuid.uuid4().hex
-            if isinstance(prompt, str):
-                reqs.append(
-                    GenerateRequest(
-                        rid=rid, sampling=sampling, text=prompt, arrival_time=time.time()
-                    )
-                )
-            else:
-                reqs.append(
-                    GenerateRequest(
-                        rid=rid, sampling=sampling, input_ids=list(prompt), arrival_time=time.time()
-                    )
-                )
+        reqs = [
+            prompt_request(
+                uuid.uuid4().hex, prompt if isinstance(prompt, str) else list(prompt), _sampling(p)
+            )
+            for prompt, p in zip(plist, params, strict=True)
+        ]
         return reqs, single
 
     def generate(

@@ -89,6 +89,8 @@ class _Choice:
 class Renderer:
     """Collects or streams one request's deltas. Subclasses format the bodies."""
 
+    chunk_object = ""  # the OpenAI "object" of this endpoint's stream chunks
+
     def __init__(self, rid: str, model: str, sampling: SamplingParams, include_usage: bool) -> None:
         self.rid, self.model, self.sampling = rid, model, sampling
         self.include_usage = include_usage
@@ -136,6 +138,10 @@ class Renderer:
             yield b"data: " + _json.encode(error_body(e.status, e.message, e.param)) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
+    def envelope(self, obj: str, **rest: Any) -> dict[str, Any]:
+        """The fields every OpenAI body and chunk starts with."""
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model, **rest}
+
     def body(self, choices: list[_Choice]) -> Any:
         raise NotImplementedError
 
@@ -143,7 +149,8 @@ class Renderer:
         raise NotImplementedError
 
     def usage_chunk(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The last SSE chunk when stream_options.include_usage: no choices, only usage."""
+        return self.envelope(self.chunk_object, choices=[], usage=self.usage())
 
 
 def _chat_logprobs(lps: list[TextLogprob]) -> dict[str, Any]:
@@ -162,17 +169,16 @@ def _chat_logprobs(lps: list[TextLogprob]) -> dict[str, Any]:
 
 
 class ChatRenderer(Renderer):
+    chunk_object = "chat.completion.chunk"
+
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self._started: set[int] = set()
 
     def body(self, choices: list[_Choice]) -> dict[str, Any]:
-        return {
-            "id": self.rid,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [
+        return self.envelope(
+            "chat.completion",
+            choices=[
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": "".join(c.text)},
@@ -182,18 +188,15 @@ class ChatRenderer(Renderer):
                 }
                 for i, c in enumerate(choices)
             ],
-            "usage": self.usage(),
-        }
+            usage=self.usage(),
+        )
 
     def _chunk(self, index: int, delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None, **extra}
-        return {
-            "id": self.rid,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
+        return self.envelope(
+            "chat.completion.chunk",
+            choices=[choice],
+        )
 
     def chunks(self, d: TextDelta) -> list[dict[str, Any]]:
         out = []
@@ -208,16 +211,6 @@ class ChatRenderer(Renderer):
                 self._chunk(d.index, {}, finish_reason=d.finish_reason, matched_stop=d.matched_stop)
             )
         return out
-
-    def usage_chunk(self) -> dict[str, Any]:
-        return {
-            "id": self.rid,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": self.usage(),
-        }
 
 
 def _completion_logprobs(lps: list[TextLogprob], start: int = 0) -> dict[str, Any]:
@@ -234,13 +227,12 @@ def _completion_logprobs(lps: list[TextLogprob], start: int = 0) -> dict[str, An
 
 
 class CompletionRenderer(Renderer):
+    chunk_object = "text_completion"
+
     def body(self, choices: list[_Choice]) -> dict[str, Any]:
-        return {
-            "id": self.rid,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [
+        return self.envelope(
+            "text_completion",
+            choices=[
                 {
                     "index": i,
                     "text": "".join(c.text),
@@ -252,8 +244,8 @@ class CompletionRenderer(Renderer):
                 }
                 for i, c in enumerate(choices)
             ],
-            "usage": self.usage(),
-        }
+            usage=self.usage(),
+        )
 
     def chunks(self, d: TextDelta) -> list[dict[str, Any]]:
         if not d.text and d.finish_reason is None and not d.logprobs:
@@ -268,24 +260,11 @@ class CompletionRenderer(Renderer):
         if d.finish_reason is not None:
             choice["matched_stop"] = d.matched_stop
         return [
-            {
-                "id": self.rid,
-                "object": "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [choice],
-            }
+            self.envelope(
+                "text_completion",
+                choices=[choice],
+            )
         ]
-
-    def usage_chunk(self) -> dict[str, Any]:
-        return {
-            "id": self.rid,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": self.usage(),
-        }
 
 
 def merge_completions(rid: str, model: str, bodies: list[dict[str, Any]], n: int) -> dict[str, Any]:
