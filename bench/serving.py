@@ -8,6 +8,11 @@ Prints one JSON line on stdout; progress and errors go to stderr.
 
     python -m fovea.bench.serving --base-url http://127.0.0.1:30000 \
         --model SmolLM2-135M-Instruct --tokenizer SmolLM2-135M-Instruct
+
+With `--images N` each request is a chat request with N images before its text, fetched by the
+server from a local image server the bench starts (start Fovea with --allow-private-media-urls).
+`--distinct-images K` cycles K different images (1: every request repeats the same image, so
+all but the first are prefix hits; default: a new image per request, all cold).
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from fovea.bench.image_server import ImageServer
 from fovea.bench.prompts import Prompt, build_prompts, load_tokenizer
 
 
@@ -52,10 +59,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed requests sent first")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--max-duration", type=float, default=1800.0, help="seconds for the whole run")
-    return p.parse_args(argv)
+    p.add_argument("--images", type=int, default=0, help="images per request (chat endpoint)")
+    p.add_argument("--image-size", default="448x448", help="WxH of each image")
+    p.add_argument(
+        "--distinct-images", type=int, default=0, help="different images in all (0: one each)"
+    )
+    args = p.parse_args(argv)
+    try:
+        w, h = (int(v) for v in args.image_size.lower().split("x"))
+    except ValueError:
+        p.error(f"--image-size must be WxH, got {args.image_size!r}")
+    args.image_wh = (w, h)
+    if args.images:
+        args.endpoint = "chat"
+    return args
 
 
-def request_body(args: argparse.Namespace, prompt: Prompt, max_tokens: int) -> dict[str, Any]:
+def request_body(
+    args: argparse.Namespace, prompt: Prompt, max_tokens: int, image_urls: Sequence[str] = ()
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": args.model,
         "max_tokens": max_tokens,
@@ -64,7 +86,13 @@ def request_body(args: argparse.Namespace, prompt: Prompt, max_tokens: int) -> d
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if args.endpoint == "chat":
+    if image_urls:
+        parts: list[dict[str, Any]] = [
+            {"type": "image_url", "image_url": {"url": u}} for u in image_urls
+        ]
+        parts.append({"type": "text", "text": prompt.text})
+        body["messages"] = [{"role": "user", "content": parts}]
+    elif args.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt.text}]
     else:
         body["prompt"] = prompt.text
@@ -154,6 +182,9 @@ def report(
         "input_len": args.input_len,
         "output_len": args.output_len,
         "shared_prefix_len": args.shared_prefix_len,
+        "images_per_request": getattr(args, "images", 0),
+        "image_size": getattr(args, "image_size", None) if getattr(args, "images", 0) else None,
+        "distinct_images": getattr(args, "distinct_images", 0),
         "completed": len(ok),
         "total_output_tokens": out_tokens,
         "duration_s": round(duration_s, 3),
@@ -167,7 +198,28 @@ def report(
     }
 
 
+def images_of(args: argparse.Namespace, server: ImageServer | None, i: int) -> list[str]:
+    """Image URLs of request i (warm-up requests are i < 0 and use images of their own)."""
+    if server is None:
+        return []
+    k = i * args.images
+    distinct = args.distinct_images
+    ids = [(k + j) % distinct if distinct and i >= 0 else k + j for j in range(args.images)]
+    return [server.url(n + 10**6 * (i < 0)) for n in ids]
+
+
 async def run(args: argparse.Namespace, prompts: list[Prompt]) -> tuple[list[Result], float]:
+    images = ImageServer(*args.image_wh) if args.images else None
+    try:
+        return await _run(args, prompts, images)
+    finally:
+        if images is not None:
+            images.close()
+
+
+async def _run(
+    args: argparse.Namespace, prompts: list[Prompt], images: ImageServer | None
+) -> tuple[list[Result], float]:
     path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
     limits = httpx.Limits(
         max_connections=args.concurrency, max_keepalive_connections=args.concurrency
@@ -177,7 +229,8 @@ async def run(args: argparse.Namespace, prompts: list[Prompt]) -> tuple[list[Res
         base_url=args.base_url, timeout=args.request_timeout, limits=limits, trust_env=False
     ) as client:
         for i in range(args.warmup):
-            warm = await send_one(client, path, request_body(args, prompts[i % len(prompts)], 8))
+            body = request_body(args, prompts[i % len(prompts)], 8, images_of(args, images, -1 - i))
+            warm = await send_one(client, path, body)
             if not warm.ok:
                 print(f"warm-up request failed: {warm.error}", file=sys.stderr)
         results = [Result(error="not run (--max-duration reached)") for _ in prompts]
@@ -188,7 +241,7 @@ async def run(args: argparse.Namespace, prompts: list[Prompt]) -> tuple[list[Res
         async def worker() -> None:
             while not queue.empty():
                 i = queue.get_nowait()
-                body = request_body(args, prompts[i], args.output_len)
+                body = request_body(args, prompts[i], args.output_len, images_of(args, images, i))
                 results[i] = await send_one(client, path, body)
                 if not results[i].ok:
                     print(f"request {i} failed: {results[i].error}", file=sys.stderr)

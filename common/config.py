@@ -71,6 +71,23 @@ class ServerArgs:
         ("lpm", "fcfs"),
     )
     disable_radix_cache: bool = _opt(False, "Turn the prefix cache off.")
+    allowed_local_media_path: str | None = _opt(
+        None, "A directory under which image_url may name local files (path or file://)."
+    )
+    allow_private_media_urls: bool = _opt(
+        False,
+        "Let image URLs reach private, loopback, link-local and metadata addresses "
+        "(refused by default).",
+    )
+    max_images_per_request: int = _opt(16, "Most images in one request.")
+    media_fetch_timeout: float = _opt(10.0, "Seconds to connect to, and to read, an image URL.")
+    max_image_bytes: int = _opt(20 * 1024 * 1024, "Largest image file accepted, in bytes.")
+    max_image_pixels: int = _opt(
+        50_000_000, "Largest image accepted, in pixels (checked before decoding)."
+    )
+    mm_cache_mb: int = _opt(
+        512, "Memory for vision-encoder outputs kept by image hash on each worker (MiB)."
+    )
     random_seed: int = _opt(0, "Seed for sampling of requests that give no seed.")
     log_level: str = _opt("info", "Log level.", ("debug", "info", "warning", "error", "critical"))
 
@@ -178,4 +195,12 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--max-prefill-tokens must be >= 1, got {a.max_prefill_tokens}"
     if a.max_running_requests < 1:
         return f"--max-running-requests must be >= 1, got {a.max_running_requests}"
+    if a.max_images_per_request < 0:
+        return f"--max-images-per-request must be >= 0, got {a.max_images_per_request}"
+    if a.media_fetch_timeout <= 0:
+        return f"--media-fetch-timeout must be > 0, got {a.media_fetch_timeout}"
+    if a.max_image_bytes < 1 or a.max_image_pixels < 1:
+        return "--max-image-bytes and --max-image-pixels must be >= 1"
+    if a.mm_cache_mb < 0:
+        return f"--mm-cache-mb must be >= 0, got {a.mm_cache_mb}"
     return None

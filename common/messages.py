@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from fovea.common.sampling import SamplingParams
 
@@ -32,8 +33,18 @@ class ChatMessage(msgspec.Struct, frozen=True):
     name: str | None = None
 
 
+class ImageRef(msgspec.Struct, array_like=True, frozen=True):
+    """An image as a client gave it, unfetched: exactly one of `url` (http(s) URL, data URI,
+    local path or file:// URL) and `data` (the file's bytes) is set."""
+
+    url: str | None = None
+    data: bytes | None = None
+
+
 class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
-    """Exactly one of `text`, `input_ids` and `messages` is set (the server checks)."""
+    """Exactly one of `text`, `input_ids` and `messages` is set (the server checks).
+    Images of a chat request are parts of its messages; `images` carries those of a raw
+    prompt (the offline Engine), one per image placeholder in the prompt."""
 
     rid: str
     sampling: SamplingParams
@@ -43,10 +54,23 @@ class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
     add_generation_prompt: bool = True
     # Extra variables for the chat template (e.g. enable_thinking).
     chat_template_kwargs: dict[str, Any] = {}
+    images: list[ImageRef] = []
     arrival_time: float = 0.0
 
 
 # ---------------------------------------------------------------- tokenizer -> scheduler
+
+
+class ImageInput(msgspec.Struct, array_like=True, gc=False):
+    """One image of a tokenized prompt, ready for the vision encoder. Its placeholder tokens are
+    `input_ids[offset : offset + num_tokens]`; the encoder yields one embedding per placeholder.
+    `pixel_values` travels as its own zero-copy frame."""
+
+    hash: bytes  # 32-byte blake2b digest of the image file's bytes
+    offset: int
+    num_tokens: int
+    pixel_values: np.ndarray  # float32; the family's layout (Qwen2-VL: [patches, C*T*P*P])
+    grid: list[int]  # the family's geometry (Qwen2-VL: [t, h, w] in patches)
 
 
 class TokenizedRequest(msgspec.Struct, tag=True, kw_only=True):
@@ -56,6 +80,7 @@ class TokenizedRequest(msgspec.Struct, tag=True, kw_only=True):
     index: int
     input_ids: list[int]
     sampling: SamplingParams
+    images: list[ImageInput] = []  # in prompt order, spans disjoint
     arrival_time: float = 0.0
 
 
@@ -93,6 +118,7 @@ class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     cache_hit_tokens: int
     prompt_tokens: int
     generated_tokens: int
+    images_encoded: int = 0  # vision-encoder runs on rank 0 since start
 
 
 class RequestError(msgspec.Struct, tag=True, kw_only=True):
@@ -117,6 +143,7 @@ class NewSequence(msgspec.Struct, array_like=True, gc=False):
     num_prompt_tokens: int
     sampling: SamplingParams
     prefix_slots: list[int]
+    images: list[ImageInput] = []  # every image of the prompt, cached prefix or not
 
 
 class ScheduledChunk(msgspec.Struct, array_like=True, gc=False):
@@ -173,6 +200,7 @@ class StepResult(msgspec.Struct, tag=True, gc=False):
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
     forward_s: float
+    images_encoded: int = 0  # vision-encoder runs this step (cache misses)
 
 
 class WorkerFailed(msgspec.Struct, tag=True):

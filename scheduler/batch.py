@@ -39,6 +39,7 @@ class PlanBuilder:
                     num_prompt_tokens=len(seq.prompt_ids),
                     sampling=seq.sampling,
                     prefix_slots=seq.slots[: seq.prefix_len],
+                    images=seq.images,
                 )
             )
             seq.sent = True

@@ -4,6 +4,10 @@ A sequence is WAITING (holds no slots, no lock) or RUNNING (holds KV slots and p
 locked radix node). Invariant while RUNNING: `slots[i]` holds the KV of `token_ids[i]` for
 `i < num_computed == len(slots)`; the first `prefix_len` slots belong to the radix tree (the
 locked `node`'s path), the rest to the sequence.
+
+The radix key of a sequence is its token ids with each image's placeholder tokens replaced by
+values derived from the image's content hash (`image_key_values`): the same image gives the
+same key, so a prefix hit can cover it; a different image with the same text cannot.
 """
 
 from __future__ import annotations
@@ -11,9 +15,33 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from fovea.common.messages import seq_key
+from fovea.common.messages import ImageInput, seq_key
 from fovea.common.sampling import SamplingParams
 from fovea.scheduler.radix_cache import RadixNode
+
+_KEY_MASK = (1 << 62) - 1
+
+
+def image_key_values(digest: bytes, n: int) -> list[int]:
+    """Radix-key values of an image's n placeholder tokens. All negative, so never equal to a
+    real token id. Position j takes the (j mod 4)-th 64-bit word of the 256-bit digest, mixed
+    with j: two images share a key prefix of k >= 4 positions only if all 256 bits agree (and
+    a shorter one only if 64k bits do), where SGLang's single 30-bit value per image collides
+    once in ~2^15 images."""
+    if len(digest) < 32:
+        raise ValueError(f"image digest of {len(digest)} bytes; 32 expected")
+    words = [int.from_bytes(digest[8 * i : 8 * i + 8], "little") for i in range(4)]
+    return [-1 - ((words[j % 4] ^ (j * 0x9E3779B97F4A7C15)) & _KEY_MASK) for j in range(n)]
+
+
+def radix_key(token_ids: list[int], images: list[ImageInput]) -> list[int]:
+    """`token_ids` with each image's placeholder span replaced by its hash-derived values."""
+    if not images:
+        return token_ids
+    key = list(token_ids)
+    for img in images:
+        key[img.offset : img.offset + img.num_tokens] = image_key_values(img.hash, img.num_tokens)
+    return key
 
 
 class SeqStatus(enum.Enum):
@@ -29,6 +57,7 @@ class Sequence:
     prompt_ids: list[int]  # the original prompt: never changes
     sampling: SamplingParams
     arrival: int  # order of arrival at the scheduler (FCFS key)
+    images: list[ImageInput] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     slots: list[int] = field(default_factory=list)
@@ -40,6 +69,10 @@ class Sequence:
     retracted: bool = False  # waiting again after a retraction: admitted before the others
     sent: bool = False  # the workers hold it (a NewSequence went out since the last drop)
     finish_reason: str | None = None
+    prompt_key: list[int] = field(init=False, repr=False)  # radix key of prompt_ids
+
+    def __post_init__(self) -> None:
+        self.prompt_key = radix_key(self.prompt_ids, self.images)
 
     @property
     def key(self) -> str:
@@ -54,6 +87,11 @@ class Sequence:
     def token_ids(self) -> list[int]:
         """Every known token: prompt, then outputs (the last output has no KV yet)."""
         return self.prompt_ids + self.output_ids
+
+    @property
+    def cache_key(self) -> list[int]:
+        """The radix key of `token_ids` (image placeholders replaced by hash values)."""
+        return self.prompt_key + self.output_ids
 
     @property
     def num_tokens(self) -> int:

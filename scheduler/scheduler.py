@@ -97,6 +97,7 @@ class Scheduler:
         self.cache_hit_tokens = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.images_encoded = 0
         self.handlers: dict[type, Callable[[Any], None]] = {
             TokenizedRequest: self.add_request,
             AbortRequest: self.abort,
@@ -134,7 +135,14 @@ class Scheduler:
                 "lower max_tokens or shorten the prompt",
             )
         else:
-            seq = Sequence(req.rid, req.index, list(req.input_ids), req.sampling, self._arrivals)
+            seq = Sequence(
+                req.rid,
+                req.index,
+                list(req.input_ids),
+                req.sampling,
+                self._arrivals,
+                images=list(req.images),
+            )
             if seq.key in self.seqs:
                 log.warning("request %s: duplicate sequence %s ignored", req.rid, seq.key)
                 return
@@ -180,6 +188,7 @@ class Scheduler:
                 cache_hit_tokens=self.cache_hit_tokens,
                 prompt_tokens=self.prompt_tokens,
                 generated_tokens=self.generated_tokens,
+                images_encoded=self.images_encoded,
             )
         )
 
@@ -246,7 +255,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: StepBudget) -> bool:
         """Admit `seq` with its first chunk if budget and memory allow; False otherwise."""
         # At least the last known token is computed, to get the logits of the next one.
-        prefix_slots, node = self.cache.match_prefix(seq.token_ids[:-1])
+        prefix_slots, node = self.cache.match_prefix(seq.cache_key[:-1])
         prefix_len = len(prefix_slots)
         extend = seq.num_tokens - prefix_len
         n = budget.prefill_chunk(extend)
@@ -290,6 +299,7 @@ class Scheduler:
 
     def process_result(self, result: StepResult) -> None:
         """Append each sampled token, check stop conditions, emit one SeqOutput per token."""
+        self.images_encoded += result.images_encoded
         for key, token, lp in zip(result.keys, result.token_ids, result.logprobs, strict=True):
             seq = self.seqs.get(key)
             if seq is None or seq.status is not SeqStatus.RUNNING:
@@ -324,7 +334,7 @@ class Scheduler:
         lock is dropped, and the workers are told to forget it."""
         n = seq.num_computed
         aligned = n - n % self.config.page_size
-        present = self.cache.insert(seq.token_ids[:aligned], seq.slots[:aligned])
+        present = self.cache.insert(seq.cache_key[:aligned], seq.slots[:aligned])
         # Slots [prefix_len, present) duplicate the tree's; [aligned, n) is a partial page.
         self.allocator.free(seq.slots[seq.prefix_len : present] + seq.slots[aligned:])
         if seq.node is not None:

@@ -175,7 +175,14 @@ def create_app(args: ServerArgs, model: ModelInfo, addrs: Addresses) -> FastAPI:
             raise APIError(400, f"sampling_params: {e}", "sampling_params") from e
         sampling = _checked(sampling)
         prompts = R.split_prompts(body.text if body.text is not None else body.input_ids)
-        reqs = [R.prompt_request(new_id("gen"), p, sampling) for p in prompts]
+        try:
+            images = R.images_per_prompt(body.image_data, len(prompts))
+        except ValueError as e:
+            raise APIError(400, str(e), "image_data") from e
+        reqs = [
+            R.prompt_request(new_id("gen"), p, sampling, imgs)
+            for p, imgs in zip(prompts, images, strict=True)
+        ]
         if len(reqs) == 1:
             return await run(request, reqs[0], body.stream, R.NativeRenderer(reqs[0].rid))
         if body.stream:

@@ -12,6 +12,7 @@ requests fail with RuntimeError instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -25,7 +26,7 @@ from fovea.common.sampling import SamplingParams, validate_sampling
 from fovea.server.launch import ChildDied, ProcessGroup, prepare
 from fovea.server.openai_protocol import native_sampling
 from fovea.server.requests import RequestFailed, RequestManager
-from fovea.server.responses import NativeRenderer, prompt_request
+from fovea.server.responses import NativeRenderer, images_per_prompt, prompt_request
 
 T = TypeVar("T")
 Prompt = str | list[int]
@@ -78,6 +79,7 @@ class Engine:
         self,
         prompts: Prompt | list[Prompt],
         sampling_params: dict[str, Any] | list[dict[str, Any]] | None,
+        image_data: Any = None,
     ) -> tuple[list[GenerateRequest], bool]:
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
@@ -90,11 +92,15 @@ class Engine:
         )
         if len(params) != len(plist):
             raise ValueError(f"{len(plist)} prompts but {len(params)} sampling_params")
+        images = images_per_prompt(_encode_pil(image_data), len(plist))
         reqs = [
             prompt_request(
-                uuid.uuid4().hex, prompt if isinstance(prompt, str) else list(prompt), _sampling(p)
+                uuid.uuid4().hex,
+                prompt if isinstance(prompt, str) else list(prompt),
+                _sampling(p),
+                imgs,
             )
-            for prompt, p in zip(plist, params, strict=True)
+            for prompt, p, imgs in zip(plist, params, images, strict=True)
         ]
         return reqs, single
 
@@ -102,10 +108,16 @@ class Engine:
         self,
         prompts: Prompt | list[Prompt],
         sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        image_data: Any = None,
     ) -> Any:
         """Outputs in SGLang's shape ({"text", "output_ids", "meta_info"}): one dict for one
-        prompt, else a list in prompt order (a list per prompt when n > 1)."""
-        reqs, single = self._requests(prompts, sampling_params)
+        prompt, else a list in prompt order (a list per prompt when n > 1).
+
+        image_data: for one prompt, an image or a list of images; for several, one entry per
+        prompt (None, an image or a list). An image is a URL, data URI, local path (under
+        allowed_local_media_path), bytes of an image file, or a PIL image. Each prompt holds
+        one image placeholder of the model's chat template per image, in order."""
+        reqs, single = self._requests(prompts, sampling_params, image_data)
 
         async def run_all() -> list[Any]:
             return await asyncio.gather(
@@ -116,11 +128,15 @@ class Engine:
         return outs[0] if single else outs
 
     async def async_generate(
-        self, prompt: Prompt, sampling_params: dict[str, Any] | None = None, stream: bool = False
+        self,
+        prompt: Prompt,
+        sampling_params: dict[str, Any] | None = None,
+        stream: bool = False,
+        image_data: Any = None,
     ) -> Any:
         """One prompt. stream=False: the output dict; stream=True: an async iterator of
-        cumulative outputs, one per new piece of text."""
-        (req,), _ = self._requests(prompt, sampling_params)
+        cumulative outputs, one per new piece of text. image_data as for generate."""
+        (req,), _ = self._requests(prompt, sampling_params, image_data)
         if stream:
             return self._stream(req)
         fut = asyncio.run_coroutine_threadsafe(
@@ -205,3 +221,14 @@ def _sampling(params: dict[str, Any] | SamplingParams) -> SamplingParams:
             raise ValueError(f"sampling_params: {e}") from e
     validate_sampling(sampling)
     return sampling
+
+
+def _encode_pil(image_data: Any) -> Any:
+    """image_data with every PIL image replaced by its PNG bytes (lossless), recursively."""
+    if isinstance(image_data, list):
+        return [_encode_pil(x) for x in image_data]
+    if hasattr(image_data, "save") and hasattr(image_data, "mode"):  # a PIL image
+        buf = io.BytesIO()
+        image_data.save(buf, format="PNG")
+        return buf.getvalue()
+    return image_data

@@ -140,6 +140,8 @@ class GenerateReqInput(BaseModel):
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
+    # One prompt: an image or a list; several: one entry (None, image or list) per prompt.
+    image_data: str | list[str | list[str] | None] | None = None
     sampling_params: dict[str, Any] = Field(default_factory=dict)
     stream: bool = False
     return_logprob: bool = False

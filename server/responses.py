@@ -10,7 +10,7 @@ import msgspec
 from fastapi.responses import Response
 
 from fovea.common.config import ServerArgs
-from fovea.common.messages import GenerateRequest, TextDelta, TextLogprob
+from fovea.common.messages import GenerateRequest, ImageRef, TextDelta, TextLogprob
 from fovea.common.model_config import ModelInfo
 from fovea.common.sampling import SamplingParams
 from fovea.server.requests import RequestFailed
@@ -69,10 +69,51 @@ def split_prompts(prompt: Any) -> list[str | list[int]]:
     return list(prompt)
 
 
-def prompt_request(rid: str, prompt: str | list[int], sampling: SamplingParams) -> GenerateRequest:
-    if isinstance(prompt, str):
-        return GenerateRequest(rid=rid, sampling=sampling, text=prompt, arrival_time=time.time())
-    return GenerateRequest(rid=rid, sampling=sampling, input_ids=prompt, arrival_time=time.time())
+def prompt_request(
+    rid: str,
+    prompt: str | list[int],
+    sampling: SamplingParams,
+    images: list[ImageRef] | None = None,
+) -> GenerateRequest:
+    text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
+    return GenerateRequest(
+        rid=rid,
+        sampling=sampling,
+        text=text,
+        input_ids=ids,
+        images=images or [],
+        arrival_time=time.time(),
+    )
+
+
+def images_per_prompt(image_data: Any, n_prompts: int) -> list[list[ImageRef]]:
+    """SGLang's `image_data` aligned with the prompts: for one prompt an image or a list of
+    images; for several, a list with one entry (None, an image or a list) per prompt. An
+    image is a URL / data URI / path string, or the file's bytes. ValueError if misshapen."""
+
+    def refs(entry: Any) -> list[ImageRef]:
+        items = entry if isinstance(entry, list) else [] if entry is None else [entry]
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                out.append(ImageRef(url=item))
+            elif isinstance(item, bytes | bytearray):
+                out.append(ImageRef(data=bytes(item)))
+            else:
+                raise ValueError(
+                    f"an image must be a URL, data URI, path or bytes, not {type(item).__name__}"
+                )
+        return out
+
+    if image_data is None:
+        return [[] for _ in range(n_prompts)]
+    if n_prompts == 1:
+        return [refs(image_data)]
+    if not isinstance(image_data, list) or len(image_data) != n_prompts:
+        raise ValueError(
+            f"image_data must be a list with one entry for each of the {n_prompts} prompts"
+        )
+    return [refs(entry) for entry in image_data]
 
 
 class _Choice:

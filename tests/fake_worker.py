@@ -4,7 +4,8 @@ them strictly, returning deterministic tokens.
 Checks: a NewSequence only for a key it does not hold; chunks only for held keys, never past
 the known tokens, `sample` exactly when a chunk reaches the end; slot ids never in the scratch
 page nor past the pool; a write never lands on a slot another live sequence reads; prefix
-slots hold the KV of exactly the same token prefix (so a cache hit is a correct hit).
+slots hold the KV of exactly the same token prefix (so a cache hit is a correct hit), where
+an image placeholder counts as (image hash, index in the image), not as its token id.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fovea.common.messages import SeqOutput, StepPlan, StepResult, TokenizedRequest
+from fovea.common.messages import (
+    ImageInput,
+    SeqOutput,
+    StepPlan,
+    StepResult,
+    TokenizedRequest,
+)
 from fovea.common.sampling import SamplingParams
 from fovea.scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -21,6 +28,16 @@ from fovea.scheduler.scheduler import Scheduler, SchedulerConfig
 class FakeSeq:
     tokens: list[int]
     slots: list[int] = field(default_factory=list)
+    # What each token's KV depends on: its id, or (hash, j) for an image placeholder.
+    content: list[Any] = field(default_factory=list)
+
+
+def token_content(ids: list[int], images: list[ImageInput]) -> list[Any]:
+    out: list[Any] = list(ids)
+    for img in images:
+        for j in range(img.num_tokens):
+            out[img.offset + j] = (img.hash, j)
+    return out
 
 
 class FakeWorker:
@@ -46,9 +63,10 @@ class FakeWorker:
             del self.seqs[key]
         for new in plan.new:
             assert new.key not in self.seqs, f"{new.key} sent twice"
+            content = token_content(new.input_ids, new.images)
             for i, slot in enumerate(new.prefix_slots):
-                assert self.kv[slot] == tuple(new.input_ids[: i + 1]), f"bad prefix hit {new.key}"
-            self.seqs[new.key] = FakeSeq(list(new.input_ids), list(new.prefix_slots))
+                assert self.kv[slot] == tuple(content[: i + 1]), f"bad prefix hit {new.key}"
+            self.seqs[new.key] = FakeSeq(list(new.input_ids), list(new.prefix_slots), content)
         keys: list[str] = []
         tokens: list[int] = []
         for chunk in plan.chunks:
@@ -63,11 +81,12 @@ class FakeWorker:
                     assert other_key == chunk.key or slot not in other.slots, (
                         f"{chunk.key} overwrites slot {slot} of {other_key}"
                     )
-                self.kv[slot] = tuple(seq.tokens[: pos + 1])
+                self.kv[slot] = tuple(seq.content[: pos + 1])
             seq.slots.extend(chunk.new_slots)
             if chunk.sample:
                 token = self.next_token(chunk.key, seq)
                 seq.tokens.append(token)
+                seq.content.append(token)
                 keys.append(chunk.key)
                 tokens.append(token)
         return StepResult(plan.step, keys, tokens, [None] * len(keys), 0.0)

@@ -27,9 +27,8 @@ from fovea.common.messages import (
 )
 from fovea.common.model_config import ModelInfo
 from fovea.common.sampling import SamplingParams
+from fovea.tokenizer_service.builtin_templates import BUILTIN_TEMPLATES, CHATML
 from fovea.tokenizer_service.chat_templates import (
-    BUILTIN_TEMPLATES,
-    CHATML,
     ChatRenderer,
     ChatTemplateError,
     load_chat_template,
@@ -125,7 +124,7 @@ def test_chat_without_generation_prompt_and_text_parts(hf: Any) -> None:
 
 def test_builtin_chatml_renders_like_the_models_template(hf: Any) -> None:
     renderer = ChatRenderer(hf, "chatml")
-    assert renderer.template == CHATML == BUILTIN_TEMPLATES["chatml"]
+    assert renderer.template == CHATML == BUILTIN_TEMPLATES["chatml"].source
     assert renderer.render(CONVERSATION[1:2]) == (
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     )
@@ -153,7 +152,7 @@ def test_load_chat_template(tmp_path: Path) -> None:
     with pytest.raises(ChatTemplateError) as e:
         load_chat_template("vicuna")
     assert str(e.value) == (
-        "--chat-template 'vicuna' is neither a file nor a built-in template (built-in: chatml)"
+        "--chat-template 'vicuna' is neither a file nor a built-in template (built-in: chatml, qwen2-vl)"
     )
 
 
@@ -181,7 +180,7 @@ def test_model_without_template_refuses_chat_but_serves_prompts(hf: Any, tok_dir
     assert error_of(svc.handle_generate(request(messages=CONVERSATION))) == (
         400,
         "this model has no chat template; start the server with --chat-template "
-        "(a .jinja file or a built-in name: chatml) or use /v1/completions",
+        "(a .jinja file or a built-in name: chatml, qwen2-vl) or use /v1/completions",
         "messages",
     )
     (treq,) = svc.tokenize(request(text="Paris"))

@@ -4,6 +4,10 @@
 (any existing path, or a name ending in .jinja), or a built-in name from `BUILTIN_TEMPLATES`.
 A bad value fails at start-up; a model with no template of its own fails only chat requests
 (400), so /v1/completions keeps working.
+
+Images pass only when the model takes images and the template places them: a vision built-in
+or a user's file. The tokenizer's own template is text-only (as in SGLang), so an image part
+under it is a 400 that names the template to use.
 """
 
 from __future__ import annotations
@@ -14,17 +18,8 @@ from typing import Any
 import jinja2
 import msgspec
 
-from fovea.common.messages import ChatMessage
-
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-# Named templates for --chat-template. The vision issue adds the VLM families here.
-BUILTIN_TEMPLATES: dict[str, str] = {"chatml": CHATML}
+from fovea.common.messages import ChatMessage, ImageRef
+from fovea.tokenizer_service.builtin_templates import BUILTIN_TEMPLATES
 
 # apply_chat_template arguments that chat_template_kwargs may not override.
 _RESERVED_KWARGS = frozenset(
@@ -57,19 +52,47 @@ def load_chat_template(spec: str | None) -> str | None:
     if spec.endswith(".jinja"):
         raise ChatTemplateError(f"--chat-template file {spec!r} does not exist")
     if spec in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[spec]
+        return BUILTIN_TEMPLATES[spec].source
     names = ", ".join(sorted(BUILTIN_TEMPLATES))
     raise ChatTemplateError(
         f"--chat-template {spec!r} is neither a file nor a built-in template (built-in: {names})"
     )
 
 
-def _flatten_content(content: str | list[dict[str, Any]] | None, accepts_images: bool) -> Any:
+def template_places_images(spec: str | None) -> bool:
+    if spec is None:
+        return False
+    builtin = BUILTIN_TEMPLATES.get(spec)
+    return builtin.vision if builtin is not None else True
+
+
+def _image_url(part: dict[str, Any]) -> str:
+    url = part.get("image_url")
+    if isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str) or not url:
+        raise ChatRenderError("an image_url content part must carry image_url.url")
+    return url
+
+
+def image_refs(messages: list[ChatMessage]) -> list[ImageRef]:
+    """The images of a chat request in the order a template places them (message order)."""
+    return [
+        ImageRef(url=_image_url(part))
+        for m in messages
+        if isinstance(m.content, list)
+        for part in m.content
+        if part.get("type") in _IMAGE_PART_TYPES
+    ]
+
+
+def _flatten_content(content: str | list[dict[str, Any]] | None, image_refusal: str | None) -> Any:
     """Text parts join into one string (text-model templates expect a string, as in vLLM);
-    image parts stay as parts only for a model that takes images."""
+    parts with an image stay parts, unless `image_refusal` says why images cannot pass."""
     if content is None or isinstance(content, str):
         return content
     texts: list[str] = []
+    has_image = False
     for part in content:
         kind = part.get("type")
         if kind == "text":
@@ -78,23 +101,24 @@ def _flatten_content(content: str | list[dict[str, Any]] | None, accepts_images:
                 raise ChatRenderError("a text content part must carry a string 'text'")
             texts.append(text)
         elif kind in _IMAGE_PART_TYPES:
-            if not accepts_images:
-                raise ChatRenderError("this model does not accept image inputs")
-            return content
+            if image_refusal is not None:
+                raise ChatRenderError(image_refusal)
+            _image_url(part)
+            has_image = True
         else:
             raise ChatRenderError(f"unsupported content part type {kind!r}")
-    return "\n".join(texts)
+    return content if has_image else "\n".join(texts)
 
 
 def messages_to_dicts(
-    messages: list[ChatMessage], accepts_images: bool = False
+    messages: list[ChatMessage], image_refusal: str | None = "this model takes no images"
 ) -> list[dict[str, Any]]:
     """ChatMessage structs as the plain dicts jinja templates index; None fields dropped."""
     out: list[dict[str, Any]] = []
     for m in messages:
         d = {k: v for k, v in msgspec.structs.asdict(m).items() if v is not None}
         if "content" in d:
-            d["content"] = _flatten_content(d["content"], accepts_images)
+            d["content"] = _flatten_content(d["content"], image_refusal)
         out.append(d)
     return out
 
@@ -103,9 +127,18 @@ class ChatRenderer:
     """Renders chat requests with one resolved template through the tokenizer's
     `apply_chat_template` (so templates see the tokenizer's special tokens)."""
 
-    def __init__(self, tokenizer: Any, spec: str | None, accepts_images: bool = False) -> None:
+    def __init__(self, tokenizer: Any, spec: str | None, model_takes_images: bool = False) -> None:
         self._tokenizer = tokenizer
-        self._accepts_images = accepts_images
+        self.image_refusal: str | None = None  # why image parts are refused, if they are
+        if not model_takes_images:
+            self.image_refusal = "this model does not accept image inputs"
+        elif not template_places_images(spec):
+            vision = ", ".join(sorted(n for n, t in BUILTIN_TEMPLATES.items() if t.vision))
+            name = repr(spec) if spec else "of the tokenizer"
+            self.image_refusal = (
+                f"the chat template {name} does not place images; start the server with a "
+                f"vision --chat-template ({vision}) to send images"
+            )
         # None: the tokenizer's own template, which may be missing (checked per request).
         self.template = load_chat_template(spec)
         self.available = self.template is not None or bool(
@@ -130,7 +163,7 @@ class ChatRenderer:
             raise ChatRenderError(
                 f"chat_template_kwargs may not set {', '.join(bad)}", "chat_template_kwargs"
             )
-        conversation = messages_to_dicts(messages, self._accepts_images)
+        conversation = messages_to_dicts(messages, self.image_refusal)
         try:
             text = self._tokenizer.apply_chat_template(
                 conversation,

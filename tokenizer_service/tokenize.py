@@ -2,11 +2,17 @@
 TokenBatches into DeltaBatches, in one process, so a request's stop strings are registered before
 its first tokens can arrive.
 
+A request with images is rendered and checked first (a bad prompt fails before any fetch), then
+its images are fetched concurrently and decoded and preprocessed off the event loop, so a slow
+image URL delays only its own request. Text requests are handled inline.
+
 `Tokenizer` is the socket-free manager (tests drive it directly); `run_tokenizer` is the process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
 import sys
@@ -16,13 +22,16 @@ from typing import Any
 
 import msgspec
 import zmq
+import zmq.asyncio
 
 from fovea.common.config import ServerArgs
-from fovea.common.ipc import Addresses, Receiver, Sender
+from fovea.common.ipc import Addresses, AsyncReceiver, Sender
 from fovea.common.messages import (
     AbortRequest,
     DeltaBatch,
     GenerateRequest,
+    ImageInput,
+    ImageRef,
     RequestError,
     TokenBatch,
     TokenizedRequest,
@@ -34,8 +43,11 @@ from fovea.tokenizer_service.chat_templates import (
     ChatRenderer,
     ChatRenderError,
     ChatTemplateError,
+    image_refs,
 )
 from fovea.tokenizer_service.detokenize import Detokenizer
+from fovea.tokenizer_service.media import MediaError, MediaLoader, MediaPolicy
+from fovea.tokenizer_service.processors import ImageProcessor, load_processor
 
 log = logging.getLogger("fovea.tokenizer")
 
@@ -67,10 +79,19 @@ class Tokenizer:
     """Tokenizes requests (chat template, prompt checks, n sequences) and detokenizes their
     outputs. Holds per-request detokenizer state from tokenization until every sequence ends."""
 
-    def __init__(self, hf_tokenizer: Any, model: ModelInfo, chat: ChatRenderer) -> None:
+    def __init__(
+        self,
+        hf_tokenizer: Any,
+        model: ModelInfo,
+        chat: ChatRenderer,
+        processor: ImageProcessor | None = None,
+        media: MediaLoader | None = None,
+    ) -> None:
         self.hf = hf_tokenizer
         self.model = model
         self.chat = chat
+        self.processor = processor
+        self.media = media
         self.detokenizer = Detokenizer(hf_tokenizer)
         # Ids the tokenizer can produce may exceed the config's vocab_size (added tokens).
         self.vocab_size = max(model.vocab_size, len(hf_tokenizer))
@@ -89,6 +110,26 @@ class Tokenizer:
             )
         return box
 
+    def has_images(self, req: GenerateRequest) -> bool:
+        return bool(req.images) or bool(req.messages and image_refs(req.messages))
+
+    async def handle_generate_async(self, req: GenerateRequest) -> Outbox:
+        """handle_generate for a request that may carry images."""
+        box = Outbox()
+        try:
+            box.to_scheduler.extend(await self.tokenize_async(req))
+        except (PromptError, ChatRenderError) as e:
+            box.to_server.append(RequestError(rid=req.rid, message=e.message, param=e.param))
+        except MediaError as e:
+            box.to_server.append(RequestError(rid=req.rid, message=e.message, param="messages"))
+        except Exception as e:
+            log.exception("rid=%s: tokenization failed", req.rid)
+            self.detokenizer.drop(req.rid)
+            box.to_server.append(
+                RequestError(rid=req.rid, message=f"tokenization failed: {e}", status=500)
+            )
+        return box
+
     def handle_tokens(self, batch: TokenBatch) -> Outbox:
         out = self.detokenizer.process(batch)
         box = Outbox(to_scheduler=list(out.aborts))
@@ -99,8 +140,51 @@ class Tokenizer:
 
     def tokenize(self, req: GenerateRequest) -> list[TokenizedRequest]:
         """The request's n sequences, after registering them with the detokenizer.
-        Raises PromptError / ChatRenderError for a request to refuse."""
+        Raises PromptError / ChatRenderError for a request to refuse (and for images: those
+        go through tokenize_async)."""
         ids, param = self._prompt_ids(req)
+        self._check_placeholders(ids, [], param)
+        return self._sequences(req, ids, [], param)
+
+    async def tokenize_async(self, req: GenerateRequest) -> list[TokenizedRequest]:
+        """tokenize, fetching and preprocessing the request's images. Also raises MediaError."""
+        ids, param = self._prompt_ids(req)
+        refs = image_refs(req.messages) if req.messages is not None else req.images
+        self._check_placeholders(ids, refs, param)
+        if not refs:
+            return self._sequences(req, ids, [], param)
+        assert self.processor is not None and self.media is not None
+        processor = self.processor
+        loaded = await self.media.load_all(refs)
+        try:
+            processed = await asyncio.to_thread(
+                lambda: [processor.preprocess(im.image) for im in loaded]
+            )
+        except ValueError as e:
+            raise PromptError(f"image could not be processed: {e}", param) from e
+        ids, offsets = processor.expand_placeholders(ids, processed)
+        images = [
+            ImageInput(im.hash, off, p.num_tokens, p.pixel_values, p.grid)
+            for im, p, off in zip(loaded, processed, offsets, strict=True)
+        ]
+        return self._sequences(req, ids, images, param)
+
+    def _check_placeholders(self, ids: list[int], refs: list[ImageRef], param: str) -> None:
+        """Images and image placeholders in the prompt must pair up one to one."""
+        if self.processor is None:
+            if refs:
+                raise PromptError("this model does not accept image inputs", param)
+            return
+        n = ids.count(self.processor.image_token_id)
+        if n != len(refs):
+            raise PromptError(
+                f"the prompt has {n} image placeholders but {len(refs)} images were given",
+                param,
+            )
+
+    def _sequences(
+        self, req: GenerateRequest, ids: list[int], images: list[ImageInput], param: str
+    ) -> list[TokenizedRequest]:
         sampling = req.sampling
         max_new = self._check_lengths(len(ids), sampling.max_new_tokens, param)
         if sampling.min_new_tokens > max_new:
@@ -117,6 +201,7 @@ class Tokenizer:
                 index=i,
                 input_ids=ids,
                 sampling=sampling,
+                images=images,
                 arrival_time=req.arrival_time,
             )
             for i in range(sampling.n)
@@ -180,16 +265,36 @@ class Tokenizer:
 def run_tokenizer(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
     log = setup_process("tokenizer", args.log_level)
     hf = load_hf_tokenizer(args.tokenizer_path or model.path)
+    processor = load_processor(model.path, _read_config(model.path))
     try:
-        chat = ChatRenderer(hf, args.chat_template)
+        chat = ChatRenderer(hf, args.chat_template, model_takes_images=processor is not None)
     except ChatTemplateError as e:
         log.error("%s", e)  # one line; the launcher sees this child exit and stops the server
         sys.exit(2)
     if not chat.available:
         log.warning("the model has no chat template: chat requests will be refused")
-    service = Tokenizer(hf, model, chat)
+    if processor is not None and chat.image_refusal:
+        log.warning("%s", chat.image_refusal)
+    asyncio.run(_serve(args, addrs, Tokenizer(hf, model, chat, processor)))
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """config.json of the model (the launcher already checked it); {} without one."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg: dict[str, Any] = json.load(f)
+    except FileNotFoundError:
+        return {}
+    return cfg
+
+
+async def _serve(args: ServerArgs, addrs: Addresses, service: Tokenizer) -> None:
+    service.media = MediaLoader(MediaPolicy.from_args(args))
+    # Sends are synchronous (they never block: no HWM), so only the inbox is an asyncio socket.
     ctx: zmq.Context[Any] = zmq.Context()
-    inbox: Receiver[ToTokenizer] = Receiver(ctx, addrs.tokenizer_in, ToTokenizer, bind=True)
+    inbox: AsyncReceiver[ToTokenizer] = AsyncReceiver(
+        zmq.asyncio.Context(), addrs.tokenizer_in, ToTokenizer, bind=True
+    )
     to_server = Sender(ctx, addrs.server_in, bind=False)
     to_scheduler = Sender(ctx, addrs.scheduler_in, bind=False)
     log.info(
@@ -198,19 +303,30 @@ def run_tokenizer(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
     )  # fmt: skip
     report_ready(ctx, addrs, "tokenizer")
 
+    def send(box: Outbox) -> None:
+        # Scheduler first: a stop-string abort should free KV before the client hears "done".
+        for m in box.to_scheduler:
+            to_scheduler.send(m)
+        for r in box.to_server:
+            to_server.send(r)
+
+    async def with_images(req: GenerateRequest) -> None:
+        send(await service.handle_generate_async(req))
+
+    pending: set[asyncio.Task[None]] = set()  # image requests in flight (kept referenced)
     handlers: dict[type, Callable[[Any], Outbox]] = {
         GenerateRequest: service.handle_generate,
         TokenBatch: service.handle_tokens,
     }
     while True:
         try:
-            msg = inbox.recv()
+            msg = await inbox.recv()
         except msgspec.DecodeError as e:  # a malformed message: drop it, keep serving
             log.error("dropped an undecodable message: %s", e)
             continue
-        box = handlers[type(msg)](msg)
-        # Scheduler first: a stop-string abort should free KV before the client hears "done".
-        for m in box.to_scheduler:
-            to_scheduler.send(m)
-        for r in box.to_server:
-            to_server.send(r)
+        if isinstance(msg, GenerateRequest) and service.has_images(msg):
+            task = asyncio.create_task(with_images(msg))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            continue
+        send(handlers[type(msg)](msg))

@@ -1,5 +1,14 @@
 """Applies StepPlans: keeps per-sequence state from the diffs, runs one forward per step over
-all scheduled chunks, samples the rows that asked for it."""
+all scheduled chunks, samples the rows that asked for it.
+
+Vision-language models add three optional methods the runner uses when present:
+- `encode_images(images: list[ImageInput]) -> list[Tensor [num_tokens, hidden]]`: the vision
+  tower; outputs are kept by image hash in an EmbeddingCache.
+- `embed_tokens(ids [T]) -> [T, hidden]`, then `forward(..., input_embeds=[T, hidden])`: the
+  rows of image placeholder tokens are replaced by their image's embeddings.
+- `mrope_positions(prompt_ids, images) -> (Tensor [3, L] int64, delta)`: M-RoPE positions of
+  the prompt; a later token i (an output) sits at i + delta on all three axes.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from fovea.common.config import ServerArgs
-from fovea.common.messages import NewSequence, StepPlan, StepResult
+from fovea.common.messages import ImageInput, NewSequence, StepPlan, StepResult
 from fovea.common.model_config import ModelInfo
 from fovea.worker.attention.base import AttentionBackend, ChunkLayout
 from fovea.worker.attention.torch_native import TorchNativeBackend
 from fovea.worker.kv_pool import KVPool, plan_num_slots
 from fovea.worker.loader import load_model
+from fovea.worker.mm_cache import EmbeddingCache
 from fovea.worker.sampler import Sampler, SamplingRow
 
 log = logging.getLogger(__name__)
@@ -53,6 +63,9 @@ class _Seq:
     num_prompt: int
     num_computed: int  # tokens whose KV is in the pool
     row_sampling: SamplingRow
+    images: list[ImageInput]
+    mrope: torch.Tensor | None = None  # [3, num_prompt] M-RoPE positions of the prompt
+    mrope_delta: int = 0
 
 
 class ModelRunner:
@@ -97,6 +110,10 @@ class ModelRunner:
         self.free_rows = list(range(self.max_seqs - 1, -1, -1))
         self.seqs: dict[str, _Seq] = {}
         self.sampler = Sampler(cfg.vocab_size, list(model.eos_token_ids), args.random_seed)
+        self.is_multimodal = hasattr(self.model, "encode_images")
+        self.uses_mrope = hasattr(self.model, "mrope_positions")
+        self.mm_cache = EmbeddingCache(args.mm_cache_mb << 20)
+        self.images_encoded = 0  # vision-encoder runs, one per image (tests and stats count them)
 
     # ------------------------------------------------------------------ state from diffs
 
@@ -117,7 +134,15 @@ class ModelRunner:
         ids = list(new.input_ids)
         sampling = SamplingRow(new.sampling, ids[: new.num_prompt_tokens], [])
         sampling.output_ids = ids[new.num_prompt_tokens :]
-        self.seqs[new.key] = _Seq(row, ids, new.num_prompt_tokens, n_prefix, sampling)
+        if new.images and not self.is_multimodal:
+            raise RuntimeError(f"{new.key}: images sent to a model that takes none")
+        seq = _Seq(row, ids, new.num_prompt_tokens, n_prefix, sampling, list(new.images))
+        if self.uses_mrope:
+            mrope, seq.mrope_delta = self.model.mrope_positions(
+                ids[: new.num_prompt_tokens], seq.images
+            )
+            seq.mrope = mrope.to(self.device)
+        self.seqs[new.key] = seq
 
     # ------------------------------------------------------------------ one step
 
@@ -128,6 +153,7 @@ class ModelRunner:
         for new in plan.new:
             self._admit(new)
         t0 = time.perf_counter()
+        encoded = self.images_encoded
         logits, sample_keys = self.forward(plan)
         tokens, logprobs = self.sampler.sample(
             logits, [self.seqs[k].row_sampling for k in sample_keys]
@@ -136,7 +162,14 @@ class ModelRunner:
             seq = self.seqs[key]
             seq.token_ids.append(token)
             seq.row_sampling.output_ids.append(token)
-        return StepResult(plan.step, sample_keys, tokens, logprobs, time.perf_counter() - t0)
+        return StepResult(
+            plan.step,
+            sample_keys,
+            tokens,
+            logprobs,
+            time.perf_counter() - t0,
+            self.images_encoded - encoded,
+        )
 
     @torch.inference_mode()
     def forward(
@@ -149,12 +182,15 @@ class ModelRunner:
         if not plan.chunks:
             return torch.empty(0, vocab, dtype=torch.float32, device=self.device), []
         ids: list[int] = []
-        positions: list[int] = []
+        index: list[int] = []  # each token's index in its sequence
+        positions: list[torch.Tensor] = []  # M-RoPE only: [3, n] per chunk
         slots: list[int] = []
         rows: list[int] = []
         layouts: list[ChunkLayout] = []
         sample_idx: list[int] = []
         sample_keys: list[str] = []
+        # (image, first embedding row used, batch row it goes to, rows) per image overlap
+        overlaps: list[tuple[ImageInput, int, int, int]] = []
         for chunk in plan.chunks:
             seq = self.seqs[chunk.key]
             start, n = seq.num_computed, len(chunk.new_slots)
@@ -166,9 +202,15 @@ class ModelRunner:
                 raise RuntimeError(f"{chunk.key}: sample=True before the last known token")
             if start + n > self.context_length:
                 raise RuntimeError(f"{chunk.key}: exceeds context length {self.context_length}")
+            for img in seq.images:
+                lo, hi = max(start, img.offset), min(start + n, img.offset + img.num_tokens)
+                if lo < hi:
+                    overlaps.append((img, lo - img.offset, len(ids) + lo - start, hi - lo))
+            if seq.mrope is not None:
+                positions.append(self._mrope_slice(seq, start, n))
             layouts.append(ChunkLayout(seq.row, len(ids), n, start))
             ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
+            index.extend(range(start, start + n))
             slots.extend(chunk.new_slots)
             rows.extend([seq.row] * n)
             seq.num_computed = start + n
@@ -176,14 +218,69 @@ class ModelRunner:
                 sample_idx.append(len(ids) - 1)
                 sample_keys.append(chunk.key)
         dev = self.device
-        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        index_t = torch.tensor(index, dtype=torch.int64, device=dev)
         slots_t = torch.tensor(slots, dtype=torch.int64, device=dev)
-        self.req_to_slot[torch.tensor(rows, dtype=torch.int64, device=dev), pos_t] = slots_t
+        self.req_to_slot[torch.tensor(rows, dtype=torch.int64, device=dev), index_t] = slots_t
         self.attn.plan(layouts, slots_t, self.req_to_slot)
-        hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=dev), pos_t, self.attn)
+        ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
+        pos_t = torch.cat(positions, dim=1) if positions else index_t  # [3, T] or [T]
+        if overlaps:
+            embeds = self._merge_image_embeddings(ids_t, overlaps)
+            hidden = self.model(ids_t, pos_t, self.attn, input_embeds=embeds)
+        else:
+            hidden = self.model(ids_t, pos_t, self.attn)
         if every_token:
             return self.model.compute_logits(hidden), sample_keys
         if not sample_idx:
             return hidden.new_empty(0, vocab, dtype=torch.float32), []
         picked = hidden[torch.tensor(sample_idx, device=dev)]  # [n_sample, hidden]
         return self.model.compute_logits(picked), sample_keys
+
+    # ------------------------------------------------------------------ vision inputs
+
+    @staticmethod
+    def _mrope_slice(seq: _Seq, start: int, n: int) -> torch.Tensor:
+        """[3, n] positions of tokens [start, start + n): the prompt's from its M-RoPE table,
+        later tokens (outputs) at index + delta on every axis."""
+        assert seq.mrope is not None
+        end, split = start + n, min(start + n, seq.num_prompt)
+        parts = [seq.mrope[:, start:split]] if start < split else []
+        if end > split:
+            tail = torch.arange(max(start, split), end, device=seq.mrope.device)
+            parts.append((tail + seq.mrope_delta).expand(3, -1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def _image_embeddings(self, images: list[ImageInput]) -> dict[bytes, torch.Tensor]:
+        """Embeddings [num_tokens, hidden] of every image by hash: from the cache, or from one
+        encoder call over the images not in it."""
+        found: dict[bytes, torch.Tensor] = {}
+        todo: dict[bytes, ImageInput] = {}
+        for img in images:
+            emb = self.mm_cache.get(img.hash)
+            if emb is not None:
+                found[img.hash] = emb
+            elif img.hash not in todo:
+                todo[img.hash] = img
+        if todo:
+            outs = self.model.encode_images(list(todo.values()))
+            self.images_encoded += len(todo)
+            for (h, img), emb in zip(todo.items(), outs, strict=True):
+                if emb.shape[0] != img.num_tokens:
+                    raise RuntimeError(
+                        f"image encoder gave {emb.shape[0]} embeddings for {img.num_tokens} "
+                        "placeholder tokens"
+                    )
+                found[h] = emb
+                self.mm_cache.put(h, emb)
+        return found
+
+    def _merge_image_embeddings(
+        self, ids: torch.Tensor, overlaps: list[tuple[ImageInput, int, int, int]]
+    ) -> torch.Tensor:
+        """Token embeddings [T, hidden] with each image's placeholder rows replaced by that
+        image's embedding rows (only the rows this step computes)."""
+        embeds = self.model.embed_tokens(ids)
+        by_hash = self._image_embeddings([img for img, *_ in overlaps])
+        for img, first, at, n in overlaps:
+            embeds[at : at + n] = by_hash[img.hash][first : first + n].to(embeds.dtype)
+        return embeds  # type: ignore[no-any-return]

@@ -1,0 +1,386 @@
+"""Loading a request's images safely: data URIs, http(s) URLs, local files and raw bytes, each
+turned into a decoded RGB image and the blake2b hash of its file's bytes.
+
+Every refusal is a `MediaError` (an HTTP 400 carrying its message); nothing else escapes for bad
+input. The limits, all from `MediaPolicy`:
+
+- at most `max_images` per request, counted before anything is fetched;
+- at most `max_bytes` per file: checked on a data URI's encoded length before base64 decoding,
+  on a Content-Length before reading and on every streamed chunk, on a local file's size;
+- at most `max_pixels` per image: checked on the header's size before any pixel is decoded;
+- per URL, `timeout_s` for each connect/read/write/pool wait and `3 * timeout_s` for the whole
+  fetch (DNS, redirects and body), so a server dripping a byte a second cannot hold a request;
+- at most `max_redirects` hops, each re-checked like the first URL;
+- local files only under `allowed_local_path` (after resolving symlinks and `..`).
+
+Address rule (SSRF): unless `allow_private`, every address a URL's host resolves to must be
+globally routable: private, loopback, link-local (cloud metadata at 169.254.169.254), CGNAT,
+unspecified, reserved and multicast are refused, also when wrapped in IPv6 (IPv4-mapped, NAT64,
+6to4). The check resolves the host, then httpx resolves it again to connect: a DNS server the
+attacker controls may answer a public address to the first query and a private one to the second
+(DNS rebinding). We accept that window: it needs an attacker-run DNS zone with TTL 0 and a racing
+answer, while the check still stops literal addresses, names of internal hosts and redirects to
+them. Closing it means connecting to the checked address itself (an httpx transport that pins the
+resolved IP, with the Host header and TLS SNI kept) or fetching through an egress proxy that
+enforces the rule; deployments serving untrusted clients should have egress filtering anyway.
+Environment proxies are ignored (`trust_env=False`): a proxy would connect on our behalf and make
+the local address check meaningless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import ipaddress
+import os
+import socket
+import urllib.parse
+import warnings
+from dataclasses import dataclass
+
+import httpx
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fovea.common.config import ServerArgs
+from fovea.common.messages import ImageRef
+
+_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+_DATA_URI_TYPES = ("png", "jpeg", "jpg", "webp", "gif", "bmp")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_SHOWN_URL_CHARS = 200
+
+
+class MediaError(ValueError):
+    """A refused image: becomes an HTTP 400 with this message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    allowed_local_path: str | None = None
+    allow_private: bool = False
+    max_images: int = 16
+    timeout_s: float = 10.0
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_redirects: int = 5
+
+    @classmethod
+    def from_args(cls, args: ServerArgs) -> MediaPolicy:
+        return cls(
+            allowed_local_path=args.allowed_local_media_path,
+            allow_private=args.allow_private_media_urls,
+            max_images=args.max_images_per_request,
+            timeout_s=args.media_fetch_timeout,
+            max_bytes=args.max_image_bytes,
+            max_pixels=args.max_image_pixels,
+        )
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    image: Image.Image  # decoded, RGB
+    hash: bytes  # blake2b(file bytes, digest_size=32)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """transformers' convert_to_rgb: transparency is composited onto white, not dropped."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode the first frame of a PNG, JPEG, WebP, GIF or BMP file into an RGB image, refusing
+    one whose header claims more than `max_pixels` before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (rather than raises) between 1x and 2x its own pixel limit. The filter
+            # is process-global, so concurrent decodes can race on it; that matters only if
+            # max_pixels exceeds PIL's MAX_IMAGE_PIXELS, and then our own cap still holds.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=_FORMATS)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise MediaError(
+                    f"image is {width}x{height} = {width * height} pixels, more than the "
+                    f"{max_pixels}-pixel limit (--max-image-pixels)"
+                )
+            # load() decodes the current frame only: animated files are never iterated.
+            image.load()
+            # As transformers' load_image does: camera photos carry their rotation in EXIF.
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except MediaError:
+        raise
+    except UnidentifiedImageError:
+        raise MediaError(
+            "image could not be decoded: not a PNG, JPEG, WebP, GIF or BMP image"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError(f"image refused as a decompression bomb: {e}") from None
+    except Exception as e:
+        # PIL's decoders raise an open-ended set of types on malformed input (OSError,
+        # SyntaxError, struct.error, EOFError, ValueError, IndexError, ...).
+        raise MediaError(f"image could not be decoded: {str(e) or type(e).__name__}") from None
+
+
+def _load_bytes(data: bytes, max_pixels: int) -> LoadedImage:
+    return LoadedImage(
+        decode_image(data, max_pixels), hashlib.blake2b(data, digest_size=32).digest()
+    )
+
+
+def _shown(url: str) -> str:
+    return url if len(url) <= _SHOWN_URL_CHARS else url[:_SHOWN_URL_CHARS] + "..."
+
+
+def _too_big(what: str, max_bytes: int) -> MediaError:
+    return MediaError(f"{what} is larger than the {max_bytes}-byte limit (--max-image-bytes)")
+
+
+def _decode_data_uri(url: str, max_bytes: int) -> bytes:
+    header, comma, payload = url[len("data:") :].partition(",")
+    if not comma:
+        raise MediaError("malformed data URI: no ',' before the payload")
+    mime, *params = header.lower().split(";")
+    if not mime.startswith("image/") or mime[len("image/") :] not in _DATA_URI_TYPES:
+        raise MediaError(
+            f"data URI media type {mime or '(none)'!r} is not an image type; expected "
+            "image/png, image/jpeg, image/webp, image/gif or image/bmp"
+        )
+    if not params or params[-1] != "base64":
+        raise MediaError("data URI image must be base64-encoded (data:image/...;base64,...)")
+    if not payload:
+        raise MediaError("data URI has an empty payload")
+    # The encoded length of a max_bytes file, so nothing over the limit is ever decoded.
+    if len(payload) > 4 * -(-max_bytes // 3):
+        raise _too_big("data URI image", max_bytes)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise MediaError("data URI payload is not valid base64") from None
+    if len(data) > max_bytes:
+        raise _too_big("data URI image", max_bytes)
+    return data
+
+
+def _read_local_file(path: str, allowed: str | None, max_bytes: int) -> bytes:
+    if allowed is None:
+        raise MediaError(
+            "local image paths are disabled; start the server with "
+            "--allowed-local-media-path DIR to allow them"
+        )
+    root = os.path.realpath(allowed)
+    real = os.path.realpath(path)
+    # commonpath, not startswith: /srv/img2 is not inside /srv/img.
+    try:
+        inside = os.path.commonpath([root, real]) == root
+    except ValueError:
+        inside = False
+    if not inside:
+        raise MediaError(f"image path {path} is outside --allowed-local-media-path")
+    if not os.path.exists(real):
+        raise MediaError(f"image file {path} does not exist")
+    if not os.path.isfile(real):
+        raise MediaError(f"image path {path} is not a regular file")
+    if os.path.getsize(real) > max_bytes:
+        raise _too_big(f"image file {path}", max_bytes)
+    try:
+        with open(real, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since getsize
+    except OSError as e:
+        raise MediaError(f"image file {path} could not be read: {e.strerror}") from None
+    if len(data) > max_bytes:
+        raise _too_big(f"image file {path}", max_bytes)
+    return data
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address):
+        # IPv4-mapped and NAT64 addresses reach the IPv4 address they embed, and only that one
+        # counts (::/8, which holds both, is reserved as a whole). 6to4 must pass both ways.
+        embedded = address.ipv4_mapped
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return _is_public(embedded)
+        if address.sixtofour is not None and not _is_public(address.sixtofour):
+            return False
+    # is_global alone lets multicast (224/4, ff00::/8) through on Python 3.11.
+    return address.is_global and not address.is_multicast and not address.is_reserved
+
+
+class MediaLoader:
+    """Loads a request's images under one `MediaPolicy`. Owns its httpx client unless given
+    one; `aclose` closes only an owned client."""
+
+    def __init__(self, policy: MediaPolicy, *, client: httpx.AsyncClient | None = None) -> None:
+        self._policy = policy
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(trust_env=False)
+        self._timeout = httpx.Timeout(policy.timeout_s)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def load_all(self, refs: list[ImageRef]) -> list[LoadedImage]:
+        """The images of `refs`, in order. The first refusal cancels the other loads and
+        propagates; identical URLs are loaded once and their `LoadedImage` shared."""
+        if len(refs) > self._policy.max_images:
+            raise MediaError(
+                f"too many images: {len(refs)} given, at most {self._policy.max_images} per request"
+            )
+        for ref in refs:
+            if (ref.url is None) == (ref.data is None):
+                raise MediaError("an image must have exactly one of url and data")
+        by_url: dict[str, int] = {}
+        slots: list[int] = []  # position in `unique` of each ref
+        unique: list[ImageRef] = []
+        for ref in refs:
+            if ref.url is not None and ref.url in by_url:
+                slots.append(by_url[ref.url])
+                continue
+            if ref.url is not None:
+                by_url[ref.url] = len(unique)
+            slots.append(len(unique))
+            unique.append(ref)
+        tasks = [asyncio.create_task(self._load_one(ref)) for ref in unique]
+        try:
+            loaded = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return [loaded[slot] for slot in slots]
+
+    async def _load_one(self, ref: ImageRef) -> LoadedImage:
+        policy = self._policy
+        if ref.data is not None:
+            if len(ref.data) > policy.max_bytes:
+                raise _too_big("image data", policy.max_bytes)
+            data = ref.data
+        else:
+            data = await self._read_url(ref.url or "")
+        return await asyncio.to_thread(_load_bytes, data, policy.max_pixels)
+
+    async def _read_url(self, url: str) -> bytes:
+        policy = self._policy
+        if not url:
+            raise MediaError("image URL is empty")
+        if url[:5].lower() == "data:":
+            return await asyncio.to_thread(_decode_data_uri, url, policy.max_bytes)
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:
+            raise MediaError(f"image URL {_shown(url)} is not a valid URL") from None
+        if parts.scheme == "":
+            path = url
+        elif parts.scheme == "file":
+            if parts.netloc not in ("", "localhost"):
+                raise MediaError(f"file URL {_shown(url)} names a remote host")
+            path = urllib.parse.unquote(parts.path)
+        elif parts.scheme in ("http", "https"):
+            return await self._fetch(url)
+        else:
+            raise MediaError(
+                f"unsupported image URL scheme {parts.scheme!r}: "
+                "use http(s), a data: URI or a local path"
+            )
+        return await asyncio.to_thread(
+            _read_local_file, path, policy.allowed_local_path, policy.max_bytes
+        )
+
+    async def _fetch(self, url: str) -> bytes:
+        shown = _shown(url)
+        try:
+            async with asyncio.timeout(self._policy.timeout_s * 3):
+                return await self._fetch_following_redirects(url)
+        except (TimeoutError, httpx.TimeoutException):
+            raise MediaError(f"fetching image {shown} timed out") from None
+        except httpx.HTTPError as e:
+            raise MediaError(f"fetching image {shown} failed: {type(e).__name__}") from None
+
+    async def _fetch_following_redirects(self, url: str) -> bytes:
+        policy = self._policy
+        shown = _shown(url)
+        hop = url
+        for _ in range(policy.max_redirects + 1):
+            try:
+                target = httpx.URL(hop)
+            except httpx.InvalidURL:
+                raise MediaError(f"image URL {_shown(hop)} is not a valid URL") from None
+            if target.scheme not in ("http", "https"):
+                raise MediaError(
+                    f"image URL {shown} redirects to unsupported scheme {target.scheme!r}"
+                )
+            await self._check_host(target.host)
+            async with self._client.stream(
+                "GET",
+                target,
+                # identity: a compressed body would decompress past the byte limit per chunk.
+                headers={"Accept-Encoding": "identity"},
+                follow_redirects=False,
+                timeout=self._timeout,
+            ) as response:
+                if response.has_redirect_location:
+                    try:
+                        hop = str(response.url.join(response.headers["location"]))
+                    except httpx.InvalidURL:
+                        raise MediaError(f"image URL {shown} redirects to an invalid URL") from None
+                    continue
+                if not response.is_success:
+                    raise MediaError(f"fetching image {shown} failed: HTTP {response.status_code}")
+                return await self._read_body(response, shown)
+        raise MediaError(
+            f"fetching image {shown} failed: more than {policy.max_redirects} redirects"
+        )
+
+    async def _read_body(self, response: httpx.Response, shown: str) -> bytes:
+        max_bytes = self._policy.max_bytes
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_bytes:
+            raise _too_big(f"image {shown} ({length} bytes)", max_bytes)
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > max_bytes:
+                raise _too_big(f"image {shown}", max_bytes)
+        return bytes(body)
+
+    async def _check_host(self, host: str) -> None:
+        if self._policy.allow_private:
+            return
+        if not host:
+            raise MediaError("image URL has no host")
+        try:
+            addresses = [ipaddress.ip_address(host)]
+        except ValueError:
+            addresses = await self._resolve(host)
+        for address in addresses:
+            if not _is_public(address):
+                raise MediaError(
+                    f"image URL host {host} resolves to a private or local address ({address}); "
+                    "start the server with --allow-private-media-urls to allow it"
+                )
+
+    async def _resolve(self, host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            infos = []
+        # A scope id (fe80::1%eth0) is dropped: it does not change the address's class.
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        if not addresses:
+            raise MediaError(f"image URL host {host} could not be resolved")
+        return addresses

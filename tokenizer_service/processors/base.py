@@ -1,0 +1,61 @@
+"""The interface every model family's image processor implements.
+
+A processor runs in the tokenizer process (numpy + pillow, never torch): it turns one decoded
+image into the array the family's vision tower takes and says how many placeholder tokens the
+image occupies in the prompt; `expand_placeholders` then widens the chat template's single
+placeholder per image to that many.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """One image, ready for the vision tower. `pixel_values` is float32 and C-contiguous because
+    it is sent as a zero-copy ZMQ frame."""
+
+    pixel_values: np.ndarray  # float32, C-contiguous; family layout (Qwen2-VL: [h*w, C*T*P*P])
+    grid: list[int]  # family geometry (Qwen2-VL: [t, h, w] in patches)
+    num_tokens: int  # placeholder tokens this image takes in the prompt
+
+
+class ImageProcessor(ABC):
+    """A model family's image preprocessing. Subclasses set `image_token_id` and implement
+    `preprocess`; the placeholder expansion is shared."""
+
+    image_token_id: int  # the one placeholder token the chat template renders per image
+
+    @abstractmethod
+    def preprocess(self, image: PIL.Image.Image) -> ProcessedImage:
+        """The image as the vision tower takes it. Raises ValueError for an image the model
+        cannot take (the request is then refused, not the process)."""
+
+    def expand_placeholders(
+        self, ids: list[int], images: list[ProcessedImage]
+    ) -> tuple[list[int], list[int]]:
+        """Replace the k-th occurrence of image_token_id in ids by images[k].num_tokens copies
+        of it. Returns (new ids, offset of each image's first placeholder in the new ids).
+        Raises ValueError when placeholders and images do not pair up one to one."""
+        tok = self.image_token_id
+        positions = [i for i, t in enumerate(ids) if t == tok]
+        if len(positions) != len(images):
+            raise ValueError(
+                f"the prompt has {len(positions)} image placeholders but {len(images)} "
+                "images were given"
+            )
+        out: list[int] = []
+        offsets: list[int] = []
+        start = 0
+        for pos, image in zip(positions, images, strict=True):
+            out.extend(ids[start:pos])
+            offsets.append(len(out))
+            out.extend([tok] * image.num_tokens)
+            start = pos + 1
+        out.extend(ids[start:])
+        return out, offsets
