@@ -19,3 +19,17 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model("qwen2", tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import make_tiny_qwen2_vl
+
+    return make_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), "qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import make_tiny_qwen2_vl
+
+    return make_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-5-vl"), "qwen2_5_vl")

@@ -110,7 +110,8 @@ def test_unknown_architecture_lists_supported() -> None:
         check_architecture("GPT2LMHeadModel")
     assert str(e.value) == (
         "architecture 'GPT2LMHeadModel' is not supported; supported: "
-        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+        "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration"
     )
 
 

@@ -3,6 +3,10 @@ slices (safe_open + get_slice; the parameter's weight_loader narrows).
 
 Single file (`model.safetensors`) or sharded (`model.safetensors.index.json`). Any checkpoint
 tensor without a parameter, or a parameter no tensor fills, is an error naming them.
+
+A model declares how checkpoint names become parameter names: `checkpoint_prefixes` (first
+matching (checkpoint prefix, parameter prefix) renames, for layouts that moved submodules), then
+`stacked_params_mapping` (fused projections); `skip_weight_suffixes` names tensors it ignores.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ def load_weights(model: nn.Module, path: str) -> None:
     params = dict(model.named_parameters())
     mapping: list[tuple[str, str, Any]] = list(getattr(model, "stacked_params_mapping", []))
     skip: tuple[str, ...] = getattr(model, "skip_weight_suffixes", ())
+    prefixes: list[tuple[str, str]] = list(getattr(model, "checkpoint_prefixes", []))
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     # Every (parameter, shard) that must be filled.
     expected: set[tuple[str, Any]] = set()
@@ -68,9 +73,13 @@ def load_weights(model: nn.Module, path: str) -> None:
         if name.endswith(skip) or (tied and name == "lm_head.weight"):
             continue
         pname, shard = name, None
+        for src_prefix, dst_prefix in prefixes:
+            if name.startswith(src_prefix):
+                pname = dst_prefix + name[len(src_prefix) :]
+                break
         for dst, src, shard_id in mapping:
-            if f".{src}." in name:
-                pname, shard = name.replace(f".{src}.", f".{dst}."), shard_id
+            if f".{src}." in pname:
+                pname, shard = pname.replace(f".{src}.", f".{dst}."), shard_id
                 break
         param = params.get(pname)
         if param is None:

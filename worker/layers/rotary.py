@@ -1,7 +1,8 @@
 """Rotary position embedding (the rotate-half / NeoX layout HF Llama and Qwen2 use).
 
 Reads either `rope_parameters` (transformers v5) or `rope_theta` + `rope_scaling` (older
-configs). Rope types: default and llama3.
+configs). Rope types: default and llama3; Qwen2-VL's M-RoPE (`mrope_section`, older configs say
+type "mrope") is default frequencies with positions split over three axes (MRotaryEmbedding).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         theta = float(cfg.get("rope_theta", 10000.0))
         scaling = dict(cfg.get("rope_scaling") or {})
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "mrope":  # older Qwen2-VL configs; the frequencies are the default ones
+        rope_type = "default"
     scaling["rope_type"] = rope_type
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
@@ -78,6 +81,40 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos[positions].unsqueeze(1).to(dtype)
         sin = self.sin[positions].unsqueeze(1).to(dtype)
         return cos, sin
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Qwen2-VL multimodal RoPE: frequency j of the head_dim/2 rotates by the temporal, height
+    or width position as `mrope_section` (e.g. [16, 24, 24], summing to head_dim/2) assigns it.
+    cos_sin has RotaryEmbedding's layout, so apply_rotary is shared."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict[str, Any],
+        mrope_section: list[int],
+    ) -> None:
+        super().__init__(head_dim, max_positions, theta, scaling)
+        if sum(mrope_section) != head_dim // 2:
+            raise ValueError(
+                f"mrope_section {mrope_section} must sum to head_dim/2={head_dim // 2}"
+            )
+        axis = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(mrope_section)])
+        self.axis: torch.Tensor  # [head_dim] int64: the position axis each column reads
+        self.register_buffer("axis", torch.cat((axis, axis)).long(), persistent=False)
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [3, T] (t, h, w) -> cos, sin [T, 1, head_dim]; [T] means t = h = w."""
+        if positions.dim() == 1:
+            return super().cos_sin(positions, dtype)
+        index = self.axis.view(1, 1, -1).expand(1, positions.shape[1], -1)  # [1, T, head_dim]
+        cos = self.cos[positions].gather(0, index)[0]  # [3, T, head_dim] -> [T, head_dim]
+        sin = self.sin[positions].gather(0, index)[0]
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
 
 
 def apply_rotary(

@@ -142,19 +142,27 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.max_positions, cfg.rope_theta, cfg.rope_scaling
-        )
+        # Any rotary whose cos_sin(positions, dtype) feeds apply_rotary (M-RoPE for Qwen2-VL).
+        if rotary is None:
+            rotary = RotaryEmbedding(
+                cfg.head_dim, cfg.max_positions, cfg.rope_theta, cfg.rope_scaling
+            )
+        self.rotary = rotary
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        input_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [T, hidden]
+        """input_embeds [T, hidden], when given, replaces the embedding of input_ids."""
+        x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # [T, hidden]
         residual: torch.Tensor | None = None
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.layers:
@@ -179,7 +187,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__()
         self.config = cfg = DecoderConfig.from_hf(hf_config, qkv_bias=self.qkv_bias)
-        self.model = LlamaModel(cfg)
+        self.model = LlamaModel(cfg, self.make_rotary(cfg))
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -187,11 +195,20 @@ class LlamaForCausalLM(nn.Module):
         self.num_heads = cfg.num_heads // tp_size()
         self.num_kv_heads = max(1, cfg.num_kv_heads // tp_size())
 
+    def make_rotary(self, cfg: DecoderConfig) -> RotaryEmbedding | None:
+        """The decoder's rotary; None is the standard 1-D one. Subclasses (M-RoPE) override."""
+        return None
+
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        input_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, hidden]."""
-        return self.model(input_ids, positions, attn)  # type: ignore[no-any-return]
+        """input_ids [T], positions [T] (or [3, T] for M-RoPE), optional input_embeds
+        [T, hidden] used instead of the token embeddings -> final hidden states [T, hidden]."""
+        return self.model(input_ids, positions, attn, input_embeds)  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] float32."""
