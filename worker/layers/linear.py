@@ -52,7 +52,7 @@ def default_weight_loader(param: nn.Parameter, loaded: Loaded, shard_id: Any = N
     copy_checked(param, read_full(loaded), "replicated weight")
 
 
-def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
+def set_weight_loader(param: torch.Tensor, loader: WeightLoader) -> None:
     param.weight_loader = loader  # type: ignore[attr-defined]
 
 
