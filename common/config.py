@@ -90,6 +90,11 @@ class ServerArgs:
     )
     random_seed: int = _opt(0, "Seed for sampling of requests that give no seed.")
     log_level: str = _opt("info", "Log level.", ("debug", "info", "warning", "error", "critical"))
+    log_format: str = _opt("text", "Log line format: text, or one JSON object per line.", ("text", "json"))
+    log_requests: bool = _opt(
+        False, "Add each request's prompt and output text to its log line at finish."
+    )
+    enable_metrics: bool = _opt(False, "Serve Prometheus metrics at /metrics.")
 
     @property
     def model_name(self) -> str:

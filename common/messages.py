@@ -271,6 +271,13 @@ class ProcessReady(msgspec.Struct, tag=True, kw_only=True):
     info: dict[str, str] = {}
 
 
+class Heartbeat(msgspec.Struct, tag=True):
+    """The scheduler's loop is alive (sent at most once a second). The launcher pings the
+    systemd watchdog only while these keep coming."""
+
+    role: str
+
+
 # ---------------------------------------------------------------- what each socket accepts
 
 # The tokenizer service tokenizes (GenerateRequest from the server) and detokenizes (TokenBatch
@@ -280,4 +287,4 @@ ToScheduler = TokenizedRequest | AbortRequest | StatsRequest
 ToWorker = StepPlan | SyncPing | Shutdown
 FromWorker = WorkerReady | StepResult | WorkerFailed
 ToServer = DeltaBatch | RequestError | SchedulerStats
-ToLauncher = ProcessReady
+ToLauncher = ProcessReady | Heartbeat

@@ -1,8 +1,10 @@
-"""What every child process does at start: logging, dying with its parent, reporting ready."""
+"""What every process does at start: logging (text or JSON lines), and for children: dying with
+the parent, reporting ready."""
 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -17,15 +19,44 @@ from fovea.common.messages import ProcessReady
 _PR_SET_PDEATHSIG = 1
 
 
-def setup_process(role: str, log_level: str) -> logging.Logger:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, role, pid, level, logger, message, plus the `fields`
+    dict a record carries (`log.info(..., extra={"fields": {...}})`), for log shippers."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "role": self.role,
+            "pid": record.process,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def configure_logging(role: str, level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(role))
+    else:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
+        )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def setup_process(role: str, log_level: str, log_format: str = "text") -> logging.Logger:
     """Configure logging as `role pid` lines and make the kernel kill this child with SIGKILL
     if the launcher dies, so no orphan outlives a crashed server."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    configure_logging(role, log_level, log_format)
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6", use_errno=True)

@@ -13,10 +13,12 @@ from typing import Any, NoReturn
 
 import zmq
 
+from fovea.common import metrics as fovea_metrics
 from fovea.common.config import ServerArgs
 from fovea.common.ipc import Addresses, Receiver, Sender
 from fovea.common.messages import (
     FromWorker,
+    Heartbeat,
     StepPlan,
     StepResult,
     SyncPing,
@@ -31,10 +33,11 @@ from fovea.scheduler.scheduler import Scheduler, SchedulerConfig
 
 PING_INTERVAL_S = 0.1
 IDLE_POLL_MS = 1000  # an idle scheduler blocks on its inbox this long per wait
+HEARTBEAT_S = 1.0  # at most one Heartbeat (and one metrics update) per this many seconds
 
 
 def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
-    log = setup_process("scheduler", args.log_level)
+    log = setup_process("scheduler", args.log_level, args.log_format)
     ctx: zmq.Context[Any] = zmq.Context()
     inbox: Receiver[ToScheduler] = Receiver(ctx, addrs.scheduler_in, ToScheduler, bind=True)
     plans = Sender(ctx, addrs.worker_plan, bind=True, pub=True)
@@ -51,6 +54,9 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
         addrs.server_in,
     )  # fmt: skip
     report_ready(ctx, addrs, "scheduler", total_slots=str(core.total_slots))
+    to_launcher = Sender(ctx, addrs.launcher_in, bind=False)
+    publish = MetricsPublisher(core) if fovea_metrics.enabled() else None
+    last_beat = 0.0
 
     while True:
         msgs = inbox.recv_all()
@@ -69,6 +75,42 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
         for out in core.to_server:
             to_server.send(out)
         core.to_server = []
+        if (now := time.monotonic()) - last_beat >= HEARTBEAT_S:
+            last_beat = now
+            to_launcher.send(Heartbeat("scheduler"))
+            if publish is not None:
+                publish()
+
+
+class MetricsPublisher:
+    """Copies the scheduler's counters and gauges into Prometheus (counters by their
+    increase since the last call)."""
+
+    def __init__(self, core: Scheduler) -> None:
+        m = fovea_metrics.get()
+        assert m is not None
+        self.m, self.core = m, core
+        self.seen: dict[str, int] = {}
+        self.counters = {
+            "prompt_tokens": m.prompt_tokens,
+            "generated_tokens": m.generation_tokens,
+            "cache_hit_tokens": m.cached_tokens,
+            "images_received": m.images,
+            "images_encoded": m.images_encoded,
+        }
+
+    def __call__(self) -> None:
+        core, m = self.core, self.m
+        for attr, counter in self.counters.items():
+            value = getattr(core, attr)
+            counter.inc(value - self.seen.get(attr, 0))
+            self.seen[attr] = value
+        m.num_running_reqs.set(len(core.running))
+        m.num_queue_reqs.set(len(core.waiting))
+        held = core.total_slots - core.allocator.available - core.cache.evictable_size
+        m.token_usage.set(held / core.total_slots)
+        m.cache_hit_rate.set(core.cache_hit_tokens / max(1, core.prompt_tokens))
+        m.image_cache_hit_rate.set(1 - core.images_encoded / max(1, core.images_received))
 
 
 def handshake(

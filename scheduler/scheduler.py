@@ -98,6 +98,7 @@ class Scheduler:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.images_encoded = 0
+        self.images_received = 0
         self.handlers: dict[type, Callable[[Any], None]] = {
             TokenizedRequest: self.add_request,
             AbortRequest: self.abort,
@@ -148,6 +149,7 @@ class Scheduler:
                 return
             self._arrivals += 1
             self.prompt_tokens += len(req.input_ids)
+            self.images_received += len(req.images)
             self.seqs[seq.key] = seq
             self.waiting.append(seq)
 

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fovea.common import metrics as fovea_metrics
 from fovea.common.config import ServerArgs
 from fovea.common.ipc import Addresses
 from fovea.common.messages import GenerateRequest, TextDelta
@@ -57,7 +58,7 @@ def create_app(args: ServerArgs, model: ModelInfo, addrs: Addresses) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        mgr = RequestManager(addrs)
+        mgr = RequestManager(addrs, log_requests=args.log_requests)
         mgr.start()
         state["mgr"] = mgr
         yield
@@ -196,6 +197,13 @@ def create_app(args: ServerArgs, model: ModelInfo, addrs: Addresses) -> FastAPI:
     async def models() -> Response:
         return R.json(R.model_list(args, model))
 
+    if args.enable_metrics:
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            body, content_type = await asyncio.to_thread(fovea_metrics.render)
+            return Response(body, media_type=content_type)
+
     @app.get("/health")
     async def health() -> Response:
         if manager().failed:
@@ -250,7 +258,7 @@ def run_http_server(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> Non
 
     from fovea.common.process import report_ready, setup_process
 
-    log = setup_process("http", args.log_level)
+    log = setup_process("http", args.log_level, args.log_format)
     app = create_app(args, model, addrs)
     config = uvicorn.Config(
         app,

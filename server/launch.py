@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
@@ -23,10 +24,13 @@ from typing import Any
 
 import zmq
 
+from fovea.common import metrics as fovea_metrics
 from fovea.common.config import ServerArgs, parse_args
 from fovea.common.ipc import Addresses, Receiver
-from fovea.common.messages import ProcessReady, ToLauncher
+from fovea.common.messages import Heartbeat, ProcessReady, ToLauncher
 from fovea.common.model_config import ModelConfigError, ModelInfo, read_model_info
+from fovea.common.process import configure_logging
+from fovea.server.sd_notify import Notifier
 
 log = logging.getLogger("fovea.launcher")
 
@@ -75,8 +79,14 @@ class ProcessGroup:
         self._ready_in: Receiver[ToLauncher] = Receiver(
             self._ctx, self.addrs.launcher_in, ToLauncher, bind=True
         )
+        self.last_heartbeat = time.monotonic()  # the scheduler loop's last sign of life
 
     def start(self) -> None:
+        if self.args.enable_metrics:
+            # Children inherit this: each writes its samples under it (see common/metrics.py).
+            base = self.addrs.ipc_dir or tempfile.mkdtemp(prefix="fovea-")
+            os.environ[fovea_metrics.ENV_DIR] = os.path.join(base, "metrics")
+            os.makedirs(os.environ[fovea_metrics.ENV_DIR], exist_ok=True)
         spawn = mp.get_context("spawn")
         common = (self.args, self.addrs, self.model)
         targets: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = [
@@ -90,8 +100,13 @@ class ProcessGroup:
             proc.start()
             self.procs[role] = proc
 
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Return once every child reported ready; raise ChildDied if one exits first."""
+    def wait_ready(
+        self,
+        timeout: float | None = None,
+        on_ready: Callable[[str, list[str]], None] | None = None,
+    ) -> None:
+        """Return once every child reported ready (on_ready(role, still pending) after each);
+        raise ChildDied if one exits first."""
         pending = set(self.procs)
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
@@ -99,6 +114,8 @@ class ProcessGroup:
             if isinstance(msg, ProcessReady):
                 pending.discard(msg.role)
                 log.info("%s ready (pid %d)", msg.role, msg.pid)
+                if on_ready is not None:
+                    on_ready(msg.role, sorted(pending))
             self.check_alive()
             if deadline is not None and time.monotonic() > deadline:
                 raise ChildDied(f"not ready after {timeout:.0f} s: {', '.join(sorted(pending))}")
@@ -109,10 +126,13 @@ class ProcessGroup:
                 raise ChildDied(f"{role} (pid {proc.pid}) exited with code {proc.exitcode}")
 
     def wait_any_exit(self, timeout: float) -> None:
-        """Block up to `timeout` s; raise ChildDied if a child exited meanwhile."""
+        """Block up to `timeout` s; raise ChildDied if a child exited meanwhile. Takes in the
+        heartbeats that arrived (`last_heartbeat`)."""
         sentinels = [p.sentinel for p in self.procs.values()]
         if multiprocessing.connection.wait(sentinels, timeout):
             self.check_alive()
+        if any(isinstance(m, Heartbeat) for m in self._ready_in.recv_all()):
+            self.last_heartbeat = time.monotonic()
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM each kind in order, SIGKILL what is left after `grace` s."""
@@ -155,12 +175,35 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+def local_url(args: ServerArgs) -> str:
+    """The server's URL as this machine reaches it (a wildcard bind is reached on loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(args.host, args.host)
+    return f"http://[{host}]:{args.port}" if ":" in host else f"http://{host}:{args.port}"
+
+
+def warm_up(args: ServerArgs, timeout: float = 300.0) -> None:
+    """One generation through the HTTP server (GET /health_generate), retried until the port
+    listens. Raises RuntimeError if it does not succeed in `timeout` s."""
+    import httpx
+
+    url = local_url(args) + "/health_generate"
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url, timeout=max(1.0, deadline - time.monotonic()), trust_env=False)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.TransportError as e:
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(0.2)
+    raise RuntimeError(f"warm-up generation failed: {last}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s launcher[%(process)d] %(levelname)s %(message)s",
-    )
+    configure_logging("launcher", args.log_level, args.log_format)
     try:
         args, model = prepare(args)
     except (ValueError, ModelConfigError) as e:
@@ -170,25 +213,54 @@ def main(argv: list[str] | None = None) -> None:
     log.info(
         "role=launcher pid=%d model=%s ipc=%s", os.getpid(), args.model_path, group.addrs.ipc_dir
     )
+    notify = Notifier()
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     code = 0
     try:
+        notify.send(STATUS=f"starting {args.tp_size + 3} processes for {args.model_name}")
         group.start()
-        group.wait_ready()
-        log.info("serving %s on http://%s:%d", args.model_name, args.host, args.port)
+
+        def on_ready(role: str, pending: list[str]) -> None:
+            notify.send(STATUS=f"{role} ready; waiting for {', '.join(pending) or 'nothing'}")
+            set_up(role, 1)
+
+        group.wait_ready(on_ready=on_ready)
+        notify.send(STATUS="warming up: one generation")
+        warm_up(args)
+        url = local_url(args)
+        log.info("ready: serving %s at %s (OpenAI API at %s/v1)", args.model_name, url, url)
+        notify.send(READY=1, STATUS=f"serving {args.model_name} at {url}")
+        group.last_heartbeat = time.monotonic()
+        beat = min(1.0, notify.watchdog_s / 2) if notify.watchdog_s else 1.0
         while True:
-            group.wait_any_exit(1.0)
+            group.wait_any_exit(beat)
+            # A stuck scheduler stops its heartbeats, then our pings, then systemd restarts us.
+            if notify.watchdog_s and time.monotonic() - group.last_heartbeat < notify.watchdog_s:
+                notify.send(WATCHDOG=1)
     except _Stop as e:
         log.info("received %s: shutting down", e)
     except ChildDied as e:
         log.error("child died: %s; stopping the server", e)
         code = 1
+    except RuntimeError as e:
+        log.error("%s; stopping the server", e)
+        code = 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        notify.send(STOPPING=1, STATUS="stopping")
+        for role in group.procs:
+            set_up(role, 0)
         group.stop()
+        notify.close()
     sys.exit(code)
+
+
+def set_up(role: str, value: int) -> None:
+    m = fovea_metrics.get()
+    if m is not None:
+        m.process_up.labels(role).set(value)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from fovea.common.messages import (
     TextDelta,
     ToServer,
 )
+from fovea.server.request_log import RequestRecord
 
 log = logging.getLogger("fovea.server")
 
@@ -53,7 +54,8 @@ class _InFlight:
 class RequestManager:
     """Must be created and used inside one running event loop."""
 
-    def __init__(self, addrs: Addresses) -> None:
+    def __init__(self, addrs: Addresses, log_requests: bool = False) -> None:
+        self.log_requests = log_requests
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._actx = zmq.asyncio.Context()
         self._to_tokenizer = Sender(self._ctx, addrs.tokenizer_in, bind=False)
@@ -108,15 +110,20 @@ class RequestManager:
         state = _InFlight(req.sampling.n)
         self._inflight[req.rid] = state
         self._to_tokenizer.send(req)
+        record = RequestRecord(req, self.log_requests)
+        reasons: list[str] = []
         done = False
         try:
             while state.remaining > 0:
                 item = await state.queue.get()
                 if isinstance(item, RequestError):
                     done = True
+                    reasons.append("error")
                     raise RequestFailed(item.message, item.status, item.param)
+                record.on_delta(item)
                 if item.finish_reason is not None:
                     state.remaining -= 1
+                    reasons.append(item.finish_reason)
                 yield item
             done = True
         finally:
@@ -124,6 +131,8 @@ class RequestManager:
             if not done:
                 log.info("rid=%s abandoned by the client: aborting", req.rid)
                 self._to_scheduler.send(AbortRequest(req.rid, None, "client"))
+                reasons.append("abort")
+            record.finish(",".join(sorted(set(reasons))))
 
     def fail_all(self, message: str) -> None:
         """The backend died: every waiting request gets a 503 error."""

@@ -61,7 +61,13 @@ def pid_alive(pid: int) -> bool:
 
 
 class Server:
-    def __init__(self, model_path: str | Path, *extra: str, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        *extra: str,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -70,8 +76,10 @@ class Server:
         ]  # fmt: skip
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env
+        )
 
     def wait_ready(self, timeout: float = 240.0) -> Server:
         deadline = time.monotonic() + timeout

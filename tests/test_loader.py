@@ -170,3 +170,19 @@ def test_tp2_over_gloo_matches_tp1(tiny_qwen2: Path, tmp_path: Path) -> None:
         outs[tp] = torch.load(out)
     assert (outs[1]["logits"] - outs[2]["logits"]).abs().max().item() < 1e-4
     assert outs[1]["next"] == outs[2]["next"]
+
+
+def test_loading_progress_logs_lines_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from fovea.worker.loader import _progress
+
+    with caplog.at_level(logging.INFO, logger="fovea.loader"):
+        assert list(_progress(iter("abc"), 3, "/m", every_s=0.0)) == ["a", "b", "c"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert [ln.split(" (")[0] for ln in lines[:3]] == [
+        "loading weights from /m: 1/3 tensors",
+        "loading weights from /m: 2/3 tensors",
+        "loading weights from /m: 3/3 tensors",
+    ]
+    assert lines[3].startswith("loaded 3 tensors from /m in ")

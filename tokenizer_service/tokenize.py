@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from fovea.common import metrics as fovea_metrics
 from fovea.common.config import ServerArgs
 from fovea.common.ipc import Addresses, AsyncReceiver, Sender
 from fovea.common.messages import (
@@ -47,7 +49,7 @@ from fovea.tokenizer_service.chat_templates import (
 )
 from fovea.tokenizer_service.detokenize import Detokenizer
 from fovea.tokenizer_service.media import MediaError, MediaLoader, MediaPolicy
-from fovea.tokenizer_service.processors import ImageProcessor, load_processor
+from fovea.tokenizer_service.processors import ImageProcessor, ProcessedImage, load_processor
 
 log = logging.getLogger("fovea.tokenizer")
 
@@ -155,11 +157,23 @@ class Tokenizer:
             return self._sequences(req, ids, [], param)
         assert self.processor is not None and self.media is not None
         processor = self.processor
+        metrics = fovea_metrics.get()
+        t0 = time.perf_counter()
         loaded = await self.media.load_all(refs)
+        if metrics is not None:
+            metrics.image_fetch.observe(time.perf_counter() - t0)
+
+        def preprocess_all() -> list[ProcessedImage]:
+            out = []
+            for im in loaded:
+                t = time.perf_counter()
+                out.append(processor.preprocess(im.image))
+                if metrics is not None:
+                    metrics.image_preprocess.observe(time.perf_counter() - t)
+            return out
+
         try:
-            processed = await asyncio.to_thread(
-                lambda: [processor.preprocess(im.image) for im in loaded]
-            )
+            processed = await asyncio.to_thread(preprocess_all)
         except ValueError as e:
             raise PromptError(f"image could not be processed: {e}", param) from e
         ids, offsets = processor.expand_placeholders(ids, processed)
@@ -263,7 +277,7 @@ class Tokenizer:
 
 
 def run_tokenizer(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
-    log = setup_process("tokenizer", args.log_level)
+    log = setup_process("tokenizer", args.log_level, args.log_format)
     hf = load_hf_tokenizer(args.tokenizer_path or model.path)
     processor = load_processor(model.path, _read_config(model.path))
     try:

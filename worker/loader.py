@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import sys
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm import tqdm
 
 from fovea.worker.layers.linear import default_weight_loader
 from fovea.worker.models.registry import model_class
+
+log = logging.getLogger("fovea.loader")
+T = TypeVar("T")
 
 
 class WeightLoadError(ValueError):
@@ -56,6 +63,21 @@ def _checkpoint_slices(path: str) -> Iterator[tuple[str, Any]]:
                 yield name, f.get_slice(name)
 
 
+def _progress(items: Iterator[T], total: int, path: str, every_s: float = 10.0) -> Iterator[T]:
+    """A tqdm bar on a terminal; otherwise (a journal, a file) a log line every `every_s` s."""
+    if sys.stderr.isatty():
+        yield from tqdm(items, total=total, desc="loading weights", unit="tensor", leave=False)
+        return
+    start = last = time.monotonic()
+    for i, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            log.info("loading weights from %s: %d/%d tensors (%.0f s)", path, i, total, now - start)
+    log.info("loaded %d tensors from %s in %.1f s", total, path, time.monotonic() - start)
+
+
 def load_weights(model: nn.Module, path: str) -> None:
     params = dict(model.named_parameters())
     mapping: list[tuple[str, str, Any]] = list(getattr(model, "stacked_params_mapping", []))
@@ -69,7 +91,7 @@ def load_weights(model: nn.Module, path: str) -> None:
         expected.update((pname, s) for s in shards or [None])
     filled: set[tuple[str, Any]] = set()
     unexpected: list[str] = []
-    for name, loaded in _checkpoint_slices(path):
+    for name, loaded in _progress(_checkpoint_slices(path), len(checkpoint_files(path)), path):
         if name.endswith(skip) or (tied and name == "lm_head.weight"):
             continue
         pname, shard = name, None

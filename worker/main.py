@@ -37,7 +37,7 @@ def dist_init_method(addrs: Addresses) -> str:
 
 
 def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) -> None:
-    log = setup_process(f"worker{rank}", args.log_level)
+    log = setup_process(f"worker{rank}", args.log_level, args.log_format)
     device = pick_device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
