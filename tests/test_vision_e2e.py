@@ -18,6 +18,7 @@ from vision_helpers import N_NEW, SYSTEM, ImageHost, Reference, png
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
 def host() -> Iterator[ImageHost]:
     h = ImageHost()
@@ -34,7 +35,7 @@ def model_dir(request: pytest.FixtureRequest) -> Path:
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("logs") / "server.log"
     srv = Server(
-        model_dir, "--chat-template", "qwen2-vl", "--allow-private-media-urls",
+        model_dir, "--chat-template", "qwen2-vl", "--allow-private-media-urls", "--enable-metrics",
         "--served-model-name", "tiny-vl", "--max-total-tokens", "4000", log_path=log,
     )  # fmt: skip
     try:
@@ -182,3 +183,20 @@ def test_bad_images_get_400_and_the_server_goes_on(
         messages=[{"role": "user", "content": [image_part(host.url("cat")), text_part("ok?")]}],  # type: ignore[list-item]
     )  # fmt: skip
     assert r.choices[0].finish_reason == "length"
+
+
+def test_image_metrics(server: Server) -> None:
+    """Runs last: the image counters agree with the scheduler's own figures."""
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stats = server.wait_idle()
+    time.sleep(1.5)  # the scheduler publishes once a second
+    text = httpx.get(server.base + "/metrics", timeout=10).text
+    m = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert m["fovea:images_encoded_total"] == stats["images_encoded"] > 0
+    # Every image that reached the scheduler was preprocessed once in the tokenizer.
+    assert m["fovea:image_preprocess_seconds_count"] == m["fovea:images_total"] > 0
+    assert m["fovea:image_fetch_seconds_count"] >= 1
+    assert 0 < m["fovea:image_cache_hit_rate"] < 1
