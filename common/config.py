@@ -95,6 +95,10 @@ class ServerArgs:
         False, "Add each request's prompt and output text to its log line at finish."
     )
     enable_metrics: bool = _opt(False, "Serve Prometheus metrics at /metrics.")
+    shutdown_timeout: float = _opt(
+        30.0,
+        "On SIGTERM, seconds to let requests in flight finish (new ones get 503) before stopping.",
+    )
 
     @property
     def model_name(self) -> str:
@@ -206,6 +210,8 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--media-fetch-timeout must be > 0, got {a.media_fetch_timeout}"
     if a.max_image_bytes < 1 or a.max_image_pixels < 1:
         return "--max-image-bytes and --max-image-pixels must be >= 1"
+    if a.shutdown_timeout < 0:
+        return f"--shutdown-timeout must be >= 0, got {a.shutdown_timeout}"
     if a.mm_cache_mb < 0:
         return f"--mm-cache-mb must be >= 0, got {a.mm_cache_mb}"
     return None

@@ -27,6 +27,7 @@ from fovea.common.messages import GenerateRequest, TextDelta
 from fovea.common.model_config import ModelInfo
 from fovea.common.sampling import SamplingError, SamplingParams, validate_sampling
 from fovea.server import responses as R
+from fovea.server.drain import Drain, DrainingServer, install_drain
 from fovea.server.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -53,8 +54,11 @@ def _checked(sampling: SamplingParams) -> SamplingParams:
     return sampling
 
 
-def create_app(args: ServerArgs, model: ModelInfo, addrs: Addresses) -> FastAPI:
+def create_app(
+    args: ServerArgs, model: ModelInfo, addrs: Addresses, drain: Drain | None = None
+) -> FastAPI:
     state: dict[str, RequestManager] = {}
+    drain = drain or Drain(args.shutdown_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,6 +72,17 @@ def create_app(args: ServerArgs, model: ModelInfo, addrs: Addresses) -> FastAPI:
 
     def manager() -> RequestManager:
         return state["mgr"]
+
+    app.state.inflight = lambda: manager().num_inflight if "mgr" in state else 0
+    app.state.cut_off = lambda message: manager().fail_all(message) if "mgr" in state else None
+
+    @app.middleware("http")
+    async def refuse_while_draining(request: Request, call_next: Any) -> Response:
+        # Requests already running are not affected: only new ones get the 503.
+        if drain.active:
+            return R.error(503, "the server is shutting down; retry on another replica")
+        response: Response = await call_next(request)
+        return response
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> Response:
@@ -204,10 +219,16 @@ def create_app(args: ServerArgs, model: ModelInfo, addrs: Addresses) -> FastAPI:
             body, content_type = await asyncio.to_thread(fovea_metrics.render)
             return Response(body, media_type=content_type)
 
+    # /health is 503 until one generation went through end to end (the launcher's warm-up
+    # does one before it reports ready), so a load balancer never routes to a cold server.
+    warm = {"done": False}
+
     @app.get("/health")
     async def health() -> Response:
         if manager().failed:
             return R.error(503, manager().failed or "unavailable")
+        if not warm["done"]:
+            return R.error(503, "starting: no generation has completed yet")
         return Response(status_code=200)
 
     @app.get("/health_generate")
@@ -221,6 +242,7 @@ def create_app(args: ServerArgs, model: ModelInfo, addrs: Addresses) -> FastAPI:
             await asyncio.wait_for(R.NativeRenderer(req.rid).collect(manager().generate(req)), 60)
         except (RequestFailed, TimeoutError) as e:
             return R.error(503, f"generation failed: {e}")
+        warm["done"] = True
         return Response(status_code=200)
 
     @app.get("/get_model_info")
@@ -259,17 +281,21 @@ def run_http_server(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> Non
     from fovea.common.process import report_ready, setup_process
 
     log = setup_process("http", args.log_level, args.log_format)
-    app = create_app(args, model, addrs)
+    drain = Drain(args.shutdown_timeout)
+    app = create_app(args, model, addrs, drain)
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level if args.log_level != "info" else "warning",
         timeout_keep_alive=30,
+        # Our drain already waited for requests in flight (server/drain.py).
+        timeout_graceful_shutdown=2,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
 
     async def serve() -> None:
+        install_drain(server, drain, app.state.inflight, app.state.cut_off)
         task = asyncio.create_task(server.serve())
         while not server.started:
             if task.done():

@@ -134,18 +134,20 @@ class ProcessGroup:
         if any(isinstance(m, Heartbeat) for m in self._ready_in.recv_all()):
             self.last_heartbeat = time.monotonic()
 
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM each kind in order, SIGKILL what is left after `grace` s."""
+    def stop(self, grace: float = 5.0, http_grace: float | None = None) -> None:
+        """SIGTERM each kind in order, SIGKILL what is left after `grace` s (`http_grace` for
+        the HTTP server, which drains requests in flight first)."""
         for kind in _STOP_ORDER:
             group = [p for role, p in self.procs.items() if role.startswith(kind)]
             for p in group:
                 if p.is_alive() and p.pid is not None:
                     os.kill(p.pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
+            wait = http_grace if kind == "http" and http_grace is not None else grace
+            deadline = time.monotonic() + wait
             for p in group:
                 p.join(max(0.0, deadline - time.monotonic()))
                 if p.is_alive():
-                    log.warning("%s did not stop in %.0f s: killing it", p.name, grace)
+                    log.warning("%s did not stop in %.0f s: killing it", p.name, wait)
                     p.kill()
                     p.join(1.0)
         self._ready_in.close()
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     code = 0
+    drain_s: float | None = None  # a clean stop lets the HTTP server drain first
     try:
         notify.send(STATUS=f"starting {args.tp_size + 3} processes for {args.model_name}")
         group.start()
@@ -240,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                 notify.send(WATCHDOG=1)
     except _Stop as e:
         log.info("received %s: shutting down", e)
+        drain_s = args.shutdown_timeout + 5.0
     except ChildDied as e:
         log.error("child died: %s; stopping the server", e)
         code = 1
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         notify.send(STOPPING=1, STATUS="stopping")
         for role in group.procs:
             set_up(role, 0)
-        group.stop()
+        group.stop(http_grace=drain_s)
         notify.close()
     sys.exit(code)
 

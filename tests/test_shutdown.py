@@ -1,0 +1,97 @@
+"""SIGTERM under load: new requests get 503, requests in flight finish (within
+--shutdown-timeout), the launcher exits 0 and leaves no process behind."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from server_harness import Server, role_children, wait_gone
+
+pytestmark = pytest.mark.slow
+
+N_TOKENS = 600
+
+
+def stream_tokens(base: str, first: cf.Future[float]) -> tuple[int, str | None]:
+    """One streaming completion; returns (chunks with text, finish_reason). Sets `first` when
+    the first chunk arrives."""
+    body = {
+        "model": "tiny", "prompt": "The quick brown fox", "max_tokens": N_TOKENS,
+        "temperature": 0, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    finish, usage = None, None
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if not first.done():
+                first.set_result(time.monotonic())
+            for c in chunk.get("choices", []):
+                finish = c.get("finish_reason") or finish
+            usage = chunk.get("usage") or usage
+    return (usage or {}).get("completion_tokens", 0), finish
+
+
+def test_sigterm_drains_in_flight_and_refuses_new(tiny_llama: Path, tmp_path: Path) -> None:
+    srv = Server(
+        tiny_llama, "--served-model-name", "tiny", "--max-running-requests", "1",
+        "--shutdown-timeout", "60", log_path=tmp_path / "server.log",
+    ).wait_ready()  # fmt: skip
+    children = role_children(srv.proc.pid)
+    with cf.ThreadPoolExecutor(3) as pool:
+        firsts = [cf.Future() for _ in range(3)]  # type: ignore[var-annotated]
+        futs = [pool.submit(stream_tokens, srv.base, f) for f in firsts]
+        firsts[0].result(timeout=60)
+        time.sleep(0.2)  # the other two are queued behind it (one runs at a time)
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        r = httpx.post(
+            srv.base + "/v1/completions",
+            json={"model": "tiny", "prompt": "x", "max_tokens": 2},
+            timeout=10,
+        )
+        assert r.status_code == 503
+        assert r.json()["error"]["message"] == (
+            "the server is shutting down; retry on another replica"
+        )
+        assert httpx.get(srv.base + "/health", timeout=10).status_code == 503
+        results = [f.result(timeout=120) for f in futs]
+    assert results == [(N_TOKENS, "length")] * 3
+    assert srv.proc.wait(60) == 0
+    assert wait_gone(children) == []
+    assert srv.log_path is not None
+    log = srv.log_path.read_text()
+    assert "SIGTERM: draining" in log and "Traceback" not in log
+
+
+def test_drain_gives_up_after_the_timeout(tiny_llama: Path, tmp_path: Path) -> None:
+    srv = Server(
+        tiny_llama, "--served-model-name", "tiny", "--max-running-requests", "1",
+        "--shutdown-timeout", "0.5", log_path=tmp_path / "server.log",
+    ).wait_ready()  # fmt: skip
+    with cf.ThreadPoolExecutor(3) as pool:
+        firsts = [cf.Future() for _ in range(3)]  # type: ignore[var-annotated]
+        futs = [pool.submit(stream_tokens, srv.base, f) for f in firsts]
+        firsts[0].result(timeout=60)
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0
+        assert time.monotonic() - t0 < 15
+        for f in futs:
+            try:
+                f.result(timeout=30)
+            except Exception:
+                pass  # cut off: the point is that shutdown did not wait for them
+    assert srv.log_path is not None
+    log = srv.log_path.read_text()
+    assert "still in flight after 0.5 s: ending them" in log
+    assert "Traceback" not in log
