@@ -119,6 +119,7 @@ class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     prompt_tokens: int
     generated_tokens: int
     images_encoded: int = 0  # vision-encoder runs on rank 0 since start
+    retractions: int = 0  # sequences sent back to the queue for lack of KV memory
 
 
 class RequestError(msgspec.Struct, tag=True, kw_only=True):

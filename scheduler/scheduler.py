@@ -191,6 +191,7 @@ class Scheduler:
                 prompt_tokens=self.prompt_tokens,
                 generated_tokens=self.generated_tokens,
                 images_encoded=self.images_encoded,
+                retractions=self.num_retractions,
             )
         )
 
