@@ -85,7 +85,7 @@ async def one_request(
                 if line.startswith("data: ") and line != "data: [DONE]":
                     for c in json.loads(line[6:]).get("choices", []):
                         finish = c.get("finish_reason") or finish
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, ValueError) as e:  # ValueError: a malformed SSE event
         return f"{type(e).__name__}: {e}"
     return None if finish else "incomplete"
 

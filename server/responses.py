@@ -127,6 +127,25 @@ class _Choice:
         self.matched: int | str | None = None
 
 
+# Characters valid raw inside a JSON string that line splitters (Python's str.splitlines, used
+# by httpx and so by the openai client) take for line breaks: escaped, so an SSE data line is
+# never cut in two by a model that emits one. (JSON structure is ASCII: these UTF-8 sequences
+# can only occur inside strings, where the escape means the same character.)
+_LINE_BREAKS = (
+    (b"\xc2\x85", b"\\u0085"),
+    (b"\xe2\x80\xa8", b"\\u2028"),
+    (b"\xe2\x80\xa9", b"\\u2029"),
+)
+
+
+def sse_event(obj: Any) -> bytes:
+    data = _json.encode(obj)
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
+
+
 class Renderer:
     """Collects or streams one request's deltas. Subclasses format the bodies."""
 
@@ -172,11 +191,11 @@ class Renderer:
             async for d in deltas:
                 self._account(d)
                 for chunk in self.chunks(d):
-                    yield b"data: " + _json.encode(chunk) + b"\n\n"
+                    yield sse_event(chunk)
             if self.include_usage:
-                yield b"data: " + _json.encode(self.usage_chunk()) + b"\n\n"
+                yield sse_event(self.usage_chunk())
         except RequestFailed as e:
-            yield b"data: " + _json.encode(error_body(e.status, e.message, e.param)) + b"\n\n"
+            yield sse_event(error_body(e.status, e.message, e.param))
         yield b"data: [DONE]\n\n"
 
     def envelope(self, obj: str, **rest: Any) -> dict[str, Any]:
