@@ -39,6 +39,16 @@ class ServerArgs:
     served_model_name: str | None = _opt(None, "Model name in the API (default: the model path).")
     api_key: str | None = _opt(None, "If set, requests must send 'Authorization: Bearer KEY'.")
     tp_size: int = _opt(1, "Tensor-parallel size: worker processes, one per device.")
+    nnodes: int = _opt(1, "Nodes the tensor-parallel ranks span (tp-size / nnodes per node).")
+    node_rank: int = _opt(
+        0,
+        "This node's rank: 0 runs HTTP, tokenizer, scheduler and its workers; others only workers.",
+    )
+    dist_init_addr: str | None = _opt(
+        None,
+        "HOST:PORT of node 0 for a multi-node server: torch.distributed meets at PORT, the "
+        "scheduler's worker sockets listen on PORT+1 and PORT+2.",
+    )
     dtype: str = _opt(
         "auto",
         "Weight and activation dtype. auto: bfloat16 on GPUs and on CPUs with native bf16 "
@@ -90,7 +100,9 @@ class ServerArgs:
     )
     random_seed: int = _opt(0, "Seed for sampling of requests that give no seed.")
     log_level: str = _opt("info", "Log level.", ("debug", "info", "warning", "error", "critical"))
-    log_format: str = _opt("text", "Log line format: text, or one JSON object per line.", ("text", "json"))
+    log_format: str = _opt(
+        "text", "Log line format: text, or one JSON object per line.", ("text", "json")
+    )
     log_requests: bool = _opt(
         False, "Add each request's prompt and output text to its log line at finish."
     )
@@ -190,6 +202,17 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--port must be in 1..65535, got {a.port}"
     if a.tp_size < 1:
         return f"--tp-size must be >= 1, got {a.tp_size}"
+    if a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
+        return f"--node-rank must be in 0..{a.nnodes - 1} with --nnodes >= 1, got {a.node_rank}"
+    if a.tp_size % a.nnodes:
+        return f"--tp-size {a.tp_size} must be a multiple of --nnodes {a.nnodes}"
+    if a.nnodes > 1:
+        host, _, port = (a.dist_init_addr or "").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65534:
+            return (
+                "--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address; "
+                f"PORT..PORT+2 free), got {a.dist_init_addr!r}"
+            )
     if a.page_size < 1:
         return f"--page-size must be >= 1, got {a.page_size}"
     if a.context_length is not None and a.context_length < 2:

@@ -9,7 +9,10 @@ Topology (who binds what; arrows are PUSH->PULL unless marked):
                                           server and tokenizer (AbortRequest, StatsRequest)
     scheduler     binds worker_plan    -> every worker rank (PUB/SUB: StepPlan)
     scheduler     binds worker_result  <- worker rank 0 (StepResult), any rank (WorkerReady)
-    launcher      binds launcher_in    <- every child (ProcessReady)
+    launcher      binds launcher_in    <- every child (ProcessReady), scheduler (Heartbeat)
+
+Multi-node (--nnodes > 1): the two worker edges are TCP on node 0 (`across_nodes`); every
+other socket stays ipc:// on its own node.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ class Addresses(msgspec.Struct, frozen=True, kw_only=True):
         names = ("server_in", "tokenizer_in", "scheduler_in", "worker_plan", "worker_result")
         kw = {n: f"ipc://{d}/{n}" for n in (*names, "launcher_in")}
         return Addresses(**kw)
+
+    def across_nodes(self, host: str, port: int) -> Addresses:
+        """These addresses with the scheduler-worker edge on TCP (node 0 listens on port + 1
+        and port + 2), for workers on other nodes; the rest stays local."""
+        return msgspec.structs.replace(
+            self, worker_plan=f"tcp://{host}:{port + 1}", worker_result=f"tcp://{host}:{port + 2}"
+        )
 
     @property
     def ipc_dir(self) -> str | None:

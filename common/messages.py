@@ -177,6 +177,13 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
+class KeepAlive(msgspec.Struct, tag=True):
+    """Sent by the scheduler between steps, at most once a second. Every rank answers with
+    WorkerAlive; a worker on another node exits when these stop coming."""
+
+    seq: int
+
+
 # ---------------------------------------------------------------- worker -> scheduler
 
 
@@ -202,6 +209,13 @@ class StepResult(msgspec.Struct, tag=True, gc=False):
     logprobs: list[TokenLogprobs | None]
     forward_s: float
     images_encoded: int = 0  # vision-encoder runs this step (cache misses)
+
+
+class WorkerAlive(msgspec.Struct, tag=True):
+    """A rank's answer to KeepAlive `seq`."""
+
+    rank: int
+    seq: int
 
 
 class WorkerFailed(msgspec.Struct, tag=True):
@@ -285,7 +299,7 @@ class Heartbeat(msgspec.Struct, tag=True):
 # from the scheduler) in one process, so a request's stop strings are known before its tokens.
 ToTokenizer = GenerateRequest | TokenBatch
 ToScheduler = TokenizedRequest | AbortRequest | StatsRequest
-ToWorker = StepPlan | SyncPing | Shutdown
-FromWorker = WorkerReady | StepResult | WorkerFailed
+ToWorker = StepPlan | SyncPing | KeepAlive | Shutdown
+FromWorker = WorkerReady | StepResult | WorkerAlive | WorkerFailed
 ToServer = DeltaBatch | RequestError | SchedulerStats
 ToLauncher = ProcessReady | Heartbeat

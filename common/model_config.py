@@ -73,3 +73,26 @@ def read_model_info(path: str, context_length: int | None = None) -> ModelInfo:
         vocab_size=int(text.get("vocab_size") or cfg.get("vocab_size") or 0),
         eos_token_ids=eos,
     )
+
+
+def tp_size_problem(cfg: dict[str, Any], tp_size: int) -> str | None:
+    """Why the language model of config.json `cfg` cannot be split over `tp_size` ranks (heads
+    and MLP columns evenly; KV heads evenly, or replicated when fewer than the ranks), naming
+    the sizes that work; None when it can."""
+    text = _text_config(cfg)
+    heads = int(text.get("num_attention_heads") or 0)
+    if not heads:
+        return None
+    kv = int(text.get("num_key_value_heads") or heads)
+    inter = int(text.get("intermediate_size") or 0)
+
+    def fits(t: int) -> bool:
+        return heads % t == 0 and (kv % t == 0 or t % kv == 0) and (inter % t == 0)
+
+    if fits(tp_size):
+        return None
+    valid = ", ".join(str(t) for t in range(1, heads + 1) if fits(t))
+    return (
+        f"--tp-size {tp_size} cannot split this model ({heads} attention heads, {kv} KV heads, "
+        f"MLP width {inter}); valid sizes: {valid}"
+    )

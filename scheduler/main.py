@@ -19,11 +19,13 @@ from fovea.common.ipc import Addresses, Receiver, Sender
 from fovea.common.messages import (
     FromWorker,
     Heartbeat,
+    KeepAlive,
     StepPlan,
     StepResult,
     SyncPing,
     TokenBatch,
     ToScheduler,
+    WorkerAlive,
     WorkerFailed,
     WorkerReady,
 )
@@ -34,6 +36,9 @@ from fovea.scheduler.scheduler import Scheduler, SchedulerConfig
 PING_INTERVAL_S = 0.1
 IDLE_POLL_MS = 1000  # an idle scheduler blocks on its inbox this long per wait
 HEARTBEAT_S = 1.0  # at most one Heartbeat (and one metrics update) per this many seconds
+# A rank that left this many KeepAlives unanswered is gone. KeepAlives go out only between
+# steps, so a long step never makes a live rank look silent.
+MAX_UNANSWERED = 5
 
 
 def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
@@ -57,6 +62,7 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
     to_launcher = Sender(ctx, addrs.launcher_in, bind=False)
     publish = MetricsPublisher(core) if fovea_metrics.enabled() else None
     last_beat = 0.0
+    ranks = RankWatch(args.tp_size, log)
 
     while True:
         msgs = inbox.recv_all()
@@ -68,7 +74,7 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
         plan = core.schedule()
         if plan is not None:
             plans.send(plan)
-            core.process_result(wait_result(results, plan, log))
+            core.process_result(wait_result(results, plan, log, ranks))
         if core.outputs:
             to_tokenizer.send(TokenBatch(core.outputs))
             core.outputs = []
@@ -78,6 +84,9 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
         if (now := time.monotonic()) - last_beat >= HEARTBEAT_S:
             last_beat = now
             to_launcher.send(Heartbeat("scheduler"))
+            for answer in results.recv_all():
+                ranks.take(answer)
+            plans.send(KeepAlive(ranks.next_seq()))
             if publish is not None:
                 publish()
 
@@ -132,13 +141,43 @@ def handshake(
     return min(r.num_slots for r in ready.values()), min(r.max_seqs for r in ready.values())
 
 
-def wait_result(results: Receiver[FromWorker], plan: StepPlan, log: logging.Logger) -> StepResult:
+class RankWatch:
+    """Which ranks answer KeepAlives; exits the scheduler (and so the server) when one has
+    left MAX_UNANSWERED of them unanswered: a worker on another node that died, or its node."""
+
+    def __init__(self, tp_size: int, log: logging.Logger) -> None:
+        self.seq = 0
+        self.answered = dict.fromkeys(range(tp_size), 0)
+        self.log = log
+
+    def next_seq(self) -> int:
+        for rank, seq in self.answered.items():
+            if self.seq - seq >= MAX_UNANSWERED:
+                self.log.error(
+                    "worker rank %d answered none of the last %d keep-alives: it is gone; "
+                    "the scheduler exits", rank, self.seq - seq,
+                )  # fmt: skip
+                sys.exit(1)
+        self.seq += 1
+        return self.seq
+
+    def take(self, msg: FromWorker) -> None:
+        """Note an answer; a WorkerFailed ends the process; other messages are stale."""
+        if isinstance(msg, WorkerAlive):
+            self.answered[msg.rank] = max(self.answered[msg.rank], msg.seq)
+        elif isinstance(msg, WorkerFailed):
+            fail(msg, self.log)
+
+
+def wait_result(
+    results: Receiver[FromWorker], plan: StepPlan, log: logging.Logger, ranks: RankWatch
+) -> StepResult:
     """Block until rank 0 returns this plan's result. Late WorkerReady answers to extra pings
-    are skipped; a WorkerFailed ends the process."""
+    are skipped, keep-alive answers noted; a WorkerFailed ends the process."""
     while True:
         msg = results.recv()
-        if isinstance(msg, WorkerFailed):
-            fail(msg, log)
+        assert msg is not None  # no timeout
+        ranks.take(msg)
         if isinstance(msg, StepResult):
             if msg.step != plan.step:
                 log.error("worker returned step %d while step %d ran", msg.step, plan.step)

@@ -9,6 +9,7 @@ stop the children in order and exit 0.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -28,7 +29,12 @@ from fovea.common import metrics as fovea_metrics
 from fovea.common.config import ServerArgs, parse_args
 from fovea.common.ipc import Addresses, Receiver
 from fovea.common.messages import Heartbeat, ProcessReady, ToLauncher
-from fovea.common.model_config import ModelConfigError, ModelInfo, read_model_info
+from fovea.common.model_config import (
+    ModelConfigError,
+    ModelInfo,
+    read_model_info,
+    tp_size_problem,
+)
 from fovea.common.process import configure_logging
 from fovea.server.sd_notify import Notifier
 
@@ -73,6 +79,10 @@ class ProcessGroup:
         self.args = args
         self.model = model
         self.addrs = Addresses.local()
+        if args.nnodes > 1:
+            assert args.dist_init_addr is not None  # check_args
+            host, _, port = args.dist_init_addr.rpartition(":")
+            self.addrs = self.addrs.across_nodes(host.strip("[]"), int(port))
         self.with_http = with_http
         self.procs: dict[str, BaseProcess] = {}
         self._ctx: zmq.Context[Any] = zmq.Context()
@@ -90,15 +100,25 @@ class ProcessGroup:
         spawn = mp.get_context("spawn")
         common = (self.args, self.addrs, self.model)
         targets: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = [
-            (f"worker{r}", _run_worker, (*common, r)) for r in range(self.args.tp_size)
+            (f"worker{r}", _run_worker, (*common, r)) for r in self.local_ranks
         ]
-        targets += [("scheduler", _run_scheduler, common), ("tokenizer", _run_tokenizer, common)]
-        if self.with_http:
-            targets.append(("http", _run_http, common))
+        if self.args.node_rank == 0:
+            targets += [
+                ("scheduler", _run_scheduler, common),
+                ("tokenizer", _run_tokenizer, common),
+            ]
+            if self.with_http:
+                targets.append(("http", _run_http, common))
         for role, fn, fn_args in targets:
             proc = spawn.Process(target=fn, args=fn_args, name=f"fovea-{role}")
             proc.start()
             self.procs[role] = proc
+
+    @property
+    def local_ranks(self) -> range:
+        """The tensor-parallel ranks whose workers run on this node."""
+        per_node = self.args.tp_size // self.args.nnodes
+        return range(self.args.node_rank * per_node, (self.args.node_rank + 1) * per_node)
 
     def wait_ready(
         self,
@@ -165,6 +185,10 @@ def prepare(args: ServerArgs) -> tuple[ServerArgs, ModelInfo]:
     path = resolve_model_path(args.model_path)
     model = read_model_info(path, args.context_length)
     check_architecture(model.architecture)
+    with open(os.path.join(path, "config.json")) as f:
+        problem = tp_size_problem(json.load(f), args.tp_size)
+    if problem:
+        raise ValueError(problem)
     served = args.served_model_name or args.model_path
     return dataclasses.replace(args, model_path=path, served_model_name=served), model
 
@@ -221,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     drain_s: float | None = None  # a clean stop lets the HTTP server drain first
     try:
-        notify.send(STATUS=f"starting {args.tp_size + 3} processes for {args.model_name}")
+        n = len(group.local_ranks) + (3 if args.node_rank == 0 else 0)
+        notify.send(STATUS=f"starting {n} processes for {args.model_name}")
         group.start()
 
         def on_ready(role: str, pending: list[str]) -> None:
@@ -229,6 +254,13 @@ def main(argv: list[str] | None = None) -> None:
             set_up(role, 1)
 
         group.wait_ready(on_ready=on_ready)
+        if args.node_rank > 0:
+            ranks = f"{group.local_ranks.start}..{group.local_ranks.stop - 1}"
+            log.info("node %d ready: worker ranks %s joined %s", args.node_rank, ranks,
+                     args.dist_init_addr)  # fmt: skip
+            notify.send(READY=1, STATUS=f"worker ranks {ranks} of {args.model_name}")
+            while True:  # no scheduler here: supervise the workers only
+                group.wait_any_exit(1.0)
         notify.send(STATUS="warming up: one generation")
         warm_up(args)
         url = local_url(args)

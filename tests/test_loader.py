@@ -168,8 +168,17 @@ def test_tp2_over_gloo_matches_tp1(tiny_qwen2: Path, tmp_path: Path) -> None:
             nprocs=tp,
         )
         outs[tp] = torch.load(out)
+        outs[tp]["ranks"] = [torch.load(f"{out}.{r}") for r in range(tp)]
     assert (outs[1]["logits"] - outs[2]["logits"]).abs().max().item() < 1e-4
     assert outs[1]["next"] == outs[2]["next"]
+    # Sharded loading: each rank holds about half the parameters (norms are replicated).
+    full = outs[1]["ranks"][0]["param_bytes"]
+    halves = [r["param_bytes"] for r in outs[2]["ranks"]]
+    assert halves[0] == halves[1] and 0.5 * full <= halves[0] <= 0.51 * full
+    # Per forward: 2 all-reduces per layer (o_proj, down_proj) + 1 (vocab-parallel embedding),
+    # 1 all-gather (logits): 2 layers here.
+    for r in outs[2]["ranks"]:
+        assert r["calls"] == {"all_reduce": 2 * 2 + 1, "all_gather": 1}
 
 
 def test_loading_progress_logs_lines_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:

@@ -72,7 +72,7 @@ def tp_rank_logits(rank: int, tp: int, path: str, init_file: str, out_file: str)
     """Child process body: rank `rank` of `tp` prefills a prompt; rank 0 saves the logits."""
     import torch
 
-    from fovea.worker.distributed import destroy_distributed, init_distributed
+    from fovea.worker.distributed import calls, destroy_distributed, init_distributed
 
     torch.set_num_threads(1)
     init_distributed(tp, rank, f"file://{init_file}", torch.device("cpu"))
@@ -81,9 +81,13 @@ def tp_rank_logits(rank: int, tp: int, path: str, init_file: str, out_file: str)
         prompt = [5, 17, 99, 300, 42, 7, 8, 250, 11]
         runner._admit(NewSequence("p", prompt, len(prompt), GREEDY, []))
         slots = list(range(1, len(prompt) + 1))
+        before = dict(calls)
         logits, _ = runner.forward(
             StepPlan(0, [], [ScheduledChunk("p", slots, True)], []), every_token=True
         )
+        per_forward = {k: calls[k] - before[k] for k in calls}
+        param_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        torch.save({"param_bytes": param_bytes, "calls": per_forward}, f"{out_file}.{rank}")
         decode = Driver(runner)
         decode.next_slot = len(prompt) + 1
         runner.seqs["p"].token_ids.append(int(logits[-1].argmax()))

@@ -11,6 +11,9 @@ import torch.distributed as dist
 
 _TP_SIZE = 1
 _TP_RANK = 0
+# Collective calls made by this process (no-ops at world size 1 included): the per-step
+# communication cost of a model, for benchmarks and tests.
+calls = {"all_reduce": 0, "all_gather": 0}
 
 
 def init_distributed(tp_size: int, rank: int, init_addr: str, device: torch.device) -> None:
@@ -40,6 +43,7 @@ def tp_size() -> int:
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place."""
+    calls["all_reduce"] += 1
     if _TP_SIZE > 1:
         dist.all_reduce(x)
     return x
@@ -47,6 +51,7 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim` (rank order)."""
+    calls["all_gather"] += 1
     if _TP_SIZE == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(_TP_SIZE)]

@@ -16,10 +16,12 @@ import zmq
 from fovea.common.config import ServerArgs
 from fovea.common.ipc import Addresses, Receiver, Sender
 from fovea.common.messages import (
+    KeepAlive,
     Shutdown,
     StepPlan,
     SyncPing,
     ToWorker,
+    WorkerAlive,
     WorkerFailed,
     WorkerReady,
 )
@@ -28,10 +30,14 @@ from fovea.common.process import report_ready, setup_process
 from fovea.worker.distributed import destroy_distributed, init_distributed
 from fovea.worker.model_runner import ModelRunner, pick_device
 
+SILENCE_S = 30
 
-def dist_init_method(addrs: Addresses) -> str:
-    """A rendezvous file beside the server's ipc sockets (single node; every rank of one
-    server derives the same path)."""
+
+def dist_init_method(args: ServerArgs, addrs: Addresses) -> str:
+    """Node 0's --dist-init-addr across nodes; on one node a rendezvous file beside the
+    server's ipc sockets (every rank of one server derives the same path)."""
+    if args.nnodes > 1:
+        return f"tcp://{args.dist_init_addr}"
     base = addrs.ipc_dir or tempfile.gettempdir()
     return f"file://{os.path.join(base, 'torch_dist_init')}"
 
@@ -42,7 +48,7 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
     if device.type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    init_distributed(args.tp_size, rank, dist_init_method(addrs), device)
+    init_distributed(args.tp_size, rank, dist_init_method(args, addrs), device)
     runner = ModelRunner(args, model, rank)
     ctx: zmq.Context[Any] = zmq.Context()
     plans: Receiver[ToWorker] = Receiver(ctx, addrs.worker_plan, ToWorker, bind=False, sub=True)
@@ -61,6 +67,10 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
         results.send(ready)
         return True
 
+    def on_keepalive(msg: KeepAlive) -> bool:
+        results.send(WorkerAlive(rank, msg.seq))
+        return True
+
     def on_plan(plan: StepPlan) -> bool:
         result = runner.step(plan)
         if rank == 0:
@@ -70,11 +80,21 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
     handlers: dict[type, Callable[[Any], bool]] = {
         SyncPing: on_ping,
         StepPlan: on_plan,
+        KeepAlive: on_keepalive,
         Shutdown: lambda _: False,
     }
+    # A worker on another node has no parent to die with when node 0 goes: it leaves once
+    # the scheduler, heard from before, has been silent this long (it sends KeepAlive 1/s).
+    silence_ms = SILENCE_S * 1000 if args.node_rank > 0 else None
+    heard = False
     try:
         while True:
-            msg = plans.recv()
+            msg = plans.recv(timeout_ms=silence_ms if heard else None)
+            if msg is None:
+                log.error("no word from the scheduler at %s for %d s: exiting",
+                          addrs.worker_plan, SILENCE_S)  # fmt: skip
+                sys.exit(1)
+            heard = True
             if not handlers[type(msg)](msg):
                 break
     except Exception as e:
