@@ -152,7 +152,8 @@ def test_load_chat_template(tmp_path: Path) -> None:
     with pytest.raises(ChatTemplateError) as e:
         load_chat_template("vicuna")
     assert str(e.value) == (
-        "--chat-template 'vicuna' is neither a file nor a built-in template (built-in: chatml, qwen2-vl)"
+        "--chat-template 'vicuna' is neither a file nor a built-in template "
+        f"(built-in: {', '.join(sorted(BUILTIN_TEMPLATES))})"
     )
 
 
@@ -180,7 +181,8 @@ def test_model_without_template_refuses_chat_but_serves_prompts(hf: Any, tok_dir
     assert error_of(svc.handle_generate(request(messages=CONVERSATION))) == (
         400,
         "this model has no chat template; start the server with --chat-template "
-        "(a .jinja file or a built-in name: chatml, qwen2-vl) or use /v1/completions",
+        f"(a .jinja file or a built-in name: {', '.join(sorted(BUILTIN_TEMPLATES))}) or use "
+        "/v1/completions",
         "messages",
     )
     (treq,) = svc.tokenize(request(text="Paris"))

@@ -11,8 +11,11 @@ import pytest
 from tiny_models import make_tokenizer
 
 from fovea.common.messages import ChatMessage, ImageRef
+from fovea.tokenizer_service.builtin_templates import BUILTIN_TEMPLATES
 from fovea.tokenizer_service.chat_templates import ChatRenderer, ChatRenderError, image_refs
 
+VISION = ", ".join(sorted(name for name, t in BUILTIN_TEMPLATES.items() if t.vision))
+assert "qwen2-vl" in VISION
 SYS = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -91,7 +94,7 @@ def test_images_refused_without_a_vision_template_or_model(tok: Any) -> None:
         ChatRenderer(tok, None, model_takes_images=True).render(msgs)
     assert e.value.message == (
         "the chat template of the tokenizer does not place images; start the server with a "
-        "vision --chat-template (qwen2-vl) to send images"
+        f"vision --chat-template ({VISION}) to send images"
     )
     with pytest.raises(ChatRenderError) as e:
         ChatRenderer(tok, "chatml", model_takes_images=True).render(msgs)

@@ -99,38 +99,32 @@ class Tokenizer:
         self.vocab_size = max(model.vocab_size, len(hf_tokenizer))
 
     def handle_generate(self, req: GenerateRequest) -> Outbox:
-        box = Outbox()
         try:
-            box.to_scheduler.extend(self.tokenize(req))
-        except (PromptError, ChatRenderError) as e:
-            box.to_server.append(RequestError(rid=req.rid, message=e.message, param=e.param))
+            return Outbox(to_scheduler=list(self.tokenize(req)))
         except Exception as e:
-            log.exception("rid=%s: tokenization failed", req.rid)
-            self.detokenizer.drop(req.rid)
-            box.to_server.append(
-                RequestError(rid=req.rid, message=f"tokenization failed: {e}", status=500)
-            )
-        return box
+            return self._refusal(req, e)
 
     def has_images(self, req: GenerateRequest) -> bool:
         return bool(req.images) or bool(req.messages and image_refs(req.messages))
 
     async def handle_generate_async(self, req: GenerateRequest) -> Outbox:
         """handle_generate for a request that may carry images."""
-        box = Outbox()
         try:
-            box.to_scheduler.extend(await self.tokenize_async(req))
-        except (PromptError, ChatRenderError) as e:
-            box.to_server.append(RequestError(rid=req.rid, message=e.message, param=e.param))
-        except MediaError as e:
-            box.to_server.append(RequestError(rid=req.rid, message=e.message, param="messages"))
+            return Outbox(to_scheduler=list(await self.tokenize_async(req)))
         except Exception as e:
-            log.exception("rid=%s: tokenization failed", req.rid)
+            return self._refusal(req, e)
+
+    def _refusal(self, req: GenerateRequest, e: Exception) -> Outbox:
+        """A refused request's error: a 400 for what the client can fix, else a 500."""
+        if isinstance(e, PromptError | ChatRenderError):
+            err = RequestError(rid=req.rid, message=e.message, param=e.param)
+        elif isinstance(e, MediaError):
+            err = RequestError(rid=req.rid, message=e.message, param="messages")
+        else:
+            log.exception("rid=%s: tokenization failed", req.rid, exc_info=e)
             self.detokenizer.drop(req.rid)
-            box.to_server.append(
-                RequestError(rid=req.rid, message=f"tokenization failed: {e}", status=500)
-            )
-        return box
+            err = RequestError(rid=req.rid, message=f"tokenization failed: {e}", status=500)
+        return Outbox(to_server=[err])
 
     def handle_tokens(self, batch: TokenBatch) -> Outbox:
         out = self.detokenizer.process(batch)
