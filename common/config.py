@@ -37,7 +37,12 @@ class ServerArgs:
     host: str = _opt("127.0.0.1", "Address the HTTP server binds.")
     port: int = _opt(30000, "Port the HTTP server binds.")
     served_model_name: str | None = _opt(None, "Model name in the API (default: the model path).")
-    api_key: str | None = _opt(None, "If set, requests must send 'Authorization: Bearer KEY'.")
+    api_key: str | None = _opt(
+        None, "If set, every route but /health needs the header 'Authorization: Bearer KEY'."
+    )
+    max_request_bytes: int = _opt(
+        64 * 1024 * 1024, "Largest HTTP request body accepted, in bytes; a larger one gets 413."
+    )
     tp_size: int = _opt(1, "Tensor-parallel size: worker processes, one per device.")
     nnodes: int = _opt(1, "Nodes the tensor-parallel ranks span (tp-size / nnodes per node).")
     node_rank: int = _opt(
@@ -235,6 +240,8 @@ def check_args(a: ServerArgs) -> str | None:
         return "--max-image-bytes and --max-image-pixels must be >= 1"
     if a.shutdown_timeout < 0:
         return f"--shutdown-timeout must be >= 0, got {a.shutdown_timeout}"
+    if a.max_request_bytes < 1:
+        return f"--max-request-bytes must be >= 1, got {a.max_request_bytes}"
     if a.mm_cache_mb < 0:
         return f"--mm-cache-mb must be >= 0, got {a.mm_cache_mb}"
     return None

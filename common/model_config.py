@@ -9,6 +9,8 @@ from typing import Any
 
 import msgspec
 
+from fovea.common.llava_config import LlavaConfigError, check_llava
+
 
 class ModelConfigError(ValueError):
     pass
@@ -52,6 +54,10 @@ def read_model_info(path: str, context_length: int | None = None) -> ModelInfo:
     archs = cfg.get("architectures") or []
     if not archs:
         raise ModelConfigError(f"{cfg_path} names no architectures")
+    try:  # a LLaVA checkpoint's tower and image token, checked before any process starts
+        check_llava(path, cfg)
+    except LlavaConfigError as e:
+        raise ModelConfigError(f"{cfg_path}: {e}") from e
     text = _text_config(cfg)
     model_max = int(
         text.get("max_position_embeddings") or cfg.get("max_position_embeddings") or 2048
@@ -96,3 +102,12 @@ def tp_size_problem(cfg: dict[str, Any], tp_size: int) -> str | None:
         f"--tp-size {tp_size} cannot split this model ({heads} attention heads, {kv} KV heads, "
         f"MLP width {inter}); valid sizes: {valid}"
     )
+
+
+# Architectures whose image tokens attend to each other in full during prefill (transformers'
+# token_type_ids mask): the scheduler must keep each image inside one prefill chunk.
+BIDIRECTIONAL_IMAGE_ARCHITECTURES = frozenset({"Gemma3ForConditionalGeneration"})
+
+
+def images_attend_bidirectionally(architecture: str) -> bool:
+    return architecture in BIDIRECTIONAL_IMAGE_ARCHITECTURES

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 # OpenAI caps top_logprobs at 20; so do we (it bounds the work per token).
 MAX_TOP_LOGPROBS = 20
+MAX_N = 128
+# OpenAI allows 4 stop strings; we allow more, but bounded: every output character is matched
+# against each of them, and the longest is the text held back from a stream.
+MAX_STOP = 16
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+# OpenAI's logit_bias rule: values in [-100, 100]; the entry cap bounds the per-step work.
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 1024
+# Every integer crosses process boundaries as msgpack, which holds at most 64 bits.
+_INT64 = 2**63
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -28,6 +41,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     top_logprobs: int = 0
     skip_special_tokens: bool = True
     n: int = 1
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit before sampling
 
     @property
     def greedy(self) -> bool:
@@ -50,8 +64,39 @@ class SamplingError(ValueError):
         self.param = param
 
 
-def validate_sampling(p: SamplingParams) -> None:
-    """Raise SamplingError for the first parameter out of range."""
+_FLOATS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+
+def validate_sampling(
+    p: SamplingParams, vocab_size: int | None = None, context_length: int | None = None
+) -> None:
+    """Raise SamplingError for the first parameter out of range. With `vocab_size`, logit_bias
+    keys must be ids below it; with `context_length`, max_tokens and min_tokens must fit in it
+    (the tokenizer checks them again against the prompt's length)."""
+    # JSON's NaN and Infinity literals parse to floats; NaN fails every comparison, so the range
+    # checks below would catch it only by accident and with a confusing message.
+    for param in _FLOATS:
+        value = getattr(p, param)
+        if not math.isfinite(value):
+            raise SamplingError(param, f"{param} must be a finite number, got {value}")
+    longest = context_length if context_length is not None else _INT64 - 1
+    for value, param in ((p.max_new_tokens, "max_tokens"), (p.min_new_tokens, "min_tokens")):
+        if value is not None and value > longest:
+            raise SamplingError(
+                param,
+                f"{param} is {value}, more than this model's maximum context length of "
+                f"{longest} tokens"
+                if context_length is not None
+                else f"{param} must be at most {longest}, got {value}",
+            )
+    _check_logit_bias(p.logit_bias, vocab_size)
     checks: list[tuple[bool, str, str]] = [
         (
             p.max_new_tokens is not None and p.max_new_tokens < 1,
@@ -70,7 +115,11 @@ def validate_sampling(p: SamplingParams) -> None:
             f"temperature must be in [0, 100], got {p.temperature}",
         ),
         (not 0.0 < p.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {p.top_p}"),
-        (p.top_k < -1, "top_k", f"top_k must be -1 (off) or >= 0, got {p.top_k}"),
+        (
+            not -1 <= p.top_k < _INT64,
+            "top_k",
+            f"top_k must be -1 (off) or in [0, 2**63), got {p.top_k}",
+        ),
         (not 0.0 <= p.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {p.min_p}"),
         (
             not -2.0 <= p.presence_penalty <= 2.0,
@@ -92,17 +141,28 @@ def validate_sampling(p: SamplingParams) -> None:
             "top_logprobs",
             f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {p.top_logprobs}",
         ),
-        (p.n < 1 or p.n > 128, "n", f"n must be in [1, 128], got {p.n}"),
+        (not 1 <= p.n <= MAX_N, "n", f"n must be in [1, {MAX_N}], got {p.n}"),
         (
             any(not s for s in p.stop),
             "stop",
             "stop strings must not be empty",
         ),
-        (len(p.stop) > 16, "stop", f"at most 16 stop strings, got {len(p.stop)}"),
+        (len(p.stop) > MAX_STOP, "stop", f"at most {MAX_STOP} stop strings, got {len(p.stop)}"),
         (
-            any(t < 0 for t in p.stop_token_ids),
+            any(len(s) > MAX_STOP_CHARS for s in p.stop),
+            "stop",
+            f"a stop string may have at most {MAX_STOP_CHARS} characters, got "
+            f"{max(map(len, p.stop), default=0)}",
+        ),
+        (
+            len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS,
             "stop_token_ids",
-            "stop_token_ids must be non-negative",
+            f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(p.stop_token_ids)}",
+        ),
+        (
+            any(not 0 <= t < _INT64 for t in p.stop_token_ids),
+            "stop_token_ids",
+            "stop_token_ids must be token ids in [0, 2**63)",
         ),
         (
             p.seed is not None and not 0 <= p.seed < 2**63,
@@ -113,3 +173,25 @@ def validate_sampling(p: SamplingParams) -> None:
     for failed, param, message in checks:
         if failed:
             raise SamplingError(param, message)
+
+
+def _check_logit_bias(bias: dict[int, float], vocab_size: int | None) -> None:
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise SamplingError(
+            "logit_bias",
+            f"logit_bias may have at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(bias)}",
+        )
+    limit = vocab_size if vocab_size is not None else _INT64
+    for token, value in bias.items():
+        if not 0 <= token < limit:
+            raise SamplingError(
+                "logit_bias",
+                f"logit_bias key {token} is not a token id: the vocabulary has {limit} tokens"
+                if vocab_size is not None
+                else f"logit_bias key {token} is not a token id",
+            )
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:  # False for NaN too
+            raise SamplingError(
+                "logit_bias",
+                f"logit_bias values must be in [-100, 100], got {value} for token {token}",
+            )

@@ -9,12 +9,17 @@ Budget: one step computes at most `max_prefill_tokens` tokens, decode tokens inc
 sequence's prefill chunk is capped at `chunked_prefill_size` (-1: no chunking, and a prompt
 larger than the whole budget is still taken when it is the step's only prefill, otherwise it
 could never run).
+
+Models whose image tokens attend to each other in full (Gemma 3) need each image computed in
+one chunk: chunks end before an image rather than inside it, and a prefix hit that ends inside
+one is cut back to its start (`whole_image_chunk`, `whole_image_prefix`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fovea.common.messages import ImageInput
 from fovea.scheduler.radix_cache import RadixCache
 from fovea.scheduler.request import Sequence
 
@@ -58,3 +63,31 @@ class StepBudget:
     def take(self, n: int) -> None:
         self.tokens_left -= n
         self.prefill_scheduled = True
+
+
+def whole_image_chunk(images: list[ImageInput], start: int, n: int, extend: bool = True) -> int:
+    """For models whose images attend to themselves in full (the image must be computed in
+    one chunk): n adjusted so that tokens [start, start + n) do not end inside an image. The
+    chunk stops at that image's start; an image that starts the chunk is taken whole (past
+    the chunk cap and budget) if `extend`, else not at all (0: memory cannot hold it)."""
+    end = start + n
+    for img in images:
+        lo, hi = img.offset, img.offset + img.num_tokens
+        if lo < end < hi:
+            if lo > start:
+                return lo - start
+            return hi - start if extend else 0
+    return n
+
+
+def whole_image_prefix(images: list[ImageInput], prefix_len: int, page_size: int) -> int:
+    """A cached prefix that ends inside an image is cut back to the image's start (page
+    aligned down): the image's tokens must be computed together."""
+    cut = True
+    while cut:
+        cut = False
+        for img in images:
+            if img.offset < prefix_len < img.offset + img.num_tokens:
+                prefix_len = img.offset - img.offset % page_size
+                cut = True
+    return prefix_len

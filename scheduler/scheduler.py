@@ -33,10 +33,16 @@ from fovea.common.messages import (
     TokenLogprobs,
     ToScheduler,
 )
-from fovea.common.model_config import ModelInfo
+from fovea.common.model_config import ModelInfo, images_attend_bidirectionally
 from fovea.scheduler.batch import PlanBuilder
 from fovea.scheduler.kv_allocator import KVAllocator
-from fovea.scheduler.policy import StepBudget, admission_order, decode_reserve
+from fovea.scheduler.policy import (
+    StepBudget,
+    admission_order,
+    decode_reserve,
+    whole_image_chunk,
+    whole_image_prefix,
+)
 from fovea.scheduler.radix_cache import RadixCache
 from fovea.scheduler.request import SeqStatus, Sequence
 
@@ -56,6 +62,7 @@ class SchedulerConfig:
     max_running_requests: int = 128
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
+    whole_images: bool = False  # never split an image across chunks (bidirectional images)
 
     @staticmethod
     def from_args(args: ServerArgs, model: ModelInfo, max_seqs: int) -> SchedulerConfig:
@@ -69,6 +76,7 @@ class SchedulerConfig:
             max_running_requests=min(args.max_running_requests, max_seqs),
             schedule_policy=args.schedule_policy,
             disable_radix_cache=args.disable_radix_cache,
+            whole_images=images_attend_bidirectionally(model.architecture),
         )
 
 
@@ -217,6 +225,8 @@ class Scheduler:
         while i < len(self.running):
             seq = self.running[i]
             want = 1 if seq.pending == 1 else budget.prefill_chunk(seq.pending)
+            if want > 1 and self.config.whole_images:
+                want = whole_image_chunk(seq.images, seq.num_computed, want)
             if want > 0:
                 got = self._grow(i, want)
                 if got is None:  # seq was the newest left and gave way
@@ -240,6 +250,8 @@ class Scheduler:
                 alloc.free(self.cache.evict(short))
             room = -seq.num_computed % alloc.page_size + alloc.available
             n = min(want, room)
+            if n < want and self.config.whole_images:
+                n = whole_image_chunk(seq.images, seq.num_computed, n, extend=False)
             if n == want or (n >= 1 and want > 1):
                 got = alloc.extend(seq.slots, n)
                 assert got is not None
@@ -257,15 +269,22 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: StepBudget) -> bool:
         """Admit `seq` with its first chunk if budget and memory allow; False otherwise."""
+        alloc = self.allocator
         # At least the last known token is computed, to get the logits of the next one.
         prefix_slots, node = self.cache.match_prefix(seq.cache_key[:-1])
+        whole = self.config.whole_images and bool(seq.images)
+        if whole:  # a hit ending inside an image is cut back to the image's start
+            cut = whole_image_prefix(seq.images, len(prefix_slots), alloc.page_size)
+            if cut < len(prefix_slots):
+                prefix_slots, node = self.cache.match_prefix(seq.cache_key[:cut])
         prefix_len = len(prefix_slots)
         extend = seq.num_tokens - prefix_len
         n = budget.prefill_chunk(extend)
         if n == 0:
             return False
+        if whole:
+            n = whole_image_chunk(seq.images, prefix_len, n)
         self.cache.inc_lock(node)
-        alloc = self.allocator
         room = (
             alloc.available
             + self.cache.evictable_size
@@ -274,6 +293,8 @@ class Scheduler:
         if alloc.slots_needed(prefix_len, n) > room:
             # The prefix is page-aligned, so m tokens take ceil(m / page) pages.
             n = room - room % alloc.page_size if budget.chunking else 0
+            if whole:
+                n = whole_image_chunk(seq.images, prefix_len, n, extend=False)
             if n <= 0:
                 self.cache.dec_lock(node)
                 return False

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,6 +28,7 @@ from fovea.common.model_config import ModelInfo
 from fovea.common.sampling import SamplingError, SamplingParams, validate_sampling
 from fovea.server import responses as R
 from fovea.server.drain import Drain, DrainingServer, install_drain
+from fovea.server.guards import ApiKeyAuth, BodyLimit
 from fovea.server.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -46,12 +47,32 @@ class APIError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
-def _checked(sampling: SamplingParams) -> SamplingParams:
+# Token ids travel as msgpack ints (64 bits); the tokenizer checks them against the vocabulary.
+_INT64 = 2**63
+_probe = msgspec.msgpack.Encoder()
+
+
+def _check_token_ids(prompts: list[str | list[int]]) -> None:
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            for t in prompt:
+                if not -_INT64 <= t < _INT64:
+                    raise APIError(400, f"token id {t} is out of range", "prompt")
+
+
+def _check_encodable(req: GenerateRequest) -> None:
+    """What msgpack cannot carry to the tokenizer: a lone UTF-16 surrogate (a JSON escape such
+    as \\ud800 parses to one) or an integer past 64 bits in chat_template_kwargs. Found by
+    encoding once here, so the request is refused before it is in flight."""
     try:
-        validate_sampling(sampling)
-    except SamplingError as e:
-        raise APIError(400, str(e), e.param) from e
-    return sampling
+        _probe.encode(req)
+    except UnicodeEncodeError as e:
+        bad = ascii(e.object[e.start : e.end])
+        raise APIError(
+            400, f"the request holds text that is not valid Unicode: {e.reason} ({bad})"
+        ) from None
+    except (OverflowError, msgspec.EncodeError) as e:
+        raise APIError(400, f"the request holds a value that cannot be used: {e}") from None
 
 
 def create_app(
@@ -72,6 +93,33 @@ def create_app(
 
     def manager() -> RequestManager:
         return state["mgr"]
+
+    def _checked(sampling: SamplingParams) -> SamplingParams:
+        try:
+            validate_sampling(sampling, model.vocab_size, model.context_length)
+        except SamplingError as e:
+            raise APIError(400, str(e), e.param) from e
+        return sampling
+
+    def generate_checked(req: GenerateRequest) -> AsyncIterator[TextDelta]:
+        _check_encodable(req)
+        return manager().generate(req)
+
+    async def until_gone(request: Request, work: Awaitable[Any]) -> Response:
+        """`work`'s result as JSON; 499 if the client leaves first, and then `work` is
+        cancelled: closing its request iterators aborts the requests and frees their KV."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()
+        # cancel() only asks: the task is not done (nor cancelled()) until its next step.
+        if not task.done():
+            return Response(status_code=499)
+        return R.json(task.result())
 
     app.state.inflight = lambda: manager().num_inflight if "mgr" in state else 0
     app.state.cut_off = lambda message: manager().fail_all(message) if "mgr" in state else None
@@ -98,14 +146,15 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> Response:
-        return R.error(e.status_code, str(e.detail))
+        message = str(e.detail)
+        if e.status_code in (404, 405):  # say which route: "Not Found" alone does not help
+            message = f"{message}: {request.method} {request.url.path}"
+        return R.error(e.status_code, message)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        if args.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {args.api_key}":
-                return R.error(401, "invalid or missing API key", code="invalid_api_key")
-        return await call_next(request)
+    # Added last, so outermost: the key is checked before the body is read, then the size.
+    app.add_middleware(BodyLimit, max_bytes=args.max_request_bytes)
+    if args.api_key:
+        app.add_middleware(ApiKeyAuth, api_key=args.api_key)
 
     def check_model(name: str | None) -> None:
         if name not in (None, "", "default", args.model_name, args.model_path):
@@ -114,7 +163,7 @@ def create_app(
     async def run(
         request: Request, req: GenerateRequest, stream: bool, render: R.Renderer
     ) -> Response:
-        deltas = manager().generate(req)
+        deltas = generate_checked(req)
         if stream:
             # Wait for the first delta before answering 200, so a refused request (prompt too
             # long, bad template) still gets its 4xx status rather than an error event.
@@ -122,17 +171,7 @@ def create_app(
             return StreamingResponse(
                 render.stream(_prepend(first, deltas)), media_type="text/event-stream"
             )
-        collect = asyncio.ensure_future(render.collect(deltas))
-        gone = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not collect.done():
-                collect.cancel()  # client left: closing the iterator aborts the request
-        if collect.cancelled():
-            return Response(status_code=499)
-        return R.json(collect.result())
+        return await until_gone(request, render.collect(deltas))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
@@ -154,6 +193,7 @@ def create_app(
         if body.echo:
             raise APIError(400, "echo is not supported", "echo")
         prompts = R.split_prompts(body.prompt)
+        _check_token_ids(prompts)
         if len(prompts) != 1:
             if body.stream:
                 raise APIError(400, "streaming supports one prompt per request", "prompt")
@@ -167,13 +207,17 @@ def create_app(
         sampling = _checked(body.sampling())
         rid = new_id("cmpl")
         renders = [R.CompletionRenderer(rid, args.model_name, sampling, False) for _ in prompts]
-        results = await asyncio.gather(
-            *(
-                r.collect(manager().generate(R.prompt_request(f"{rid}-{i}", p, sampling)))
-                for i, (r, p) in enumerate(zip(renders, prompts, strict=True))
+        reqs = [R.prompt_request(f"{rid}-{i}", p, sampling) for i, p in enumerate(prompts)]
+        for req in reqs:  # all checked before any is sent
+            _check_encodable(req)
+
+        async def collect_all() -> Any:
+            results = await asyncio.gather(
+                *(r.collect(manager().generate(q)) for r, q in zip(renders, reqs, strict=True))
             )
-        )
-        return R.json(R.merge_completions(rid, args.model_name, results, sampling.n))
+            return R.merge_completions(rid, args.model_name, results, sampling.n)
+
+        return await until_gone(request, collect_all())
 
     @app.post("/generate")
     async def generate(body: GenerateReqInput, request: Request) -> Response:
@@ -191,6 +235,7 @@ def create_app(
             raise APIError(400, f"sampling_params: {e}", "sampling_params") from e
         sampling = _checked(sampling)
         prompts = R.split_prompts(body.text if body.text is not None else body.input_ids)
+        _check_token_ids(prompts)
         try:
             images = R.images_per_prompt(body.image_data, len(prompts))
         except ValueError as e:
@@ -203,10 +248,16 @@ def create_app(
             return await run(request, reqs[0], body.stream, R.NativeRenderer(reqs[0].rid))
         if body.stream:
             raise APIError(400, "streaming supports one prompt per request", "text")
-        outs = await asyncio.gather(
-            *(R.NativeRenderer(r.rid).collect(manager().generate(r)) for r in reqs)
-        )
-        return R.json([o for out in outs for o in (out if isinstance(out, list) else [out])])
+        for req in reqs:  # all checked before any is sent
+            _check_encodable(req)
+
+        async def collect_all() -> Any:
+            outs = await asyncio.gather(
+                *(R.NativeRenderer(r.rid).collect(manager().generate(r)) for r in reqs)
+            )
+            return [o for out in outs for o in (out if isinstance(out, list) else [out])]
+
+        return await until_gone(request, collect_all())
 
     @app.get("/v1/models")
     async def models() -> Response:

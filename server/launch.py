@@ -213,11 +213,18 @@ def warm_up(args: ServerArgs, timeout: float = 300.0) -> None:
     import httpx
 
     url = local_url(args) + "/health_generate"
+    # /health_generate is behind the API key like every route but /health.
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            r = httpx.get(url, timeout=max(1.0, deadline - time.monotonic()), trust_env=False)
+            r = httpx.get(
+                url,
+                headers=headers,
+                timeout=max(1.0, deadline - time.monotonic()),
+                trust_env=False,
+            )
             if r.status_code == 200:
                 return
             last = f"HTTP {r.status_code}: {r.text[:200]}"

@@ -13,7 +13,59 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fovea.common.messages import ChatMessage
-from fovea.common.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from fovea.common.sampling import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_N,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOP_LOGPROBS,
+    SamplingParams,
+)
+
+# The sampling fields' bounds, for /openapi.json only (so clients and fuzzers reading it know
+# them): validate_sampling enforces them, with messages naming the field, for every route and
+# the offline Engine alike. Bounds that depend on the model (context length, vocabulary) are
+# checked there too but cannot be stated here.
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+_BOUNDS: dict[str, dict[str, Any]] = {
+    "temperature": {"minimum": 0, "maximum": 100},
+    "top_p": {"exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {"minimum": -1},
+    "min_p": {"minimum": 0, "maximum": 1},
+    "n": {"minimum": 1, "maximum": MAX_N},
+    "seed": {"minimum": 0, "maximum": 2**63 - 1},
+    "presence_penalty": {"minimum": -2, "maximum": 2},
+    "frequency_penalty": {"minimum": -2, "maximum": 2},
+    "repetition_penalty": {"exclusiveMinimum": 0, "maximum": 2},
+    "max_tokens": {"minimum": 1},
+    "min_tokens": {"minimum": 0},
+    # A string or a list of strings: each keyword applies to the instances of its type.
+    "stop": {
+        "maxItems": MAX_STOP,
+        "items": _STOP_STRING,
+        "minLength": 1,
+        "maxLength": MAX_STOP_CHARS,
+    },
+    "stop_token_ids": {
+        "maxItems": MAX_STOP_TOKEN_IDS,
+        "items": {"type": "integer", "minimum": 0},
+    },
+    "logit_bias": {
+        "maxProperties": MAX_LOGIT_BIAS_ENTRIES,
+        "propertyNames": {"pattern": "^[0-9]+$"},
+        "additionalProperties": {
+            "type": "number",
+            "minimum": -MAX_LOGIT_BIAS,
+            "maximum": MAX_LOGIT_BIAS,
+        },
+    },
+}
+
+
+def _bounded(default: Any, name: str) -> Any:
+    return Field(default, json_schema_extra=_BOUNDS[name])
 
 
 class TextPart(BaseModel):
@@ -22,7 +74,7 @@ class TextPart(BaseModel):
 
 
 class ImageURL(BaseModel):
-    url: str
+    url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -58,19 +110,21 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    temperature: float | None = _bounded(None, "temperature")
+    top_p: float | None = _bounded(None, "top_p")
+    top_k: int | None = _bounded(None, "top_k")
+    min_p: float | None = _bounded(None, "min_p")
+    n: int = _bounded(1, "n")
+    stop: str | list[str] | None = _bounded(None, "stop")
+    stop_token_ids: list[int] | None = _bounded(None, "stop_token_ids")
+    seed: int | None = _bounded(None, "seed")
+    presence_penalty: float | None = _bounded(None, "presence_penalty")
+    frequency_penalty: float | None = _bounded(None, "frequency_penalty")
+    repetition_penalty: float | None = _bounded(None, "repetition_penalty")
+    # OpenAI's keys are token ids as JSON strings; pydantic parses them to ints (or refuses).
+    logit_bias: dict[int, float] | None = _bounded(None, "logit_bias")
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = _bounded(0, "min_tokens")
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -98,6 +152,7 @@ class _SamplingFields(BaseModel):
             top_logprobs=top_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             n=self.n,
+            logit_bias=dict(self.logit_bias or {}),
         )
 
     @property
@@ -107,8 +162,8 @@ class _SamplingFields(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageParam] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = _bounded(None, "max_tokens")
+    max_completion_tokens: int | None = _bounded(None, "max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
@@ -125,9 +180,9 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    max_tokens: int | None = _bounded(16, "max_tokens")  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
+    echo: bool = Field(False, json_schema_extra={"enum": [False]})  # not supported
 
     def sampling(self) -> SamplingParams:
         return self._sampling(self.max_tokens, self.logprobs is not None, self.logprobs or 0)
@@ -136,16 +191,29 @@ class CompletionRequest(_SamplingFields):
 class GenerateReqInput(BaseModel):
     """SGLang's native /generate body."""
 
-    model_config = ConfigDict(extra="ignore")
+    # The schema says what the route checks: exactly one of text and input_ids (non-null).
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "oneOf": [
+                {"required": [key], "properties": {key: {"not": {"type": "null"}}}}
+                for key in ("text", "input_ids")
+            ]
+        },
+    )
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
     # One prompt: an image or a list; several: one entry (None, image or list) per prompt.
     image_data: str | list[str | list[str] | None] | None = None
-    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    # A dict, so an unknown key gets native_sampling's message naming it; its schema in
+    # /openapi.json still lists the keys (and fuzzers reading it generate real ones).
+    sampling_params: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra=lambda schema: _native_sampling_schema(schema)
+    )
     stream: bool = False
     return_logprob: bool = False
-    top_logprobs_num: int = 0
+    top_logprobs_num: int = Field(0, json_schema_extra={"minimum": 0, "maximum": MAX_TOP_LOGPROBS})
 
 
 _NATIVE_KEYS = {
@@ -164,7 +232,23 @@ _NATIVE_KEYS = {
     "repetition_penalty",
     "skip_special_tokens",
     "n",
+    "logit_bias",
 }
+
+
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+def _native_sampling_schema(schema: dict[str, Any]) -> None:
+    """Fill in sampling_params' JSON schema from SamplingParams' own fields."""
+    import msgspec
+
+    fields = msgspec.json.schema(SamplingParams)["$defs"]["SamplingParams"]["properties"]
+    props = {k: v for k, v in fields.items() if k in _NATIVE_KEYS}
+    props["stop"] = {"anyOf": [{"type": "string"}, props["stop"]]}
+    for key, prop in props.items():
+        prop.update(_BOUNDS.get(_OPENAI_NAMES.get(key, key), {}))
+    schema.update(type="object", properties=props, additionalProperties=False)
 
 
 def native_sampling(params: dict[str, Any], logprobs: bool, top_logprobs: int) -> SamplingParams:
@@ -177,11 +261,22 @@ def native_sampling(params: dict[str, Any], logprobs: bool, top_logprobs: int) -
         p["stop"] = [p["stop"]]
     if p.get("top_k") == 0:
         p["top_k"] = -1
+    if isinstance(p.get("logit_bias"), dict):
+        p["logit_bias"] = _int_keys(p["logit_bias"])
     import msgspec
 
     return msgspec.convert(
         {**p, "logprobs": logprobs, "top_logprobs": top_logprobs}, SamplingParams
     )
+
+
+def _int_keys(bias: dict[Any, Any]) -> dict[Any, Any]:
+    """{"50256": -100} -> {50256: -100}: JSON object keys are strings. A key that is not an
+    integer leaves the dict as given, for msgspec to refuse with the key's path."""
+    try:
+        return {int(k): v for k, v in bias.items()}
+    except (TypeError, ValueError):
+        return bias
 
 
 def new_id(prefix: str) -> str:

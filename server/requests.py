@@ -109,7 +109,11 @@ class RequestManager:
             raise RequestFailed(f"request id {req.rid!r} is already in flight", status=400)
         state = _InFlight(req.sampling.n)
         self._inflight[req.rid] = state
-        self._to_tokenizer.send(req)
+        try:
+            self._to_tokenizer.send(req)
+        except BaseException:
+            del self._inflight[req.rid]  # never in flight: nothing to abort
+            raise
         record = RequestRecord(req, self.log_requests)
         reasons: list[str] = []
         done = False

@@ -33,3 +33,45 @@ def tiny_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_models import make_tiny_qwen2_vl
 
     return make_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-5-vl"), "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import make_tiny_gemma3
+
+    return make_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import make_tiny_gemma3
+
+    return make_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3-text"), text_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import make_tiny_llava
+
+    return make_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), "llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import make_tiny_llava
+
+    return make_tiny_llava(tmp_path_factory.mktemp("tiny-llava-next"), "llava_next")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_llava_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import make_tiny_llava
+
+    return make_tiny_llava(tmp_path_factory.mktemp("tiny-llama3-llava-next"), "llama3_llava_next")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_onevision(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import make_tiny_llava
+
+    return make_tiny_llava(tmp_path_factory.mktemp("tiny-llava-onevision"), "llava_onevision")

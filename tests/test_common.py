@@ -74,12 +74,35 @@ def test_socket_union_rejects_foreign_message() -> None:
         ({"stop": [""]}, "stop"),
         ({"min_new_tokens": 5, "max_new_tokens": 2}, "min_tokens"),
         ({"seed": -1}, "seed"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": float("inf")}, "top_p"),
+        ({"repetition_penalty": float("-inf")}, "repetition_penalty"),
+        ({"max_new_tokens": 2**64}, "max_tokens"),
+        ({"top_k": 2**63}, "top_k"),
+        ({"stop": ["x" * 1025]}, "stop"),
+        ({"stop_token_ids": [2**63]}, "stop_token_ids"),
+        ({"stop_token_ids": [1] * 1025}, "stop_token_ids"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: 100.5}}, "logit_bias"),
+        ({"logit_bias": {5: float("nan")}}, "logit_bias"),
+        ({"logit_bias": dict.fromkeys(range(1025), 1.0)}, "logit_bias"),
     ],
 )
 def test_sampling_validation_names_the_param(kwargs: dict[str, object], param: str) -> None:
     with pytest.raises(SamplingError) as e:
         validate_sampling(SamplingParams(**kwargs))  # type: ignore[arg-type]
     assert e.value.param == param
+
+
+def test_sampling_validation_against_the_model() -> None:
+    ok = SamplingParams(max_new_tokens=64, logit_bias={0: -100.0, 511: 100.0}, stop=["x" * 1024])
+    validate_sampling(ok, vocab_size=512, context_length=64)
+    with pytest.raises(SamplingError, match=r"^logit_bias key 512 is not a token id: the "):
+        validate_sampling(SamplingParams(logit_bias={512: 1.0}), vocab_size=512)
+    with pytest.raises(SamplingError, match=r"^max_tokens is 65, more than this model's maximum "):
+        validate_sampling(SamplingParams(max_new_tokens=65), context_length=64)
+    with pytest.raises(SamplingError, match=r"^temperature must be a finite number, got nan$"):
+        validate_sampling(SamplingParams(temperature=float("nan")))
 
 
 def test_sampling_defaults_valid_and_greedy() -> None:

@@ -110,7 +110,12 @@ def test_unknown_architecture_lists_supported() -> None:
         check_architecture("GPT2LMHeadModel")
     assert str(e.value) == (
         "architecture 'GPT2LMHeadModel' is not supported; supported: "
-        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+        "Gemma3ForCausalLM, Gemma3ForConditionalGeneration, "
+        "LlamaForCausalLM, "
+        "LlavaForConditionalGeneration, LlavaLlamaForCausalLM, LlavaMistralForCausalLM, "
+        "LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "
+        "LlavaQwenForCausalLM, "
+        "MistralForCausalLM, Qwen2ForCausalLM, "
         "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration"
     )
 

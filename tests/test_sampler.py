@@ -90,6 +90,26 @@ def test_penalties_exact_adjusted_logits() -> None:
     assert logits.tolist() == [[1.0, -2.75, -1.0, 1.0], [2.0, -1.0, 0.5, 1.0]]
 
 
+def test_logit_bias_is_added_per_row_and_steers_greedy() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]] * 3)
+    rows = [
+        row(logit_bias={1: 4.0, 0: -100.0}, temperature=0.0),
+        row(temperature=0.0),  # no bias: untouched
+        row(logit_bias={3: 0.5, 9: 100.0}, temperature=0.0),  # 9 is past the logits: skipped
+    ]
+    Sampler(4, [EOS], 0)._apply_logit_bias(logits, rows)
+    assert logits.tolist() == [
+        [-98.0, 3.0, 0.5, 1.0],
+        [2.0, -1.0, 0.5, 1.0],
+        [2.0, -1.0, 0.5, 1.5],
+    ]
+    plain = [[2.0, -1.0, 0.5, 1.0]] * 2
+    assert sample(plain, [row(logit_bias={2: 1.6}, temperature=0.0), row(temperature=0.0)]) == [
+        2,
+        0,
+    ]
+
+
 def test_min_new_tokens_masks_eos_and_stop_ids_until_reached() -> None:
     logits = torch.tensor([[0.0, 1.0, 9.0, 8.0, 2.0]] * 4)
     rows = [

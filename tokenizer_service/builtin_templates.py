@@ -6,8 +6,8 @@ placeholder per image part, in message order. The image processor then expands e
 placeholder to the image's token count. `vision` says whether a template places images;
 a request with images under a template that does not is refused (400), never silently dropped.
 
-The other families' templates (llama_3_vision, gemma-it, minicpmv, deepseek-vl2, chatml-llava,
-llava_llama_3, vicuna_v1.1) are added here with their models.
+The other families' templates (llama_3_vision, gemma-it, minicpmv, deepseek-vl2) are added
+here with their models.
 """
 
 from __future__ import annotations
@@ -53,7 +53,136 @@ QWEN2_VL = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Gemma 3 instruction-tuned (the chat_template of gemma-3-*-it): one `<bos>`, turns
+# `<start_of_turn>{user|model}\n...<end_of_turn>\n`, a system message folded into the first
+# user turn followed by a blank line, every text part trimmed, `<start_of_image>` per image
+# part (OpenAI `image_url` parts too; the original knows only `image`), roles must alternate.
+GEMMA_IT = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
+    "{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}"
+    "{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] in ('image', 'image_url', 'input_image') -%}"
+    "{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- else -%}"
+    "{{ raise_exception('Invalid content type') }}"
+    "{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<start_of_turn>model\n' }}"
+    "{%- endif -%}"
+)
+
+# The LLaVA templates render what SGLang's conversation templates of the same names render
+# (FastChat-style, from LLaVA's conversation.py): the last system message replaces the default
+# one; a user turn is its parts in order, each image `<image>\n`, text as is; `bos_token`
+# first, since Fovea tokenizes the rendered text without special tokens (Qwen has none).
+
+
+def _llava_template(head: str, turn: str, blank: str, system: str) -> str:
+    """jinja for a LLaVA conversation: `head` renders ns.system, `turn` a turn of `role` with
+    non-empty `text`, `blank` a turn with empty text; roles are (user, assistant) names."""
+    return (
+        "{%- set ns = namespace(system=" + repr(system) + ", text='') -%}"
+        "{%- for m in messages if m['role'] == 'system' -%}"
+        "{%- set ns.system = m['content'] or '' -%}"
+        "{%- endfor -%}"
+        "{%- if bos_token -%}{{ bos_token }}{%- endif -%}"
+        + head
+        + "{%- for m in messages if m['role'] != 'system' -%}"
+        "{%- if m['role'] not in ('user', 'assistant') -%}"
+        "{{ raise_exception('this template takes system, user and assistant messages only') }}"
+        "{%- endif -%}"
+        "{%- set role = roles[0] if m['role'] == 'user' else roles[1] -%}"
+        "{%- if m['content'] is string or m['content'] is none -%}"
+        "{%- set ns.text = m['content'] or '' -%}"
+        "{%- else -%}"
+        "{%- set ns.text = '' -%}"
+        "{%- for p in m['content'] -%}"
+        "{%- if p['type'] in ('image_url', 'image', 'input_image') -%}"
+        "{%- set ns.text = ns.text + '<image>\\n' -%}"
+        "{%- elif p['type'] == 'text' -%}"
+        "{%- set ns.text = ns.text + p['text'] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        "{%- set text = ns.text -%}"
+        "{%- if text -%}" + turn + "{%- else -%}" + blank + "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{%- set role = roles[1] -%}" + blank + "{%- endif -%}"
+    )
+
+
+# vicuna_v1.1 (LLaVA-1.5 / 1.6): "{system} USER: {text} ASSISTANT: {text}</s>USER: ...",
+# separators alternating " " and "</s>" by turn; the open turn is "ASSISTANT:".
+VICUNA_V1_1 = "{%- set roles = ('USER', 'ASSISTANT') -%}" + _llava_template(
+    head="{{ ns.system + ' ' }}",
+    turn="{{ role + ': ' + text + (' ' if loop.index0 % 2 == 0 else '</s>') }}",
+    blank="{{ role + ':' }}",
+    system=(
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions."
+    ),
+)
+
+# chatml-llava (LLaVA-OneVision, Qwen-based LLaVA-NeXT): ChatML, the system turn always there.
+CHATML_LLAVA = "{%- set roles = ('<|im_start|>user', '<|im_start|>assistant') -%}" + (
+    _llava_template(
+        head="{{ '<|im_start|>system\\n' + ns.system + '<|im_end|>\\n' }}",
+        turn="{{ role + '\\n' + text + '<|im_end|>\\n' }}",
+        blank="{{ role + '\\n' }}",
+        system="You are a helpful assistant.",
+    )
+)
+
+# llava_llama_3 (Llama3-LLaVA-NeXT): Llama 3 headers, each turn's text stripped, no system
+# turn when the system message is empty.
+LLAVA_LLAMA_3 = "{%- set roles = ('user', 'assistant') -%}" + _llava_template(
+    head=(
+        "{%- if ns.system -%}"
+        "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' + ns.system + '<|eot_id|>' }}"
+        "{%- endif -%}"
+    ),
+    turn=(
+        "{{ '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + text | trim"
+        " + '<|eot_id|>' }}"
+    ),
+    blank="{{ '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' }}",
+    system=(
+        "You are a helpful language and vision assistant. You are able to understand the "
+        "visual content that the user provides, and assist the user with a variety of tasks "
+        "using natural language."
+    ),
+)
+
 BUILTIN_TEMPLATES: dict[str, BuiltinTemplate] = {
     "chatml": BuiltinTemplate(CHATML, vision=False),
     "qwen2-vl": BuiltinTemplate(QWEN2_VL, vision=True),
+    "gemma-it": BuiltinTemplate(GEMMA_IT, vision=True),
+    "vicuna_v1.1": BuiltinTemplate(VICUNA_V1_1, vision=True),
+    "chatml-llava": BuiltinTemplate(CHATML_LLAVA, vision=True),
+    "llava_llama_3": BuiltinTemplate(LLAVA_LLAMA_3, vision=True),
 }

@@ -12,6 +12,7 @@ image URL delays only its own request. Text requests are handled inline.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -71,6 +72,13 @@ class Outbox:
     to_scheduler: list[TokenizedRequest | AbortRequest] = field(default_factory=list)
 
 
+def image_hash(file_hash: bytes, processed: ProcessedImage) -> bytes:
+    """The image's cache key: its bytes' hash, or for a processing variant, a hash of both."""
+    if not processed.variant:
+        return file_hash
+    return hashlib.blake2b(file_hash + processed.variant, digest_size=len(file_hash)).digest()
+
+
 def load_hf_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -105,7 +113,12 @@ class Tokenizer:
             return self._refusal(req, e)
 
     def has_images(self, req: GenerateRequest) -> bool:
-        return bool(req.images) or bool(req.messages and image_refs(req.messages))
+        """Whether `req` goes the async (image) way. Never raises: it runs in the service's
+        loop, outside any request's error handling."""
+        try:
+            return bool(req.images) or bool(req.messages and image_refs(req.messages))
+        except ChatRenderError:
+            return True  # a malformed image part: tokenize_async refuses it with this message
 
     async def handle_generate_async(self, req: GenerateRequest) -> Outbox:
         """handle_generate for a request that may carry images."""
@@ -161,7 +174,7 @@ class Tokenizer:
             out = []
             for im in loaded:
                 t = time.perf_counter()
-                out.append(processor.preprocess(im.image))
+                out.append(processor.preprocess_in_request(im.image, len(loaded)))
                 if metrics is not None:
                     metrics.image_preprocess.observe(time.perf_counter() - t)
             return out
@@ -172,7 +185,7 @@ class Tokenizer:
             raise PromptError(f"image could not be processed: {e}", param) from e
         ids, offsets = processor.expand_placeholders(ids, processed)
         images = [
-            ImageInput(im.hash, off, p.num_tokens, p.pixel_values, p.grid)
+            ImageInput(image_hash(im.hash, p), off, p.num_tokens, p.pixel_values, p.grid)
             for im, p, off in zip(loaded, processed, offsets, strict=True)
         ]
         return self._sequences(req, ids, images, param)

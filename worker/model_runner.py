@@ -8,6 +8,11 @@ Vision-language models add three optional methods the runner uses when present:
   rows of image placeholder tokens are replaced by their image's embeddings.
 - `mrope_positions(prompt_ids, images) -> (Tensor [3, L] int64, delta)`: M-RoPE positions of
   the prompt; a later token i (an output) sits at i + delta on all three axes.
+- `bidirectional_images = True`: an image's tokens attend to each other in full; each chunk
+  passes its images' spans to the attention backend. The scheduler never splits such an
+  image across chunks (an image that is split anyway is an error, not a silent causal pass).
+Any model may also set `layer_windows` (per-layer sliding window, 0 = global) and
+`attention_scale` (the score scale, default head_dim ** -0.5) for the attention backend.
 """
 
 from __future__ import annotations
@@ -98,7 +103,12 @@ class ModelRunner:
             device=self.device,
         )
         self.attn: AttentionBackend = TorchNativeBackend(
-            self.pool, self.model.num_heads, kv_heads, cfg.head_dim
+            self.pool,
+            self.model.num_heads,
+            kv_heads,
+            cfg.head_dim,
+            scale=getattr(self.model, "attention_scale", None),
+            layer_windows=getattr(self.model, "layer_windows", None),
         )
         self.num_slots = num_slots
         self.max_seqs = args.max_running_requests
@@ -112,6 +122,7 @@ class ModelRunner:
         self.sampler = Sampler(cfg.vocab_size, list(model.eos_token_ids), args.random_seed)
         self.is_multimodal = hasattr(self.model, "encode_images")
         self.uses_mrope = hasattr(self.model, "mrope_positions")
+        self.bidirectional_images = bool(getattr(self.model, "bidirectional_images", False))
         self.mm_cache = EmbeddingCache(args.mm_cache_mb << 20)
         self.images_encoded = 0  # vision-encoder runs, one per image (tests and stats count them)
 
@@ -202,13 +213,18 @@ class ModelRunner:
                 raise RuntimeError(f"{chunk.key}: sample=True before the last known token")
             if start + n > self.context_length:
                 raise RuntimeError(f"{chunk.key}: exceeds context length {self.context_length}")
+            spans: list[tuple[int, int]] = []  # images attended in full (bidirectional)
             for img in seq.images:
                 lo, hi = max(start, img.offset), min(start + n, img.offset + img.num_tokens)
                 if lo < hi:
                     overlaps.append((img, lo - img.offset, len(ids) + lo - start, hi - lo))
+                    if self.bidirectional_images:
+                        if hi - lo != img.num_tokens:
+                            raise RuntimeError(f"{chunk.key}: image split across chunks")
+                        spans.append((lo, hi))
             if seq.mrope is not None:
                 positions.append(self._mrope_slice(seq, start, n))
-            layouts.append(ChunkLayout(seq.row, len(ids), n, start))
+            layouts.append(ChunkLayout(seq.row, len(ids), n, start, tuple(spans)))
             ids.extend(seq.token_ids[start : start + n])
             index.extend(range(start, start + n))
             slots.extend(chunk.new_slots)

@@ -1,9 +1,10 @@
 """Turn logits into next tokens, one row per sampling sequence, each with its own params.
 
 Order: repetition penalty (HF semantics, over prompt + output), then frequency/presence
-penalties (OpenAI, over output), then min_new_tokens masking. Logprobs are log_softmax of those
-processed logits (before temperature). Then: all rows greedy -> argmax; otherwise temperature,
-top_k, top_p, min_p and an exponential race (argmax p / E, E ~ Exp(1)), which samples from p.
+penalties (OpenAI, over output), then logit_bias (added as given), then min_new_tokens masking.
+Logprobs are log_softmax of those processed logits (before temperature). Then: all rows greedy
+-> argmax; otherwise temperature, top_k, top_p, min_p and an exponential race (argmax p / E,
+E ~ Exp(1)), which samples from p.
 A row with a seed draws E from a generator re-seeded from (seed, output position), so its
 tokens do not depend on its batch mates or on retraction.
 """
@@ -42,6 +43,7 @@ class Sampler:
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits [n, vocab] float32 (modified in place) -> (token ids, logprobs per row)."""
         self._apply_penalties(logits, rows)
+        self._apply_logit_bias(logits, rows)
         self._mask_min_tokens(logits, rows)
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs]
@@ -72,6 +74,15 @@ class Sampler:
                 out = torch.tensor(r.output_ids, device=row.device)
                 counts = torch.bincount(out, minlength=row.shape[0]).to(row.dtype)
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+
+    def _apply_logit_bias(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        for i, r in enumerate(rows):
+            # Ids past the logits (tokenizer-only added tokens) cannot be sampled anyway.
+            bias = {t: v for t, v in r.params.logit_bias.items() if t < logits.shape[1]}
+            if bias:
+                ids = torch.tensor(list(bias), device=logits.device)
+                vals = torch.tensor(list(bias.values()), device=logits.device, dtype=logits.dtype)
+                logits[i, ids] += vals
 
     def _mask_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         for i, r in enumerate(rows):

@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 _FAMILIES: dict[str, tuple[str, str]] = {
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLProcessor"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLProcessor"),
+    "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3Processor"),
+    "LlavaForConditionalGeneration": ("llava", "LlavaProcessor"),
+    "LlavaNextForConditionalGeneration": ("llava", "LlavaProcessor"),
+    "LlavaOnevisionForConditionalGeneration": ("llava", "LlavaProcessor"),
+    "LlavaLlamaForCausalLM": ("llava", "LlavaProcessor"),
+    "LlavaMistralForCausalLM": ("llava", "LlavaProcessor"),
+    "LlavaQwenForCausalLM": ("llava", "LlavaProcessor"),
 }
 
 

@@ -23,6 +23,10 @@ class ProcessedImage:
     pixel_values: np.ndarray  # float32, C-contiguous; family layout (Qwen2-VL: [h*w, C*T*P*P])
     grid: list[int]  # family geometry (Qwen2-VL: [t, h, w] in patches)
     num_tokens: int  # placeholder tokens this image takes in the prompt
+    # Non-empty when the result depends on more than the image's bytes (LLaVA-OneVision: an
+    # image among several is processed differently from one alone): mixed into the image's
+    # hash, so the prefix and embedding caches tell the variants apart.
+    variant: bytes = b""
 
 
 class ImageProcessor(ABC):
@@ -35,6 +39,11 @@ class ImageProcessor(ABC):
     def preprocess(self, image: PIL.Image.Image) -> ProcessedImage:
         """The image as the vision tower takes it. Raises ValueError for an image the model
         cannot take (the request is then refused, not the process)."""
+
+    def preprocess_in_request(self, image: PIL.Image.Image, num_images: int) -> ProcessedImage:
+        """preprocess for one of the `num_images` images of a request. Families whose
+        processing depends on the request's image count override this."""
+        return self.preprocess(image)
 
     def expand_placeholders(
         self, ids: list[int], images: list[ProcessedImage]

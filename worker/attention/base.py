@@ -3,11 +3,18 @@
 Per step the model runner calls `plan(...)` once with the batch layout, then every layer calls
 `forward(layer_id, q, k, v)`: the backend writes this step's K/V into the pool at the planned
 slots and attends each token over its sequence's slots (prefix + this chunk, causal).
+
+Two optional refinements, both off by default (the plain causal path is unchanged):
+- `layer_windows[layer_id] = w > 0`: a sliding-window (local) layer; a token attends only to
+  the w most recent positions, itself included (kv > q - w). Every layer keeps all its KV.
+- `ChunkLayout.full_spans`: position spans inside the chunk whose tokens attend to each other
+  in full (an image under bidirectional image attention), on top of causal attention.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,15 +32,35 @@ class ChunkLayout:
     start: int
     q_len: int
     prefix_len: int
+    # [lo, hi) sequence positions within [prefix_len, prefix_len + q_len), disjoint: the
+    # tokens of one span see each other in full.
+    full_spans: tuple[tuple[int, int], ...] = ()
 
 
 class AttentionBackend(ABC):
-    def __init__(self, pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self,
+        pool: KVPool,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        scale: float | None = None,
+        layer_windows: Sequence[int] | None = None,
+    ) -> None:
+        """scale: of the scores (default head_dim ** -0.5); layer_windows: one per layer,
+        0 for global attention (default: every layer global)."""
         self.pool = pool
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.layer_windows = [int(w) for w in layer_windows or ()]
+        # The distinct windows (0 included): the backend plans one view per window.
+        self.windows = sorted({0, *self.layer_windows})
+
+    def window(self, layer_id: int) -> int:
+        return self.layer_windows[layer_id] if self.layer_windows else 0
 
     @abstractmethod
     def plan(

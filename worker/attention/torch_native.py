@@ -5,6 +5,11 @@ gathered by a [B, max_len] slot matrix whose padding points at scratch slot 0 an
 GQA for decode folds the query heads of a KV head into the query-length axis, so K/V are never
 expanded. Prefill chunks are attended one sequence at a time (few per step): plain causal when
 there is no cached prefix, else a causal mask offset by the prefix length.
+
+Sliding-window layers and full spans (see base.py) get their own view per window: decode rows
+gather only the window's slots; a prefill's mask adds the spans and the window, and its keys
+start at the first position any query's window reaches. Without either, the plan is the
+plain causal one above.
 """
 
 from __future__ import annotations
@@ -25,11 +30,18 @@ class _Decode:
 
 
 @dataclass
+class _KV:
+    """What a prefill chunk's queries attend to under one window."""
+
+    slots: torch.Tensor | None  # [kv_len] of positions [kv_lo, total); None: this step's K/V
+    mask: torch.Tensor | None  # [q_len, kv_len] bool; None: plain causal (is_causal)
+
+
+@dataclass
 class _Prefill:
     start: int
     q_len: int
-    slots: torch.Tensor | None  # [prefix + q_len]; None: no prefix, use this step's K/V
-    mask: torch.Tensor | None  # [q_len, prefix + q_len] bool
+    views: dict[int, _KV]  # by window (0: global)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -47,33 +59,74 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
         self.out_slots = out_slots
         self.num_tokens = int(out_slots.shape[0])
         decodes = [c for c in chunks if c.q_len == 1]
-        self.decode: _Decode | None = None
+        self.decodes: dict[int, _Decode] = {}  # by window
         if decodes:
             rows = torch.tensor([c.row for c in decodes], device=device)
-            lens_list = [c.prefix_len + 1 for c in decodes]
-            max_len = max(lens_list)
-            slots = req_to_slot[rows, :max_len]
-            mask = None
-            if min(lens_list) != max_len:
-                lens = torch.tensor(lens_list, device=device)
-                valid = torch.arange(max_len, device=device)[None, :] < lens[:, None]
-                slots = torch.where(valid, slots, 0)
-                mask = valid[:, None, None, :]
+            totals = [c.prefix_len + 1 for c in decodes]
             token_idx = None
             if len(decodes) != len(chunks):
                 token_idx = torch.tensor([c.start for c in decodes], device=device)
-            self.decode = _Decode(token_idx, slots, mask)
+            for w in self.windows:
+                if w and max(totals) <= w:  # every sequence still fits its window
+                    self.decodes[w] = self.decodes[0]
+                else:
+                    self.decodes[w] = self._plan_decode(rows, totals, w, token_idx, req_to_slot)
         self.prefills: list[_Prefill] = []
         for c in chunks:
             if c.q_len == 1:
                 continue
-            if c.prefix_len == 0:
-                self.prefills.append(_Prefill(c.start, c.q_len, None, None))
-                continue
-            total = c.prefix_len + c.q_len
-            qpos = torch.arange(c.prefix_len, total, device=device)
-            mask = torch.arange(total, device=device)[None, :] <= qpos[:, None]
-            self.prefills.append(_Prefill(c.start, c.q_len, req_to_slot[c.row, :total], mask))
+            views: dict[int, _KV] = {}
+            for w in self.windows:
+                fits = w and c.prefix_len + c.q_len <= w
+                views[w] = views[0] if fits else self._plan_prefill(c, w, req_to_slot)
+            self.prefills.append(_Prefill(c.start, c.q_len, views))
+
+    @staticmethod
+    def _plan_decode(
+        rows: torch.Tensor,
+        totals: list[int],
+        window: int,
+        token_idx: torch.Tensor | None,
+        req_to_slot: torch.Tensor,
+    ) -> _Decode:
+        """Each decode token reads positions [lo, total) of its row: lo = 0 for global
+        attention, total - window for a sliding window (so a long sequence reads only its
+        window). Rows shorter than the longest are padded with slot 0 and masked."""
+        device = rows.device
+        los = [max(0, t - window) if window else 0 for t in totals]
+        lens_list = [t - lo for t, lo in zip(totals, los, strict=True)]
+        max_len = max(lens_list)
+        if not any(los):
+            slots = req_to_slot[rows, :max_len]
+        else:
+            cols = torch.tensor(los, device=device)[:, None] + torch.arange(max_len, device=device)
+            slots = req_to_slot[rows[:, None], cols.clamp(max=req_to_slot.shape[1] - 1)]
+        mask = None
+        if min(lens_list) != max_len:
+            lens = torch.tensor(lens_list, device=device)
+            valid = torch.arange(max_len, device=device)[None, :] < lens[:, None]
+            slots = torch.where(valid, slots, 0)
+            mask = valid[:, None, None, :]
+        return _Decode(token_idx, slots, mask)
+
+    @staticmethod
+    def _plan_prefill(c: ChunkLayout, window: int, req_to_slot: torch.Tensor) -> _KV:
+        """Queries at positions [prefix, total) over keys [lo, total): causal, or-ed with the
+        full spans, and-ed with the window (lo skips keys no query's window reaches)."""
+        prefix, total = c.prefix_len, c.prefix_len + c.q_len
+        if prefix == 0 and not c.full_spans and not window:
+            return _KV(None, None)
+        device = req_to_slot.device
+        lo = max(0, prefix - window + 1) if window else 0
+        qpos = torch.arange(prefix, total, device=device)[:, None]
+        kpos = torch.arange(lo, total, device=device)[None, :]
+        allowed = kpos <= qpos  # [q_len, total - lo]
+        for a, b in c.full_spans:
+            allowed |= (qpos >= a) & (qpos < b) & (kpos >= a) & (kpos < b)
+        if window:
+            allowed &= kpos > qpos - window
+        slots = req_to_slot[c.row, lo:total] if prefix else None  # no prefix: lo is 0
+        return _KV(slots, allowed)
 
     def forward(
         self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -81,16 +134,19 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
         k_cache, v_cache = self.pool.k[layer_id], self.pool.v[layer_id]
         k_cache.index_copy_(0, self.out_slots, k)
         v_cache.index_copy_(0, self.out_slots, v)
-        if self.decode is not None and self.decode.token_idx is None:
-            return self._decode(q, k_cache, v_cache, self.decode)
+        window = self.window(layer_id)
+        decode = self.decodes.get(window)
+        if decode is not None and decode.token_idx is None:
+            return self._decode(q, k_cache, v_cache, decode)
         out = q.new_empty(self.num_tokens, self.num_heads * self.head_dim)
-        if self.decode is not None:
-            idx = self.decode.token_idx
+        if decode is not None:
+            idx = decode.token_idx
             assert idx is not None
-            out[idx] = self._decode(q[idx], k_cache, v_cache, self.decode)
+            out[idx] = self._decode(q[idx], k_cache, v_cache, decode)
         for p in self.prefills:
             end = p.start + p.q_len
-            out[p.start : end] = self._prefill(q[p.start : end], k, v, k_cache, v_cache, p)
+            kv = p.views[window]
+            out[p.start : end] = self._prefill(q[p.start : end], k, v, k_cache, v_cache, p, kv)
         return out
 
     def _decode(
@@ -113,21 +169,22 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         p: _Prefill,
+        kv: _KV,
     ) -> torch.Tensor:
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, head_dim]
-        if p.slots is None:
+        if kv.slots is None:
             end = p.start + p.q_len
             kh = k[p.start : end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, q_len, head_dim]
             vh = v[p.start : end].transpose(0, 1).unsqueeze(0)
         else:
-            kh = _gather(k_cache, p.slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, total, hd]
-            vh = _gather(v_cache, p.slots).transpose(0, 1).unsqueeze(0)
+            kh = _gather(k_cache, kv.slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, n, hd]
+            vh = _gather(v_cache, kv.slots).transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
             qh,
             kh,
             vh,
-            attn_mask=p.mask,
-            is_causal=p.mask is None,
+            attn_mask=kv.mask,
+            is_causal=kv.mask is None,
             scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )

@@ -13,6 +13,15 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+    "Gemma3ForCausalLM": ("gemma3_text", "Gemma3ForCausalLM"),
+    "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3ForConditionalGeneration"),
+    # The LLaVA family, converted and original layouts: one class, driven by the config.
+    "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
+    "LlavaNextForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
+    "LlavaOnevisionForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
+    "LlavaLlamaForCausalLM": ("llava", "LlavaForConditionalGeneration"),
+    "LlavaMistralForCausalLM": ("llava", "LlavaForConditionalGeneration"),
+    "LlavaQwenForCausalLM": ("llava", "LlavaForConditionalGeneration"),
 }
 
 

@@ -1,0 +1,116 @@
+"""ASGI middlewares that refuse a request before any route sees it: a missing or wrong API key
+(401) and a body over `--max-request-bytes` (413). Both answer with OpenAI error objects.
+
+They are plain ASGI callables rather than Starlette `BaseHTTPMiddleware`s: the body limit has to
+sit between the socket and the route's `receive`, which a `call_next` middleware cannot do.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fovea.server import responses as R
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Routes open without the API key: a load balancer's probe carries no credentials.
+OPEN_PATHS = frozenset({"/health"})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header `name` (lower case), as sent."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value)
+    return None
+
+
+class ApiKeyAuth:
+    """Every HTTP route but `OPEN_PATHS` needs `Authorization: Bearer <key>`. The comparison
+    takes the same time wherever the tokens differ (`hmac.compare_digest`); neither the expected
+    nor the given key is logged or echoed."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._key = api_key.encode()
+
+    def _authorized(self, scope: Scope) -> bool:
+        scheme, _, token = (_header(scope, b"authorization") or b"").strip().partition(b" ")
+        # The scheme is case-insensitive (RFC 9110 11.1); compare_digest runs even for a wrong
+        # scheme so the time taken does not tell the two failures apart.
+        ok = hmac.compare_digest(token.strip(), self._key)
+        return ok and scheme.lower() == b"bearer"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        body = R.error_body(
+            401,
+            "missing or invalid API key: send the header 'Authorization: Bearer <API key>'",
+            code="invalid_api_key",
+        )
+        body["error"]["type"] = "invalid_request_error"  # what OpenAI sends with a 401
+        await R.json(body, 401)(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuses (413) a request body over `max_bytes`: from Content-Length before reading a
+    byte, else by counting while it arrives (chunked uploads), reading no further than one chunk
+    past the limit. Every route reads its whole JSON body anyway, so the body is read here,
+    whole, and replayed to the app; at most `max_bytes` (plus one chunk) is ever held."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _refuse(self) -> Any:
+        return R.error(
+            413,
+            f"request body is larger than the {self.max_bytes}-byte limit (--max-request-bytes)",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length")
+        # uvicorn has already refused a Content-Length that is not a number.
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse()(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left mid-upload: nobody to answer
+                return
+            chunk = bytes(message.get("body", b""))
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse()(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay(body, receive), send)
+
+
+def _replay(body: Message, receive: Receive) -> Receive:
+    """A `receive` that gives `body` once, then defers to `receive` (where the app waits for
+    the client's disconnect)."""
+    pending = [body]
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replayed
