@@ -14,6 +14,31 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 
+from fovea.tokenizer_service.media import to_rgb
+
+# preprocessor_config.json keys every family reads the same way (rescale/normalize/resize
+# switches and values); family-specific keys are read beside these.
+PIXEL_KEYS = (
+    "image_mean",
+    "image_std",
+    "rescale_factor",
+    "do_resize",
+    "do_rescale",
+    "do_normalize",
+    "do_convert_rgb",
+    "resample",
+)
+
+
+def rgb_input(image: PIL.Image.Image, convert: bool) -> PIL.Image.Image:
+    """The image as an RGB processor input: converted (transparency on white) if `convert`,
+    else it must already be RGB."""
+    if convert:
+        return to_rgb(image)
+    if image.mode != "RGB":
+        raise ValueError(f"image mode {image.mode} is not RGB and do_convert_rgb is off")
+    return image
+
 
 @dataclass(frozen=True)
 class ProcessedImage:

@@ -27,8 +27,12 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from fovea.tokenizer_service.media import to_rgb
-from fovea.tokenizer_service.processors.base import ImageProcessor, ProcessedImage
+from fovea.tokenizer_service.processors.base import (
+    PIXEL_KEYS,
+    ImageProcessor,
+    ProcessedImage,
+    rgb_input,
+)
 from fovea.tokenizer_service.processors.qwen2_vl import CHANNELS, _per_channel, value_table
 
 log = logging.getLogger(__name__)
@@ -106,27 +110,12 @@ class Gemma3Processor(ImageProcessor):
             "height": size.get("height"),
             "width": size.get("width"),
             "tokenizer": tokenizer,
-            **{
-                key: pp.get(key)
-                for key in (
-                    "image_mean",
-                    "image_std",
-                    "rescale_factor",
-                    "do_resize",
-                    "do_rescale",
-                    "do_normalize",
-                    "do_convert_rgb",
-                    "resample",
-                )
-            },
+            **{key: pp.get(key) for key in PIXEL_KEYS},
         }
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
     def preprocess(self, image: PIL.Image.Image) -> ProcessedImage:
-        if self.do_convert_rgb:
-            image = to_rgb(image)
-        elif image.mode != "RGB":
-            raise ValueError(f"image mode {image.mode} is not RGB and do_convert_rgb is off")
+        image = rgb_input(image, self.do_convert_rgb)
         if self.do_resize and image.size != (self.width, self.height):
             image = image.resize((self.width, self.height), resample=self.resample)
         elif image.size != (self.width, self.height):

@@ -33,8 +33,12 @@ from fovea.common.llava_config import (
     select_best_resolution,
 )
 from fovea.common.llava_defaults import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from fovea.tokenizer_service.media import to_rgb
-from fovea.tokenizer_service.processors.base import ImageProcessor, ProcessedImage
+from fovea.tokenizer_service.processors.base import (
+    PIXEL_KEYS,
+    ImageProcessor,
+    ProcessedImage,
+    rgb_input,
+)
 from fovea.tokenizer_service.processors.qwen2_vl import CHANNELS, _per_channel, value_table
 
 log = logging.getLogger(__name__)
@@ -168,20 +172,7 @@ class LlavaProcessor(ImageProcessor):
         # LLaVA-1.5's do_pad pads square before resizing; anyres processors' do_pad pads the
         # batch (meaningless one image at a time).
         pad = spec.pad_to_square or (not spec.anyres and bool(pp.get("do_pad", False)))
-        kwargs = {
-            key: pp[key]
-            for key in (
-                "image_mean",
-                "image_std",
-                "rescale_factor",
-                "do_resize",
-                "do_rescale",
-                "do_normalize",
-                "do_convert_rgb",
-                "resample",
-            )
-            if pp.get(key) is not None
-        }
+        kwargs = {key: pp[key] for key in PIXEL_KEYS if pp.get(key) is not None}
         return cls(
             spec,
             image_token_id=token,
@@ -196,10 +187,7 @@ class LlavaProcessor(ImageProcessor):
         return self.preprocess_in_request(image, 1)
 
     def preprocess_in_request(self, image: PIL.Image.Image, num_images: int) -> ProcessedImage:
-        if self.do_convert_rgb:
-            image = to_rgb(image)
-        elif image.mode != "RGB":
-            raise ValueError(f"image mode {image.mode} is not RGB and do_convert_rgb is off")
+        image = rgb_input(image, self.do_convert_rgb)
         pixels = np.asarray(image)  # [H, W, C] uint8
         height, width = pixels.shape[:2]
         base_only = self.spec.multi_image_base_only and num_images > 1

@@ -24,8 +24,12 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from fovea.tokenizer_service.media import to_rgb
-from fovea.tokenizer_service.processors.base import ImageProcessor, ProcessedImage
+from fovea.tokenizer_service.processors.base import (
+    PIXEL_KEYS,
+    ImageProcessor,
+    ProcessedImage,
+    rgb_input,
+)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -150,19 +154,7 @@ class Qwen2VLProcessor(ImageProcessor):
             "max_pixels": max_pixels,
             **{
                 key: pp.get(key)
-                for key in (
-                    "patch_size",
-                    "temporal_patch_size",
-                    "merge_size",
-                    "image_mean",
-                    "image_std",
-                    "rescale_factor",
-                    "do_resize",
-                    "do_rescale",
-                    "do_normalize",
-                    "do_convert_rgb",
-                    "resample",
-                )
+                for key in ("patch_size", "temporal_patch_size", "merge_size", *PIXEL_KEYS)
             },
         }
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
@@ -180,10 +172,7 @@ class Qwen2VLProcessor(ImageProcessor):
         return height, width
 
     def preprocess(self, image: PIL.Image.Image) -> ProcessedImage:
-        if self.do_convert_rgb:
-            image = to_rgb(image)
-        elif image.mode != "RGB":
-            raise ValueError(f"image mode {image.mode} is not RGB and do_convert_rgb is off")
+        image = rgb_input(image, self.do_convert_rgb)
         height, width = self.resized_size(image.height, image.width)
         if (width, height) != image.size:
             image = image.resize((width, height), resample=self.resample)
