@@ -120,6 +120,10 @@ class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     generated_tokens: int
     images_encoded: int = 0  # vision-encoder runs on rank 0 since start
     retractions: int = 0  # sequences sent back to the queue for lack of KV memory
+    # Cross-attention image state (Mllama): slots in the workers' pool, and free ones.
+    # Invariant with nothing running: free_image_slots == image_slots.
+    image_slots: int = 0
+    free_image_slots: int = 0
 
 
 class RequestError(msgspec.Struct, tag=True, kw_only=True):
@@ -198,6 +202,8 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     rank: int
     num_slots: int  # KV slots in the pool (same on every rank)
     max_seqs: int  # rows in the worker's request table
+    # Images whose cross-attention K/V the rank can hold at once (Mllama); 0: no such state.
+    cross_image_slots: int = 0
 
 
 class StepResult(msgspec.Struct, tag=True, gc=False):

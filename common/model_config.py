@@ -9,7 +9,10 @@ from typing import Any
 
 import msgspec
 
+from fovea.common.deepseek_vl2_config import DeepseekVL2ConfigError, check_deepseek_vl2
 from fovea.common.llava_config import LlavaConfigError, check_llava
+from fovea.common.minicpmv_config import MiniCPMVConfigError, check_minicpmv
+from fovea.common.mllama_config import MllamaConfigError, check_mllama
 
 
 class ModelConfigError(ValueError):
@@ -28,6 +31,8 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
 def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
     # v5 multimodal configs nest the language model under text_config.
     nested = cfg.get("text_config")
+    if not isinstance(nested, dict):  # DeepSeek-VL2 nests it under language_config
+        nested = cfg.get("language_config")
     return nested if isinstance(nested, dict) else cfg
 
 
@@ -57,6 +62,18 @@ def read_model_info(path: str, context_length: int | None = None) -> ModelInfo:
     try:  # a LLaVA checkpoint's tower and image token, checked before any process starts
         check_llava(path, cfg)
     except LlavaConfigError as e:
+        raise ModelConfigError(f"{cfg_path}: {e}") from e
+    try:  # likewise a DeepSeek-VL2 checkpoint's config, processor settings and image token
+        check_deepseek_vl2(path, cfg)
+    except DeepseekVL2ConfigError as e:
+        raise ModelConfigError(f"{cfg_path}: {e}") from e
+    try:  # a MiniCPM-V checkpoint's layout, language model and processor settings
+        check_minicpmv(path, cfg)
+    except MiniCPMVConfigError as e:
+        raise ModelConfigError(f"{cfg_path}: {e}") from e
+    try:  # an Mllama checkpoint's image processor agrees with its vision tower
+        check_mllama(path, cfg)
+    except MllamaConfigError as e:
         raise ModelConfigError(f"{cfg_path}: {e}") from e
     text = _text_config(cfg)
     model_max = int(
@@ -91,17 +108,39 @@ def tp_size_problem(cfg: dict[str, Any], tp_size: int) -> str | None:
         return None
     kv = int(text.get("num_key_value_heads") or heads)
     inter = int(text.get("intermediate_size") or 0)
+    # Split like the MLP too: MoE experts (each expert's width, worker/layers/moe.py) and
+    # DeepSeek-VL2's SigLIP tower (heads, MLP width).
+    others = _moe_and_tower_splits(cfg, text)
 
     def fits(t: int) -> bool:
-        return heads % t == 0 and (kv % t == 0 or t % kv == 0) and (inter % t == 0)
+        return (
+            heads % t == 0
+            and (kv % t == 0 or t % kv == 0)
+            and (inter % t == 0)
+            and all(n % t == 0 for n in others.values())
+        )
 
     if fits(tp_size):
         return None
     valid = ", ".join(str(t) for t in range(1, heads + 1) if fits(t))
+    extra = "".join(f", {what} {n}" for what, n in others.items())
     return (
         f"--tp-size {tp_size} cannot split this model ({heads} attention heads, {kv} KV heads, "
-        f"MLP width {inter}); valid sizes: {valid}"
+        f"MLP width {inter}{extra}); valid sizes: {valid}"
     )
+
+
+def _moe_and_tower_splits(cfg: dict[str, Any], text: dict[str, Any]) -> dict[str, int]:
+    """Sizes besides the decoder's heads and MLP that tensor parallelism splits evenly."""
+    out: dict[str, int] = {}
+    if text.get("n_routed_experts"):
+        out["expert width"] = int(text.get("moe_intermediate_size") or 0)
+    if "language_config" in cfg and isinstance(cfg.get("vision_config"), dict):
+        vision = cfg["vision_config"]
+        width = int(vision.get("width", 1024))
+        out["vision heads"] = int(vision.get("heads", 16))
+        out["vision MLP width"] = int(width * float(vision.get("mlp_ratio", 4)))
+    return out
 
 
 # Architectures whose image tokens attend to each other in full during prefill (transformers'

@@ -49,12 +49,13 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
     results: Receiver[FromWorker] = Receiver(ctx, addrs.worker_result, FromWorker, bind=True)
     to_tokenizer = Sender(ctx, addrs.tokenizer_in, bind=False)
     to_server = Sender(ctx, addrs.server_in, bind=False)
-    num_slots, max_seqs = handshake(plans, results, args.tp_size, log)
-    core = Scheduler(SchedulerConfig.from_args(args, model, max_seqs), num_slots)
+    num_slots, max_seqs, image_slots = handshake(plans, results, args.tp_size, log)
+    core = Scheduler(SchedulerConfig.from_args(args, model, max_seqs, image_slots), num_slots)
     log.info(
-        "role=scheduler pid=%d slots=%d page_size=%d max_running=%d sockets: in=%s plan=%s "
-        "result=%s tokenizer=%s server=%s",
+        "role=scheduler pid=%d slots=%d page_size=%d max_running=%d image_slots=%d sockets: "
+        "in=%s plan=%s result=%s tokenizer=%s server=%s",
         os.getpid(), core.total_slots, args.page_size, core.config.max_running_requests,
+        image_slots,
         addrs.scheduler_in, addrs.worker_plan, addrs.worker_result, addrs.tokenizer_in,
         addrs.server_in,
     )  # fmt: skip
@@ -124,9 +125,9 @@ class MetricsPublisher:
 
 def handshake(
     plans: Sender, results: Receiver[FromWorker], tp_size: int, log: logging.Logger
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """Ping until every rank answered (PUB/SUB drops what is sent before a subscriber joins).
-    Returns the smallest (num_slots, max_seqs) over the ranks."""
+    Returns the smallest (num_slots, max_seqs, cross_image_slots) over the ranks."""
     nonce = int.from_bytes(os.urandom(4), "little")
     ready: dict[int, WorkerReady] = {}
     while len(ready) < tp_size:
@@ -138,7 +139,11 @@ def handshake(
                 fail(msg, log)
             if isinstance(msg, WorkerReady) and msg.nonce == nonce:
                 ready[msg.rank] = msg
-    return min(r.num_slots for r in ready.values()), min(r.max_seqs for r in ready.values())
+    return (
+        min(r.num_slots for r in ready.values()),
+        min(r.max_seqs for r in ready.values()),
+        min(r.cross_image_slots for r in ready.values()),
+    )
 
 
 class RankWatch:

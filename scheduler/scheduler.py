@@ -35,6 +35,7 @@ from fovea.common.messages import (
 )
 from fovea.common.model_config import ModelInfo, images_attend_bidirectionally
 from fovea.scheduler.batch import PlanBuilder
+from fovea.scheduler.cross_images import CrossImageSlots, salted_key
 from fovea.scheduler.kv_allocator import KVAllocator
 from fovea.scheduler.policy import (
     StepBudget,
@@ -63,10 +64,16 @@ class SchedulerConfig:
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
     whole_images: bool = False  # never split an image across chunks (bidirectional images)
+    # The workers' cross-attention image slots (Mllama; scheduler/cross_images.py); 0: the
+    # model keeps no per-image state beside the KV cache.
+    cross_image_slots: int = 0
 
     @staticmethod
-    def from_args(args: ServerArgs, model: ModelInfo, max_seqs: int) -> SchedulerConfig:
-        """`max_seqs`: rows in the workers' request table, a hard cap on running sequences."""
+    def from_args(
+        args: ServerArgs, model: ModelInfo, max_seqs: int, cross_image_slots: int = 0
+    ) -> SchedulerConfig:
+        """`max_seqs`: rows in the workers' request table, a hard cap on running sequences;
+        `cross_image_slots`: the smallest image pool of the ranks."""
         return SchedulerConfig(
             context_length=model.context_length,
             eos_token_ids=tuple(model.eos_token_ids),
@@ -77,6 +84,7 @@ class SchedulerConfig:
             schedule_policy=args.schedule_policy,
             disable_radix_cache=args.disable_radix_cache,
             whole_images=images_attend_bidirectionally(model.architecture),
+            cross_image_slots=cross_image_slots,
         )
 
 
@@ -91,6 +99,9 @@ class Scheduler:
         self.allocator = KVAllocator(num_slots, config.page_size)
         self.cache = RadixCache(config.page_size, disabled=config.disable_radix_cache)
         self.plans = PlanBuilder()
+        self.cross_images = (
+            CrossImageSlots(config.cross_image_slots) if config.cross_image_slots else None
+        )
         self.waiting: list[Sequence] = []  # retracted first, then arrival order
         self.running: list[Sequence] = []  # admission order: the newest retract first
         self.seqs: dict[str, Sequence] = {}  # every waiting or running sequence by key
@@ -134,8 +145,13 @@ class Scheduler:
         max_new = req.sampling.max_new_tokens
         assert max_new is not None, "the tokenizer resolves max_new_tokens"
         need = len(req.input_ids) + max_new
+        too_many_images = (
+            self.cross_images.refusal(req.rid, len(req.images)) if self.cross_images else None
+        )
         if not req.input_ids:
             self._reject(req.rid, f"request {req.rid}: empty prompt")
+        elif too_many_images is not None:
+            self._reject(req.rid, too_many_images)
         elif need > self.total_slots:
             self._reject(
                 req.rid,
@@ -155,6 +171,8 @@ class Scheduler:
             if seq.key in self.seqs:
                 log.warning("request %s: duplicate sequence %s ignored", req.rid, seq.key)
                 return
+            if self.cross_images is not None:  # every token depends on every image
+                seq.prompt_key = salted_key(seq.prompt_key, seq.images)
             self._arrivals += 1
             self.prompt_tokens += len(req.input_ids)
             self.images_received += len(req.images)
@@ -200,6 +218,8 @@ class Scheduler:
                 generated_tokens=self.generated_tokens,
                 images_encoded=self.images_encoded,
                 retractions=self.num_retractions,
+                image_slots=self.cross_images.capacity if self.cross_images else 0,
+                free_image_slots=self.cross_images.free if self.cross_images else 0,
             )
         )
 
@@ -270,6 +290,8 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: StepBudget) -> bool:
         """Admit `seq` with its first chunk if budget and memory allow; False otherwise."""
         alloc = self.allocator
+        if self.cross_images is not None and not self.cross_images.fits(seq):
+            return False  # its images' cross-attention state waits for free image slots
         # At least the last known token is computed, to get the logits of the next one.
         prefix_slots, node = self.cache.match_prefix(seq.cache_key[:-1])
         whole = self.config.whole_images and bool(seq.images)
@@ -306,6 +328,8 @@ class Scheduler:
         self.waiting.remove(seq)
         self.running.append(seq)
         seq.status = SeqStatus.RUNNING
+        if self.cross_images is not None:
+            self.cross_images.take(seq)
         seq.slots = prefix_slots + got
         seq.prefix_len = prefix_len
         seq.node = node
@@ -363,6 +387,8 @@ class Scheduler:
         self.allocator.free(seq.slots[seq.prefix_len : present] + seq.slots[aligned:])
         if seq.node is not None:
             self.cache.dec_lock(seq.node)
+        if self.cross_images is not None:
+            self.cross_images.release(seq)  # the workers free them when they drop it
         seq.node = None
         seq.slots = []
         seq.prefix_len = 0

@@ -75,3 +75,41 @@ def tiny_llava_onevision(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_models import make_tiny_llava
 
     return make_tiny_llava(tmp_path_factory.mktemp("tiny-llava-onevision"), "llava_onevision")
+
+
+@pytest.fixture(scope="session")
+def tiny_mllama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_mllama import make_tiny_mllama
+
+    return make_tiny_mllama(tmp_path_factory.mktemp("tiny-mllama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_minicpmv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_minicpmv import make_tiny_minicpmv
+
+    # seed 2: greedy outputs of this tiny model vary rather than repeat one token
+    return make_tiny_minicpmv(tmp_path_factory.mktemp("tiny-minicpmv"), seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_minicpmv4_6(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_minicpmv import make_tiny_minicpmv4_6
+
+    return make_tiny_minicpmv4_6(tmp_path_factory.mktemp("tiny-minicpmv4-6"))
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek_vl2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DeepSeek-VL2 with MLA (like -small / the full model); the reference's files beside."""
+    from tiny_deepseek_vl2 import make_tiny_deepseek_vl2
+
+    return make_tiny_deepseek_vl2(tmp_path_factory.mktemp("tiny-deepseek-vl2"), "mla")
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek_vl2_mha(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DeepSeek-VL2 with multi-head attention (like -tiny, use_mla false)."""
+    from tiny_deepseek_vl2 import make_tiny_deepseek_vl2
+
+    return make_tiny_deepseek_vl2(tmp_path_factory.mktemp("tiny-deepseek-vl2-mha"), "mha")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -93,6 +94,12 @@ class Server:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"server not ready in {timeout} s: {self.log_tail()}")
+
+    def openai_client(self) -> Any:
+        """An `openai.OpenAI` client for this server (no retries: a failure shows at once)."""
+        import openai
+
+        return openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0)
 
     def log_tail(self) -> str:
         if self.log_path and self.log_path.exists():

@@ -17,13 +17,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from worker_driver import GREEDY, Driver, make_runner
+from worker_driver import GREEDY, Driver, greedy, make_runner, prefill_logits
 
 from fovea.common.messages import (
     ChatMessage,
     ImageInput,
     NewSequence,
-    ScheduledChunk,
     StepPlan,
     TokenizedRequest,
 )
@@ -195,22 +194,6 @@ def text_reference(hf_text: Any, text_prompts: dict[str, Prompt]) -> dict[str, l
     return {name: _generate(hf_text, p) for name, p in text_prompts.items()}
 
 
-def greedy(runner: ModelRunner, p: Prompt, key: str = "s") -> list[int]:
-    d = Driver(runner)
-    tokens = list(d.step([p.new_seq(key)], [(key, len(p.ids), True)]).token_ids)
-    for _ in range(N_NEW - 1):
-        tokens += d.step([], [(key, 1, True)]).token_ids
-    runner.step(StepPlan(0, [], [], [key]))
-    return tokens
-
-
-def prefill_logits(runner: ModelRunner, p: Prompt, key: str = "p") -> torch.Tensor:
-    """[L, vocab] float32 logits of every prompt token, one chunk."""
-    runner._admit(p.new_seq(key))
-    plan = StepPlan(0, [], [ScheduledChunk(key, Driver(runner).alloc(key, len(p.ids)), True)], [])
-    logits, _ = runner.forward(plan, every_token=True)
-    runner.step(StepPlan(0, [], [], [key]))
-    return logits
 
 
 def hf_logits(hf: Any, p: Prompt, **kw: Any) -> torch.Tensor:

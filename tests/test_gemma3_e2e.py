@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from server_harness import Server
-from vision_helpers import N_NEW, ImageHost, png
+from vision_helpers import N_NEW, ImageHost, image_part, png, text_part
 
 pytestmark = pytest.mark.slow
 
@@ -111,20 +111,12 @@ def server(tiny_gemma3: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0)
+    return server.openai_client()
 
 
 @pytest.fixture(scope="module")
 def ref(tiny_gemma3: Path) -> GemmaReference:
     return GemmaReference(tiny_gemma3)
-
-
-def image_part(url: str) -> dict[str, Any]:
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def text_part(text: str) -> dict[str, Any]:
-    return {"type": "text", "text": text}
 
 
 def cases(host: ImageHost) -> dict[str, list[dict[str, Any]]]:

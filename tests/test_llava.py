@@ -18,7 +18,7 @@ from llava_helpers import LlavaReference, random_image
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_models import make_original_llava
-from worker_driver import GREEDY, Driver, make_runner
+from worker_driver import GREEDY, Driver, greedy, make_runner, prefill_logits
 
 from fovea.common.llava_config import anyres_feature_shape, llava_spec, unpadded_shape
 from fovea.common.messages import ImageInput, NewSequence, ScheduledChunk, StepPlan
@@ -29,7 +29,6 @@ from fovea.tokenizer_service.tokenize import image_hash
 from fovea.worker.loader import WeightLoadError
 from fovea.worker.model_runner import ModelRunner
 
-N_NEW = 32
 KINDS = ["llava", "llava_next", "llama3_llava_next", "llava_onevision"]
 # A (100x150) is unpadded by NeXT and downscaled by OneVision's anyres_max; D is A's size.
 IMAGES = {
@@ -117,22 +116,6 @@ def prompts(ref: LlavaReference, processor: LlavaProcessor) -> dict[str, Prompt]
     return {name: Prompt(ref, processor, turns) for name, turns in CASES.items()}
 
 
-def greedy(runner: ModelRunner, p: Prompt, key: str = "s") -> list[int]:
-    d = Driver(runner)
-    tokens = list(d.step([p.new_seq(key)], [(key, len(p.ids), True)]).token_ids)
-    for _ in range(N_NEW - 1):
-        tokens += d.step([], [(key, 1, True)]).token_ids
-    runner.step(StepPlan(0, [], [], [key]))
-    return tokens
-
-
-def prefill_logits(runner: ModelRunner, p: Prompt, key: str = "p") -> torch.Tensor:
-    """[L, vocab] float32 logits of every prompt token, one chunk."""
-    runner._admit(p.new_seq(key))
-    plan = StepPlan(0, [], [ScheduledChunk(key, Driver(runner).alloc(key, len(p.ids)), True)], [])
-    logits, _ = runner.forward(plan, every_token=True)
-    runner.step(StepPlan(0, [], [], [key]))
-    return logits
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -22,7 +22,7 @@ from llava_helpers import N_NEW, LlavaReference
 from PIL import Image
 from server_harness import Server
 from tiny_models import LLAVA_KINDS, make_original_llava
-from vision_helpers import ImageHost, png
+from vision_helpers import ImageHost, image_part, png, text_part
 
 pytestmark = pytest.mark.slow
 
@@ -61,20 +61,12 @@ def server(
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0)
+    return server.openai_client()
 
 
 @pytest.fixture(scope="module")
 def ref(model_dir: Path, kind: str) -> LlavaReference:
     return LlavaReference(model_dir, kind)
-
-
-def image_part(url: str) -> dict[str, Any]:
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def text_part(text: str) -> dict[str, Any]:
-    return {"type": "text", "text": text}
 
 
 def cases(host: ImageHost) -> dict[str, list[dict[str, Any]]]:

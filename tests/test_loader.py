@@ -110,12 +110,12 @@ def test_unknown_architecture_lists_supported() -> None:
         check_architecture("GPT2LMHeadModel")
     assert str(e.value) == (
         "architecture 'GPT2LMHeadModel' is not supported; supported: "
-        "Gemma3ForCausalLM, Gemma3ForConditionalGeneration, "
+        "DeepseekVLV2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, "
         "LlamaForCausalLM, "
         "LlavaForConditionalGeneration, LlavaLlamaForCausalLM, LlavaMistralForCausalLM, "
         "LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "
-        "LlavaQwenForCausalLM, "
-        "MistralForCausalLM, Qwen2ForCausalLM, "
+        "LlavaQwenForCausalLM, MiniCPMV, MiniCPMV4_6ForConditionalGeneration, "
+        "MistralForCausalLM, MllamaForConditionalGeneration, Qwen2ForCausalLM, "
         "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration"
     )
 

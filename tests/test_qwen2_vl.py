@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from worker_driver import GREEDY, Driver, make_runner
+from worker_driver import GREEDY, Driver, greedy, make_runner, prefill_logits
 
 from fovea.common.messages import ImageInput, NewSequence, ScheduledChunk, StepPlan
 from fovea.common.model_config import read_model_info
@@ -169,23 +169,6 @@ def hf_rope_index(hf_model: Any, p: Prompt) -> tuple[torch.Tensor, int]:
     return pos[:, 0], int(delta)
 
 
-def greedy(runner: ModelRunner, p: Prompt, key: str = "s") -> list[int]:
-    d = Driver(runner)
-    res = d.step([p.new_seq(key)], [(key, len(p.ids), True)])
-    tokens = list(res.token_ids)
-    for _ in range(N_NEW - 1):
-        tokens += d.step([], [(key, 1, True)]).token_ids
-    runner.step(StepPlan(0, [], [], [key]))
-    return tokens
-
-
-def prefill_logits(runner: ModelRunner, p: Prompt, key: str = "p") -> torch.Tensor:
-    """[L, vocab] float32 logits of every prompt token, one chunk."""
-    runner._admit(p.new_seq(key))
-    plan = StepPlan(0, [], [ScheduledChunk(key, Driver(runner).alloc(key, len(p.ids)), True)], [])
-    logits, _ = runner.forward(plan, every_token=True)
-    runner.step(StepPlan(0, [], [], [key]))
-    return logits
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from server_harness import Server
-from vision_helpers import N_NEW, SYSTEM, ImageHost, Reference, png
+from vision_helpers import N_NEW, SYSTEM, ImageHost, Reference, png, text_part
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0)
+    return server.openai_client()
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,6 @@ def ref(model_dir: Path) -> Reference:
 
 def image_part(url: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url, "detail": "low"}}
-
-
-def text_part(text: str) -> dict[str, Any]:
-    return {"type": "text", "text": text}
 
 
 def cases(host: ImageHost) -> dict[str, list[dict[str, Any]]]:

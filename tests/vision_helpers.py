@@ -27,6 +27,15 @@ def png(name: str) -> bytes:
     return buf.getvalue()
 
 
+def image_part(url: str) -> dict[str, Any]:
+    """An OpenAI chat content part naming an image by URL (http(s) or data:)."""
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def text_part(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
 class ImageHost:
     """GET /<name>.png from a thread; counts requests per path."""
 

@@ -4,6 +4,9 @@ in order from the first usable one (slots 0..page_size-1 are the scratch page)."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
+
+import torch
 
 from fovea.common.config import ServerArgs
 from fovea.common.messages import NewSequence, ScheduledChunk, StepPlan, StepResult
@@ -49,6 +52,34 @@ class Driver:
         )
         self.step_no += 1
         return self.runner.step(plan)
+
+
+class PromptLike(Protocol):
+    """A test's tokenized prompt: its ids and the NewSequence that admits it."""
+
+    ids: list[int]
+
+    def new_seq(self, key: str) -> NewSequence: ...
+
+
+def greedy(runner: ModelRunner, p: PromptLike, key: str = "s", n_new: int = 32) -> list[int]:
+    """n_new greedy tokens of one prompt: one prefill chunk, then one token a step; the
+    sequence is dropped afterwards."""
+    d = Driver(runner)
+    tokens = list(d.step([p.new_seq(key)], [(key, len(p.ids), True)]).token_ids)
+    for _ in range(n_new - 1):
+        tokens += d.step([], [(key, 1, True)]).token_ids
+    runner.step(StepPlan(0, [], [], [key]))
+    return tokens
+
+
+def prefill_logits(runner: ModelRunner, p: PromptLike, key: str = "p") -> torch.Tensor:
+    """[L, vocab] float32 logits of every prompt token, one chunk; the sequence is dropped."""
+    runner._admit(p.new_seq(key))
+    plan = StepPlan(0, [], [ScheduledChunk(key, Driver(runner).alloc(key, len(p.ids)), True)], [])
+    logits, _ = runner.forward(plan, every_token=True)
+    runner.step(StepPlan(0, [], [], [key]))
+    return logits
 
 
 def generate_together(

@@ -79,6 +79,32 @@ def image_hash(file_hash: bytes, processed: ProcessedImage) -> bytes:
     return hashlib.blake2b(file_hash + processed.variant, digest_size=len(file_hash)).digest()
 
 
+def image_inputs(
+    file_hashes: list[bytes], processed: list[ProcessedImage], offsets: list[int]
+) -> list[ImageInput]:
+    """One ImageInput per placeholder run (`offsets`: each run's start; images in order, each
+    image's parts in order). The runs of an image with several key its hash with their index."""
+    if len(offsets) != sum(len(p.parts) for p in processed):
+        raise ValueError(f"{len(offsets)} image placeholder runs for {len(processed)} images")
+    out: list[ImageInput] = []
+    starts = iter(offsets)
+    for file_hash, p in zip(file_hashes, processed, strict=True):
+        key = image_hash(file_hash, p)
+        for k, part in enumerate(p.parts):
+            run_key = span_hash(key, k) if p.spans else key
+            out.append(
+                ImageInput(run_key, next(starts), part.num_tokens, part.pixel_values, part.grid)
+            )
+    return out
+
+
+def span_hash(image_key: bytes, index: int) -> bytes:
+    """The cache key of run `index` of an image shown as several runs (MiniCPM-V slices)."""
+    return hashlib.blake2b(
+        image_key + b"span" + index.to_bytes(4, "little"), digest_size=len(image_key)
+    ).digest()
+
+
 def load_hf_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -181,13 +207,10 @@ class Tokenizer:
 
         try:
             processed = await asyncio.to_thread(preprocess_all)
+            ids, offsets = processor.expand_placeholders(ids, processed)
         except ValueError as e:
             raise PromptError(f"image could not be processed: {e}", param) from e
-        ids, offsets = processor.expand_placeholders(ids, processed)
-        images = [
-            ImageInput(image_hash(im.hash, p), off, p.num_tokens, p.pixel_values, p.grid)
-            for im, p, off in zip(loaded, processed, offsets, strict=True)
-        ]
+        images = image_inputs([im.hash for im in loaded], processed, offsets)
         return self._sequences(req, ids, images, param)
 
     def _check_placeholders(self, ids: list[int], refs: list[ImageRef], param: str) -> None:

@@ -13,6 +13,13 @@ Vision-language models add three optional methods the runner uses when present:
   image across chunks (an image that is split anyway is an error, not a silent causal pass).
 Any model may also set `layer_windows` (per-layer sliding window, 0 = global) and
 `attention_scale` (the score scale, default head_dim ** -0.5) for the attention backend.
+
+A model that reads images through cross-attention layers instead (Mllama) sets
+`cross_attention_images = True`: its placeholder tokens stay token embeddings; the runner
+keeps each sequence's image K/V in an image-slot pool (worker/cross_attention.py: capacity
+`cross_image_slots`, reported to the scheduler) and passes the step's plan to
+`forward(..., cross=CrossBatch | None)`. Its `config.num_layers` counts only the layers that
+take token KV slots.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from fovea.common.messages import ImageInput, NewSequence, StepPlan, StepResult
 from fovea.common.model_config import ModelInfo
 from fovea.worker.attention.base import AttentionBackend, ChunkLayout
 from fovea.worker.attention.torch_native import TorchNativeBackend
+from fovea.worker.cross_attention import CrossAttentionState
 from fovea.worker.kv_pool import KVPool, plan_num_slots
 from fovea.worker.loader import load_model
 from fovea.worker.mm_cache import EmbeddingCache
@@ -82,13 +90,22 @@ class ModelRunner:
         self.model = load_model(model.path, model.architecture, self.dtype, self.device)
         cfg = self.model.config
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.mm_cache = EmbeddingCache(args.mm_cache_mb << 20)
+        self.cross: CrossAttentionState | None = None
+        if getattr(self.model, "cross_attention_images", False):
+            # The image pool is sized first; the token KV pool gets the rest of the budget.
+            self.cross = CrossAttentionState.create(
+                self.model, device=self.device, dtype=self.dtype, weight_bytes=weight_bytes,
+                cap=max(args.max_running_requests, args.max_images_per_request),
+                mem_fraction=args.mem_fraction_static, mm_cache=self.mm_cache,
+            )  # fmt: skip
         kv_heads = self.model.num_kv_heads
         num_slots = plan_num_slots(
             device=self.device,
             bytes_per_slot=KVPool.bytes_per_slot(
                 cfg.num_layers, kv_heads, cfg.head_dim, self.dtype
             ),
-            weight_bytes=weight_bytes,
+            weight_bytes=weight_bytes + (self.cross.pool.nbytes if self.cross else 0),
             page_size=args.page_size,
             mem_fraction=args.mem_fraction_static,
             max_total_tokens=args.max_total_tokens,
@@ -111,6 +128,8 @@ class ModelRunner:
             layer_windows=getattr(self.model, "layer_windows", None),
         )
         self.num_slots = num_slots
+        # Images whose cross-attention K/V fit at once (0: the model has no such state).
+        self.cross_image_slots = self.cross.pool.capacity if self.cross is not None else 0
         self.max_seqs = args.max_running_requests
         # Row r, column i: the slot of token i of the sequence in row r. Zeros point at the
         # scratch page, so stale or unset entries are always valid indices.
@@ -123,7 +142,6 @@ class ModelRunner:
         self.is_multimodal = hasattr(self.model, "encode_images")
         self.uses_mrope = hasattr(self.model, "mrope_positions")
         self.bidirectional_images = bool(getattr(self.model, "bidirectional_images", False))
-        self.mm_cache = EmbeddingCache(args.mm_cache_mb << 20)
         self.images_encoded = 0  # vision-encoder runs, one per image (tests and stats count them)
 
     # ------------------------------------------------------------------ state from diffs
@@ -132,6 +150,8 @@ class ModelRunner:
         seq = self.seqs.pop(key, None)
         if seq is not None:
             self.free_rows.append(seq.row)
+        if self.cross is not None:
+            self.cross.drop(key)  # its image slots
 
     def _admit(self, new: NewSequence) -> None:
         if new.key in self.seqs:
@@ -153,6 +173,8 @@ class ModelRunner:
                 ids[: new.num_prompt_tokens], seq.images
             )
             seq.mrope = mrope.to(self.device)
+        if self.cross is not None:
+            self.cross.admit(new.key, seq.images)
         self.seqs[new.key] = seq
 
     # ------------------------------------------------------------------ one step
@@ -214,7 +236,7 @@ class ModelRunner:
             if start + n > self.context_length:
                 raise RuntimeError(f"{chunk.key}: exceeds context length {self.context_length}")
             spans: list[tuple[int, int]] = []  # images attended in full (bidirectional)
-            for img in seq.images:
+            for img in seq.images if self.cross is None else ():
                 lo, hi = max(start, img.offset), min(start + n, img.offset + img.num_tokens)
                 if lo < hi:
                     overlaps.append((img, lo - img.offset, len(ids) + lo - start, hi - lo))
@@ -240,7 +262,11 @@ class ModelRunner:
         self.attn.plan(layouts, slots_t, self.req_to_slot)
         ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
         pos_t = torch.cat(positions, dim=1) if positions else index_t  # [3, T] or [T]
-        if overlaps:
+        if self.cross is not None:
+            self.images_encoded += self.cross.fill_pending()
+            cross = self.cross.plan([c.key for c in plan.chunks], layouts, len(ids))
+            hidden = self.model(ids_t, pos_t, self.attn, cross=cross)
+        elif overlaps:
             embeds = self._merge_image_embeddings(ids_t, overlaps)
             hidden = self.model(ids_t, pos_t, self.attn, input_embeds=embeds)
         else:

@@ -28,6 +28,10 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "LlavaLlamaForCausalLM": ("llava", "LlavaProcessor"),
     "LlavaMistralForCausalLM": ("llava", "LlavaProcessor"),
     "LlavaQwenForCausalLM": ("llava", "LlavaProcessor"),
+    "MiniCPMV": ("minicpmv", "MiniCPMVProcessor"),
+    "MiniCPMV4_6ForConditionalGeneration": ("minicpmv4_6", "MiniCPMV4_6Processor"),
+    "DeepseekVLV2ForCausalLM": ("deepseek_vl2", "DeepseekVL2Processor"),
+    "MllamaForConditionalGeneration": ("mllama", "MllamaProcessor"),
 }
 
 

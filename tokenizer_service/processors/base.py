@@ -9,6 +9,7 @@ placeholder per image to that many.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,37 @@ PIXEL_KEYS = (
     "do_convert_rgb",
     "resample",
 )
+
+
+CHANNELS = 3
+
+
+def per_channel(value: float | Sequence[float], name: str) -> list[float]:
+    values = [float(value)] * CHANNELS if isinstance(value, int | float) else list(value)
+    if len(values) != CHANNELS:
+        raise ValueError(f"{name} must have {CHANNELS} values, got {values}")
+    return values
+
+
+def value_table(
+    do_rescale: bool,
+    rescale_factor: float,
+    do_normalize: bool,
+    image_mean: float | Sequence[float],
+    image_std: float | Sequence[float],
+) -> np.ndarray:
+    """[C, 256] float32: the output value of each channel's uint8 input value, through
+    transformers' rescale and normalize with their dtypes, so a lookup equals their arithmetic
+    bit for bit. A scalar mean or std applies to every channel."""
+    x: np.ndarray = np.broadcast_to(np.arange(256, dtype=np.uint8), (CHANNELS, 256))
+    if do_rescale:
+        x = (x.astype(np.float64) * rescale_factor).astype(np.float32)
+    if do_normalize:
+        x = x.astype(np.float32)  # no-op after rescale; uint8 would wrap on subtraction
+        mean = np.array(per_channel(image_mean, "image_mean"), dtype=np.float32)[:, None]
+        std = np.array(per_channel(image_std, "image_std"), dtype=np.float32)[:, None]
+        x = (x - mean) / std
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def rgb_input(image: PIL.Image.Image, convert: bool) -> PIL.Image.Image:
@@ -52,6 +84,16 @@ class ProcessedImage:
     # image among several is processed differently from one alone): mixed into the image's
     # hash, so the prefix and embedding caches tell the variants apart.
     variant: bytes = b""
+    # Non-empty when the image occupies several placeholder runs, each between the family's
+    # marker tokens and encoded on its own (MiniCPM-V: a global view, then its slices): the
+    # runs in prompt order, each a one-run ProcessedImage. The fields above then describe the
+    # whole image (num_tokens: all runs together) and are not sent to the model.
+    spans: tuple[ProcessedImage, ...] = ()
+
+    @property
+    def parts(self) -> tuple[ProcessedImage, ...]:
+        """The placeholder runs of this image, in prompt order (itself when it has one)."""
+        return self.spans or (self,)
 
 
 class ImageProcessor(ABC):
@@ -74,7 +116,8 @@ class ImageProcessor(ABC):
         self, ids: list[int], images: list[ProcessedImage]
     ) -> tuple[list[int], list[int]]:
         """Replace the k-th occurrence of image_token_id in ids by images[k].num_tokens copies
-        of it. Returns (new ids, offset of each image's first placeholder in the new ids).
+        of it. Returns (new ids, offset of each image's first placeholder in the new ids; for
+        images with several `parts`, of each part's, images in order, parts in order).
         Raises ValueError when placeholders and images do not pair up one to one."""
         tok = self.image_token_id
         positions = [i for i, t in enumerate(ids) if t == tok]

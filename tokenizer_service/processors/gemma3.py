@@ -28,12 +28,13 @@ import numpy as np
 import PIL.Image
 
 from fovea.tokenizer_service.processors.base import (
+    CHANNELS,
     PIXEL_KEYS,
     ImageProcessor,
     ProcessedImage,
     rgb_input,
+    value_table,
 )
-from fovea.tokenizer_service.processors.qwen2_vl import CHANNELS, _per_channel, value_table
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,7 @@ class Gemma3Processor(ImageProcessor):
         self.do_convert_rgb = do_convert_rgb
         self.resample = PIL.Image.Resampling(resample)
         self._table = value_table(
-            do_rescale,
-            rescale_factor,
-            do_normalize,
-            _per_channel(image_mean, "image_mean"),
-            _per_channel(image_std, "image_std"),
+            do_rescale, rescale_factor, do_normalize, image_mean, image_std
         )  # [C, 256]
         self._blank_ids = self._encode("\n\n") if tokenizer is not None else None
 

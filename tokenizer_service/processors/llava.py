@@ -34,12 +34,14 @@ from fovea.common.llava_config import (
 )
 from fovea.common.llava_defaults import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from fovea.tokenizer_service.processors.base import (
+    CHANNELS,
     PIXEL_KEYS,
     ImageProcessor,
     ProcessedImage,
+    per_channel,
     rgb_input,
+    value_table,
 )
-from fovea.tokenizer_service.processors.qwen2_vl import CHANNELS, _per_channel, value_table
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +131,9 @@ class LlavaProcessor(ImageProcessor):
         self.do_resize = do_resize
         self.do_convert_rgb = do_convert_rgb
         self.resample = PIL.Image.Resampling(resample)
-        mean = _per_channel(image_mean, "image_mean")
+        mean = per_channel(image_mean, "image_mean")
         self.background = tuple(int(x * 255) for x in mean)  # the pad colour: the mean
-        self._table = value_table(
-            do_rescale, rescale_factor, do_normalize, mean, _per_channel(image_std, "image_std")
-        )  # [C, 256]
+        self._table = value_table(do_rescale, rescale_factor, do_normalize, mean, image_std)
         if spec.anyres:
             # transformers: tiles of the crop height, else size height, else shortest edge.
             self.tile = int((self.crop or (0, 0))[0] or size.get("height") or size["shortest_edge"])

@@ -25,17 +25,18 @@ import numpy as np
 import PIL.Image
 
 from fovea.tokenizer_service.processors.base import (
+    CHANNELS,
     PIXEL_KEYS,
     ImageProcessor,
     ProcessedImage,
     rgb_input,
+    value_table,
 )
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 QWEN2_VL_IMAGE_TOKEN_ID = 151655  # <|image_pad|>
 MAX_ASPECT_RATIO = 200
-CHANNELS = 3
 
 
 def smart_resize(
@@ -60,34 +61,6 @@ def smart_resize(
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
-
-
-def _per_channel(value: float | Sequence[float], name: str) -> list[float]:
-    values = [float(value)] * CHANNELS if isinstance(value, int | float) else list(value)
-    if len(values) != CHANNELS:
-        raise ValueError(f"{name} must have {CHANNELS} values, got {values}")
-    return values
-
-
-def value_table(
-    do_rescale: bool,
-    rescale_factor: float,
-    do_normalize: bool,
-    image_mean: Sequence[float],
-    image_std: Sequence[float],
-) -> np.ndarray:
-    """[C, 256] float32: the output value of each channel's uint8 input value, through
-    transformers' rescale and normalize with their dtypes, so a lookup equals their arithmetic
-    bit for bit."""
-    x: np.ndarray = np.broadcast_to(np.arange(256, dtype=np.uint8), (CHANNELS, 256))
-    if do_rescale:
-        x = (x.astype(np.float64) * rescale_factor).astype(np.float32)
-    if do_normalize:
-        x = x.astype(np.float32)  # no-op after rescale; uint8 would wrap on subtraction
-        mean = np.array(image_mean, dtype=np.float32)[:, None]
-        std = np.array(image_std, dtype=np.float32)[:, None]
-        x = (x - mean) / std
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 class Qwen2VLProcessor(ImageProcessor):
@@ -124,11 +97,7 @@ class Qwen2VLProcessor(ImageProcessor):
         self.do_convert_rgb = do_convert_rgb
         self.resample = PIL.Image.Resampling(resample)
         self._table = value_table(
-            do_rescale,
-            rescale_factor,
-            do_normalize,
-            _per_channel(image_mean, "image_mean"),
-            _per_channel(image_std, "image_std"),
+            do_rescale, rescale_factor, do_normalize, image_mean, image_std
         )  # [C, 256]
 
     @classmethod

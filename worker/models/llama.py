@@ -120,13 +120,14 @@ class LlamaMLP(nn.Module):
         return out
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer_id: int) -> None:
-        super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_id)
-        self.mlp = LlamaMLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+class PreNormBlock(nn.Module):
+    """The Llama block shape: attention, then MLP, each after an RMSNorm that also adds the
+    residual. Subclasses set self_attn, mlp, input_layernorm, post_attention_layernorm."""
+
+    self_attn: nn.Module
+    mlp: nn.Module
+    input_layernorm: RMSNorm
+    post_attention_layernorm: RMSNorm
 
     def forward(
         self,
@@ -141,18 +142,23 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, cfg: DecoderConfig, rotary: RotaryEmbedding | None = None) -> None:
+class LlamaDecoderLayer(PreNormBlock):
+    def __init__(self, cfg: DecoderConfig, layer_id: int) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # Any rotary whose cos_sin(positions, dtype) feeds apply_rotary (M-RoPE for Qwen2-VL).
-        if rotary is None:
-            rotary = RotaryEmbedding(
-                cfg.head_dim, cfg.max_positions, cfg.rope_theta, cfg.rope_scaling
-            )
-        self.rotary = rotary
+        self.self_attn = LlamaAttention(cfg, layer_id)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, PreNormBlocks sharing one rotary table, final norm. Subclasses set
+    embed_tokens, layers, norm and rotary (anything with cos_sin(positions, dtype))."""
+
+    embed_tokens: VocabParallelEmbedding
+    layers: nn.ModuleList
+    norm: RMSNorm
+    rotary: Any
 
     def forward(
         self,
@@ -169,6 +175,20 @@ class LlamaModel(nn.Module):
             x, residual = layer(x, residual, cos_sin, attn)
         out: torch.Tensor = self.norm(x, residual)[0]
         return out
+
+
+class LlamaModel(DecoderStack):
+    def __init__(self, cfg: DecoderConfig, rotary: RotaryEmbedding | None = None) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Any rotary whose cos_sin(positions, dtype) feeds apply_rotary (M-RoPE for Qwen2-VL).
+        if rotary is None:
+            rotary = RotaryEmbedding(
+                cfg.head_dim, cfg.max_positions, cfg.rope_theta, cfg.rope_scaling
+            )
+        self.rotary = rotary
 
 
 class LlamaForCausalLM(nn.Module):

@@ -22,6 +22,11 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlavaLlamaForCausalLM": ("llava", "LlavaForConditionalGeneration"),
     "LlavaMistralForCausalLM": ("llava", "LlavaForConditionalGeneration"),
     "LlavaQwenForCausalLM": ("llava", "LlavaForConditionalGeneration"),
+    # MiniCPM-V: 2.6 (the hub's remote-code layout) and transformers' native 4.6.
+    "MiniCPMV": ("minicpmv", "MiniCPMV"),
+    "MiniCPMV4_6ForConditionalGeneration": ("minicpmv4_6", "MiniCPMV4_6ForConditionalGeneration"),
+    "MllamaForConditionalGeneration": ("mllama", "MllamaForConditionalGeneration"),
+    "DeepseekVLV2ForCausalLM": ("deepseek_vl2", "DeepseekVLV2ForCausalLM"),
 }
 
 
