@@ -8,7 +8,8 @@ Workloads (issue 9):
 - W1 throughput: 128 requests, concurrency 32, 200 prompt tokens, 128 output tokens.
 - W2 latency: one request at a time, 200 in / 64 out (`--w2-requests` of them, medians).
 - W3 shared prefix: 64 requests, concurrency 8, a 1,000-token common prefix + 50 unique tokens;
-  W3cold is the same shape with no common prefix, so "hit TTFT / cold TTFT" is one run's ratio.
+  W3cold is the same lengths (24 requests) with no common prefix, so "hit TTFT / cold TTFT"
+  is one run's ratio.
 Each system runs in each mode (peers.py: `default`, `tuned`), one after the other, never
 overlapping; during W1 the server's whole process tree is sampled for resident memory.
 Prints one JSON line per (system, mode, workload), then one with the ratios, and rewrites
@@ -39,7 +40,9 @@ WORKLOADS: dict[str, list[str]] = {
     # A shorter W1 for A/B runs while tuning (not part of the issue's set).
     "W1short": ["--num-prompts", "64", "--concurrency", "32", "--input-len", "200",
                 "--output-len", "64"],
-    "W3cold": ["--num-prompts", "64", "--concurrency", "8", "--input-len", "1050",
+    # Fewer requests than W3: each is a full 1,050-token prefill, and the steady state (8 in
+    # flight) is reached after the first few.
+    "W3cold": ["--num-prompts", "24", "--concurrency", "8", "--input-len", "1050",
                "--output-len", "16"],
 }  # fmt: skip
 

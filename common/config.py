@@ -80,6 +80,11 @@ class ServerArgs:
     )
     max_prefill_tokens: int = _opt(2048, "Token budget of one step (prefill plus decode).")
     max_running_requests: int = _opt(128, "Most sequences decoding at once.")
+    cpu_threads: int = _opt(
+        0,
+        "Compute threads of a CPU worker (0: auto, every CPU this process may run on, less one "
+        "kept for the front-end processes when there are more than two).",
+    )
     schedule_policy: str = _opt(
         "lpm",
         "Admission order: lpm (longest cached prefix first when the queue is long) or fcfs.",
@@ -230,6 +235,8 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--chunked-prefill-size must be -1 or >= 1, got {a.chunked_prefill_size}"
     if a.max_prefill_tokens < 1:
         return f"--max-prefill-tokens must be >= 1, got {a.max_prefill_tokens}"
+    if a.cpu_threads < 0:
+        return f"--cpu-threads must be >= 0, got {a.cpu_threads}"
     if a.max_running_requests < 1:
         return f"--max-running-requests must be >= 1, got {a.max_running_requests}"
     if a.max_images_per_request < 0:

@@ -21,6 +21,18 @@ def total_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def kv_budget_bytes(device: torch.device, weight_bytes: int, mem_fraction: float | None) -> int:
+    """Bytes for caches: the memory fraction less the weights (and, on CUDA, less whatever is
+    allocated already, when that is more). May be negative."""
+    if device.type == "cuda":
+        fraction = CUDA_DEFAULT_FRACTION if mem_fraction is None else mem_fraction
+        used = torch.cuda.memory_allocated(device)
+        # weights are already counted in `used` once loaded on the device
+        return int(fraction * total_memory_bytes(device)) - max(used, weight_bytes)
+    fraction = CPU_DEFAULT_FRACTION if mem_fraction is None else mem_fraction
+    return int(fraction * total_memory_bytes(device)) - weight_bytes
+
+
 def plan_num_slots(
     *,
     device: torch.device,
@@ -30,16 +42,10 @@ def plan_num_slots(
     mem_fraction: float | None,
     max_total_tokens: int | None,
 ) -> int:
-    """Usable slots: the memory budget left after the weights, capped by max_total_tokens,
-    rounded down to whole pages. Raises if not even one page fits."""
-    if device.type == "cuda":
-        fraction = CUDA_DEFAULT_FRACTION if mem_fraction is None else mem_fraction
-        used = torch.cuda.memory_allocated(device)
-        # weights are already counted in `used` once loaded on the device
-        budget = int(fraction * total_memory_bytes(device)) - max(used, weight_bytes)
-    else:
-        fraction = CPU_DEFAULT_FRACTION if mem_fraction is None else mem_fraction
-        budget = int(fraction * total_memory_bytes(device)) - weight_bytes
+    """Usable slots: the memory budget left after the weights (and any other pool counted in
+    `weight_bytes`), capped by max_total_tokens, rounded down to whole pages. Raises if not
+    even one page fits."""
+    budget = kv_budget_bytes(device, weight_bytes, mem_fraction)
     slots = max(budget, 0) // bytes_per_slot
     if max_total_tokens is not None:
         slots = min(slots, max_total_tokens)
@@ -77,6 +83,10 @@ class KVPool:
         # The scratch page is read as padding (masked): keep it finite so 0 * x stays 0.
         for t in (*self.k, *self.v):
             t[:page_size].zero_()
+
+    def nbytes(self) -> int:
+        """Bytes the pool reserves (on CPU committed only as pages are first written)."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     @staticmethod
     def bytes_per_slot(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

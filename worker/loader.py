@@ -25,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from fovea.worker.layers.cpu_layout import prepare_for_cpu
 from fovea.worker.layers.linear import default_weight_loader
 from fovea.worker.models.registry import model_class
 
@@ -141,4 +142,6 @@ def load_model(path: str, architecture: str, dtype: torch.dtype, device: torch.d
     with torch.device(device), _default_dtype(dtype):
         model = cls(hf_config)
     load_weights(model, path)
+    if device.type == "cpu":
+        prepare_for_cpu(model)
     return model.eval()

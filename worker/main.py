@@ -27,6 +27,7 @@ from fovea.common.messages import (
 )
 from fovea.common.model_config import ModelInfo
 from fovea.common.process import report_ready, setup_process
+from fovea.worker.cpu_threads import set_cpu_threads
 from fovea.worker.distributed import destroy_distributed, init_distributed
 from fovea.worker.model_runner import ModelRunner, pick_device
 
@@ -48,21 +49,28 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
     if device.type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
+    threads = set_cpu_threads(args.cpu_threads) if device.type == "cpu" else 0
     init_distributed(args.tp_size, rank, dist_init_method(args, addrs), device)
     runner = ModelRunner(args, model, rank)
     ctx: zmq.Context[Any] = zmq.Context()
     plans: Receiver[ToWorker] = Receiver(ctx, addrs.worker_plan, ToWorker, bind=False, sub=True)
     results = Sender(ctx, addrs.worker_result, bind=False)
     log.info(
-        "role=worker rank=%d pid=%d device=%s dtype=%s slots=%d sockets: sub %s, push %s",
+        "role=worker rank=%d pid=%d device=%s dtype=%s threads=%s kv_pool=%d slots (%.0f MiB) "
+        "sockets: sub %s, push %s",
         rank, os.getpid(), runner.device, str(runner.dtype).removeprefix("torch."),
-        runner.num_slots, addrs.worker_plan, addrs.worker_result,
+        threads or "-", runner.num_slots, runner.pool.nbytes() / 2**20, addrs.worker_plan,
+        addrs.worker_result,
     )  # fmt: skip
     report_ready(ctx, addrs, f"worker{rank}", slots=str(runner.num_slots))
 
     def on_ping(msg: SyncPing) -> bool:
         ready = WorkerReady(
-            nonce=msg.nonce, rank=rank, num_slots=runner.num_slots, max_seqs=runner.max_seqs
+            nonce=msg.nonce,
+            rank=rank,
+            num_slots=runner.num_slots,
+            max_seqs=runner.max_seqs,
+            cross_image_slots=runner.cross_image_slots,
         )
         results.send(ready)
         return True

@@ -1,0 +1,33 @@
+"""How many compute threads a CPU worker runs.
+
+torch's default is one per CPU. The worker shares the machine with the scheduler, tokenizer and
+HTTP processes, which wake briefly every step; an OpenMP region waits for its slowest thread, so
+a compute thread that loses its CPU to them stalls the whole region. On a 2-core box both
+threads still win (a W1-like load: inter-token p50 about 0.7x of one thread's), as the front
+end needs little CPU. From three CPUs on, one is left to the front end.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: taskset, cgroups' cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_threads(cpus: int) -> int:
+    return cpus if cpus <= 2 else cpus - 1
+
+
+def set_cpu_threads(requested: int) -> int:
+    """Set torch's intra-op threads (requested, or auto when 0) and return the number."""
+    n = requested or auto_threads(usable_cpus())
+    torch.set_num_threads(n)
+    return n
