@@ -34,16 +34,17 @@ from fovea.bench.procmem import MemorySampler
 WORKLOADS: dict[str, list[str]] = {
     "W1": ["--num-prompts", "128", "--concurrency", "32", "--input-len", "200",
            "--output-len", "128"],
-    "W2": ["--concurrency", "1", "--input-len", "200", "--output-len", "64"],
+    # Seeds differ per workload so that no workload's prompts are cached by an earlier one.
+    "W2": ["--concurrency", "1", "--input-len", "200", "--output-len", "64", "--seed", "2"],
     "W3": ["--num-prompts", "64", "--concurrency", "8", "--input-len", "1050",
-           "--shared-prefix-len", "1000", "--output-len", "16"],
+           "--shared-prefix-len", "1000", "--output-len", "16", "--seed", "3"],
     # A shorter W1 for A/B runs while tuning (not part of the set).
     "W1short": ["--num-prompts", "64", "--concurrency", "32", "--input-len", "200",
                 "--output-len", "64"],
     # Fewer requests than W3: each is a full 1,050-token prefill, and the steady state (8 in
     # flight) is reached after the first few.
     "W3cold": ["--num-prompts", "24", "--concurrency", "8", "--input-len", "1050",
-               "--output-len", "16"],
+               "--output-len", "16", "--seed", "4"],
 }  # fmt: skip
 
 
@@ -113,7 +114,7 @@ def run_hf(args: argparse.Namespace, model_dir: str) -> list[dict]:
             continue
         cmd = [sys.executable, "-m", "fovea.bench.hf_generate", "--model", model_dir,
                "--batch-size", str(batch), "--num-prompts", str(n), "--input-len", "200",
-               "--output-len", str(out_len)]  # fmt: skip
+               "--output-len", str(out_len), "--seed", "0" if w == "W1" else "2"]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         res = json.loads(out.stdout.strip().splitlines()[-1]) | {"mode": "-", "workload": w}
         print(json.dumps(res), flush=True)

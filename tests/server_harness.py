@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,12 @@ class Server:
         if self._log is not subprocess.DEVNULL:
             self._log.close()  # type: ignore[union-attr]
         return self.proc.returncode
+
+
+def served(srv: Server) -> Iterator[Server]:
+    """The body of a module-scoped server fixture (`yield from served(Server(...))`): the
+    ready server, then a clean stop (exit status 0) asserted at teardown."""
+    try:
+        yield srv.wait_ready()
+    finally:
+        assert srv.stop() == 0, srv.log_tail()

@@ -17,7 +17,7 @@ import pytest
 import vision_helpers
 from deepseek_vl2_reference import Reference, format_conversation
 from PIL import Image
-from server_harness import Server
+from server_harness import Server, served
 from vision_helpers import N_NEW, ImageHost, png
 
 pytestmark = pytest.mark.slow
@@ -39,10 +39,7 @@ def server(tiny_deepseek_vl2: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "--served-model-name", MODEL, "--max-total-tokens", "4000", "--tp-size", "2",
         log_path=tmp_path_factory.mktemp("logs") / "server.log",
     ).wait_ready()  # fmt: skip
-    try:
-        yield srv
-    finally:
-        assert srv.stop() == 0, srv.log_tail()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from server_harness import Server
+from server_harness import Server, served
 from vision_helpers import N_NEW, ImageHost, image_part, png, text_part
 
 pytestmark = pytest.mark.slow
@@ -103,10 +103,7 @@ def start(model_dir: Path, log: Path) -> Server:
 @pytest.fixture(scope="module")
 def server(tiny_gemma3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start(tiny_gemma3, tmp_path_factory.mktemp("logs") / "server.log")
-    try:
-        yield srv
-    finally:
-        assert srv.stop() == 0, srv.log_tail()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

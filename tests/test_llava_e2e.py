@@ -20,7 +20,7 @@ import openai
 import pytest
 from llava_helpers import N_NEW, LlavaReference
 from PIL import Image
-from server_harness import Server
+from server_harness import Server, served
 from tiny_models import LLAVA_KINDS, make_original_llava
 from vision_helpers import ImageHost, image_part, png, text_part
 
@@ -53,10 +53,7 @@ def server(
         model_dir, "--chat-template", LLAVA_KINDS[kind][1], "--allow-private-media-urls",
         "--served-model-name", "tiny-llava", "--max-total-tokens", "4000", log_path=log,
     )  # fmt: skip
-    try:
-        yield srv.wait_ready()
-    finally:
-        assert srv.stop() == 0, srv.log_tail()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import vision_helpers
 from minicpmv_reference import N_NEW, MiniCPMV26Reference, MiniCPMV46Reference
 from PIL import Image
-from server_harness import Server
+from server_harness import Server, served
 from vision_helpers import text_part
 
 pytestmark = pytest.mark.slow
@@ -61,10 +61,7 @@ def server(
         "--max-total-tokens", "4000", "--chunked-prefill-size", "24",
         log_path=tmp_path_factory.mktemp("logs") / "server.log",
     )  # fmt: skip
-    try:
-        yield srv.wait_ready()
-    finally:
-        assert srv.stop() == 0, srv.log_tail()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

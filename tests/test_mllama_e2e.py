@@ -20,7 +20,7 @@ import pytest
 import requests
 from mllama_helpers import DATE, MllamaReference
 from PIL import Image
-from server_harness import Server
+from server_harness import Server, served
 from vision_helpers import N_NEW, ImageHost, image_part, png, text_part
 
 pytestmark = pytest.mark.slow
@@ -44,10 +44,7 @@ def server(tiny_mllama: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "--served-model-name", MODEL, "--max-total-tokens", "160", "--chunked-prefill-size",
         "8", "--max-running-requests", "4", "--max-images-per-request", "2", log_path=log,
     )  # fmt: skip
-    try:
-        yield srv.wait_ready()
-    finally:
-        assert srv.stop() == 0, srv.log_tail()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_harness import Server
+from server_harness import Server, served
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +25,7 @@ def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         tiny_llama, "--served-model-name", MODEL, "--max-total-tokens", "3000",
         "--chunked-prefill-size", "64", log_path=log,
     )  # fmt: skip
-    try:
-        yield srv.wait_ready()
-    finally:
-        assert srv.stop() == 0, srv.log_tail()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_harness import Server
+from server_harness import Server, served
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +30,7 @@ def smollm2() -> Path:
 def server(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("logs") / "smollm2.log"
     srv = Server("SmolLM2-135M-Instruct", "--dtype", "float32", log_path=log)
-    try:
-        yield srv.wait_ready()
-    finally:
-        assert srv.stop() == 0, srv.log_tail()
+    yield from served(srv)
 
 
 def test_greedy_64_tokens_match_transformers(server: Server, smollm2: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from server_harness import Server
+from server_harness import Server, served
 from vision_helpers import N_NEW, SYSTEM, ImageHost, Reference, png, text_part
 
 pytestmark = pytest.mark.slow
@@ -38,10 +38,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         model_dir, "--chat-template", "qwen2-vl", "--allow-private-media-urls", "--enable-metrics",
         "--served-model-name", "tiny-vl", "--max-total-tokens", "4000", log_path=log,
     )  # fmt: skip
-    try:
-        yield srv.wait_ready()
-    finally:
-        assert srv.stop() == 0, srv.log_tail()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,82 @@
+"""CPU-only speed measures must not change results: the column-major weights, the LM head's
+packed copy, and the automatic thread count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fovea.common.config import ServerArgs, check_args
+from fovea.worker.cpu_threads import auto_threads, set_cpu_threads
+from fovea.worker.layers.cpu_layout import (
+    PACKED_MIN_ROWS,
+    CpuHeadWeights,
+    column_major,
+    prepare_for_cpu,
+)
+from fovea.worker.layers.embedding import ParallelLMHead
+from fovea.worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+
+def test_column_major_is_the_same_matrix_stored_transposed() -> None:
+    w = torch.arange(12, dtype=torch.float32).view(3, 4)
+    c = column_major(w)
+    assert c.shape == (3, 4) and c.stride() == (1, 3)
+    assert torch.equal(c, w)
+
+
+@pytest.mark.parametrize("rows", [1, PACKED_MIN_ROWS - 1, PACKED_MIN_ROWS, 33])
+def test_head_weights_give_the_plain_product(rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(1000, 64, generator=g)
+    x = torch.randn(rows, 64, generator=g)
+    head = CpuHeadWeights(w)
+    assert head.packed is not None  # torch's CPU wheels ship oneDNN: the packed path is tested
+    out = head.linear(x)
+    assert out.shape == (rows, 1000)
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_prepare_for_cpu_keeps_every_output() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {
+            "up": ColumnParallelLinear(32, 48, bias=True),
+            "down": RowParallelLinear(48, 32, bias=True),
+            "head": ParallelLMHead(100, 32),
+        }
+    )
+    for p in model.parameters():
+        p.data.normal_()
+    x = torch.randn(5, 32)
+
+    def run() -> torch.Tensor:
+        h = model["down"](model["up"](x))
+        return model["head"](h)  # type: ignore[no-any-return]
+
+    before = run()
+    prepare_for_cpu(model)
+    assert model["up"].weight.stride() == (1, 48)
+    assert model["down"].weight.stride() == (1, 32)
+    assert isinstance(model["head"].cpu_weights, CpuHeadWeights)
+    torch.testing.assert_close(run(), before, rtol=1e-5, atol=1e-4)
+
+
+def test_auto_threads_keeps_a_cpu_for_the_front_end_from_three_on() -> None:
+    assert [auto_threads(n) for n in (1, 2, 3, 4, 16)] == [1, 2, 2, 3, 15]
+
+
+def test_set_cpu_threads_applies_the_request() -> None:
+    old = torch.get_num_threads()
+    try:
+        assert set_cpu_threads(1) == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_negative_cpu_threads_is_refused() -> None:
+    assert check_args(ServerArgs(model_path="m", cpu_threads=-1)) == (
+        "--cpu-threads must be >= 0, got -1"
+    )
