@@ -108,8 +108,8 @@ def tp_size_problem(cfg: dict[str, Any], tp_size: int) -> str | None:
         return None
     kv = int(text.get("num_key_value_heads") or heads)
     inter = int(text.get("intermediate_size") or 0)
-    # Split like the MLP too: MoE experts (each expert's width, worker/layers/moe.py) and
-    # DeepSeek-VL2's SigLIP tower (heads, MLP width).
+    # Split like the decoder too: MoE experts (each expert's width, worker/layers/moe.py) and
+    # the vision towers that split heads and MLP.
     others = _moe_and_tower_splits(cfg, text)
 
     def fits(t: int) -> bool:
@@ -135,12 +135,24 @@ def _moe_and_tower_splits(cfg: dict[str, Any], text: dict[str, Any]) -> dict[str
     out: dict[str, int] = {}
     if text.get("n_routed_experts"):
         out["expert width"] = int(text.get("moe_intermediate_size") or 0)
-    if "language_config" in cfg and isinstance(cfg.get("vision_config"), dict):
-        vision = cfg["vision_config"]
+    vision = cfg.get("vision_config")
+    if not isinstance(vision, dict):
+        return out
+    if "language_config" in cfg:
         width = int(vision.get("width", 1024))
         out["vision heads"] = int(vision.get("heads", 16))
         out["vision MLP width"] = int(width * float(vision.get("mlp_ratio", 4)))
+    elif vision.get("num_attention_heads") and not _qwen_vl(cfg):
+        # SigLIP / CLIP / Mllama towers split their heads and MLP like the decoder (Qwen2-VL's
+        # tower keeps its attention whole: left out).
+        out["vision heads"] = int(vision["num_attention_heads"])
+        if vision.get("intermediate_size"):
+            out["vision MLP width"] = int(vision["intermediate_size"])
     return out
+
+
+def _qwen_vl(cfg: dict[str, Any]) -> bool:
+    return any(str(a).startswith("Qwen2") for a in cfg.get("architectures") or [])
 
 
 # Architectures whose image tokens attend to each other in full during prefill (transformers'

@@ -14,7 +14,7 @@ from fovea.common.messages import (
     ToScheduler,
     ToWorker,
 )
-from fovea.common.model_config import ModelConfigError, read_model_info
+from fovea.common.model_config import ModelConfigError, read_model_info, tp_size_problem
 from fovea.common.sampling import SamplingError, SamplingParams, validate_sampling
 
 
@@ -126,3 +126,20 @@ def test_model_info(tmp_path) -> None:  # type: ignore[no-untyped-def]
         read_model_info(str(tmp_path), 4096)
     with pytest.raises(ModelConfigError, match="is not a directory"):
         read_model_info(str(tmp_path / "nope"))
+
+
+def test_tp_size_counts_a_tower_that_splits_its_heads() -> None:
+    cfg = {
+        "architectures": ["MllamaForConditionalGeneration"],
+        "text_config": {"num_attention_heads": 8, "num_key_value_heads": 2,
+                        "intermediate_size": 64},
+        "vision_config": {"num_attention_heads": 6, "intermediate_size": 48},
+    }  # fmt: skip
+    assert tp_size_problem(cfg, 2) is None
+    assert tp_size_problem(cfg, 4) == (
+        "--tp-size 4 cannot split this model (8 attention heads, 2 KV heads, MLP width 64, "
+        "vision heads 6, vision MLP width 48); valid sizes: 1, 2"
+    )
+    # Qwen2-VL's tower keeps its attention whole: its heads do not limit tp.
+    qwen = cfg | {"architectures": ["Qwen2VLForConditionalGeneration"]}
+    assert tp_size_problem(qwen, 4) is None
