@@ -59,8 +59,30 @@ def test_prepare_for_cpu_keeps_every_output() -> None:
     prepare_for_cpu(model)
     assert model["up"].weight.stride() == (1, 48)
     assert model["down"].weight.stride() == (1, 32)
-    assert isinstance(model["head"].cpu_weights, CpuHeadWeights)
+    head = model["head"].cpu_weights
+    assert isinstance(head, CpuHeadWeights)
+    # An untied head is re-laid in place: its column-major matrix is its own weight, no copy.
+    assert head.col.data_ptr() == model["head"].weight.data_ptr()
     torch.testing.assert_close(run(), before, rtol=1e-5, atol=1e-4)
+
+
+def test_a_tied_head_leaves_the_embedding_row_major() -> None:
+    from fovea.worker.layers.embedding import VocabParallelEmbedding
+
+    model = torch.nn.ModuleDict(
+        {"embed": VocabParallelEmbedding(100, 32), "head": ParallelLMHead(100, 32)}
+    )
+    model["embed"].weight.data.normal_()
+    model["head"].weight = model["embed"].weight
+    ids = torch.tensor([3, 99, 0])
+    x = torch.randn(2, 32)
+    rows, logits = model["embed"](ids), model["head"](x)
+    prepare_for_cpu(model)
+    assert model["embed"].weight.stride() == (32, 1)
+    head = model["head"].cpu_weights
+    assert head is not None and head.col.data_ptr() != model["embed"].weight.data_ptr()
+    assert torch.equal(model["embed"](ids), rows)
+    torch.testing.assert_close(model["head"](x), logits, rtol=1e-5, atol=1e-4)
 
 
 def test_auto_threads_keeps_a_cpu_for_the_front_end_from_three_on() -> None:

@@ -7,8 +7,9 @@ Measured here (fp32, one thread, SmolLM2-135M's shapes, interleaved runs in one 
   sequence 0.77x the time. Same bytes, so every linear layer takes it.
 - The LM head (vocabulary-wide, 49k x 576) is the one exception: from a few rows on, oneDNN
   on a weight pre-packed for its blocking is 1.3-1.5x faster than either plain layout, while
-  for one or two rows the column-major layout is. The head keeps both (one extra copy of the
-  head's weight; the model's tied embedding keeps the row-major original).
+  for one or two rows the column-major layout is. The head keeps both: its packed copy is one
+  extra copy of its weight; the column-major one is a second only when the head is tied to the
+  input embedding, whose lookups need the row-major original.
 Nothing here changes results beyond float rounding order.
 """
 
@@ -49,7 +50,7 @@ class CpuHeadWeights:
     """The LM head's two CPU layouts: `linear(x)` == F.linear(x, w) for x [n, in]."""
 
     def __init__(self, w: torch.Tensor) -> None:
-        self.col = column_major(w)
+        self.col = column_major(w)  # w itself when w is already column-major
         self.packed = onednn_pack(w)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,11 +65,21 @@ class CpuHeadWeights:
 def prepare_for_cpu(model: nn.Module) -> None:
     """Re-lay every tensor-parallel linear weight column-major and give LM heads their CPU
     layouts. Call after the weights are loaded (loaders write the row-major layout)."""
-    from fovea.worker.layers.embedding import ParallelLMHead
+    from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
     from fovea.worker.layers.linear import _ParallelLinear
 
+    # A head tied to the input embedding must leave that weight row-major (embedding lookups
+    # read rows); an untied head's own weight is re-laid in place, so its column-major layout
+    # costs no copy.
+    embeddings = {
+        m.weight.data_ptr()
+        for m in model.modules()
+        if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
+    }
     for m in model.modules():
         if isinstance(m, _ParallelLinear):
             m.weight.data = column_major(m.weight.data)
         elif isinstance(m, ParallelLMHead):
+            if m.weight.data_ptr() not in embeddings:
+                m.weight.data = column_major(m.weight.data)
             m.cpu_weights = CpuHeadWeights(m.weight.data)
