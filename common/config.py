@@ -85,6 +85,13 @@ class ServerArgs:
         "Compute threads of a CPU worker (0: auto, every CPU this process may run on, less one "
         "kept for the front-end processes when there are more than two).",
     )
+    attention_backend: str = _opt(
+        "auto",
+        "auto: on CPU the compiled paged decode kernel (built once per machine with gcc, torch "
+        "SDPA when it cannot be built), torch SDPA on GPUs; torch_native: torch SDPA over "
+        "gathered K/V; cpu_paged: the compiled kernel, and start-up fails if it cannot be built.",
+        ("auto", "torch_native", "cpu_paged"),
+    )
     schedule_policy: str = _opt(
         "lpm",
         "Admission order: lpm (longest cached prefix first when the queue is long) or fcfs.",
@@ -237,6 +244,8 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--max-prefill-tokens must be >= 1, got {a.max_prefill_tokens}"
     if a.cpu_threads < 0:
         return f"--cpu-threads must be >= 0, got {a.cpu_threads}"
+    if a.attention_backend == "cpu_paged" and a.device == "cuda":
+        return "--attention-backend cpu_paged runs on CPU only; use --device cpu or auto"
     if a.max_running_requests < 1:
         return f"--max-running-requests must be >= 1, got {a.max_running_requests}"
     if a.max_images_per_request < 0:

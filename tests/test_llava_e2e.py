@@ -193,6 +193,7 @@ def test_engine_generate_with_images(tiny_llava_onevision: Path) -> None:
         [png("dog"), "data:image/png;base64," + base64.b64encode(png("owl")).decode()],
     ]
     with Engine(
+        dtype="float32",  # the reference runs float32
         model_path=str(tiny_llava_onevision), max_total_tokens=3000, chat_template="chatml-llava"
     ) as llm:
         outs = llm.generate([ref.render(m) for m in cases], greedy, image_data=images)

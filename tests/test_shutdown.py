@@ -15,7 +15,10 @@ from server_harness import Server, role_children, wait_gone
 
 pytestmark = pytest.mark.slow
 
-N_TOKENS = 600
+# Long enough that the queue (N_QUEUED requests, one running at a time) outlasts the checks
+# made after SIGTERM on a fast CPU: 1,000 tokens of the tiny model take ~0.5 s or more.
+N_TOKENS = 1000
+N_QUEUED = 4
 
 
 def stream_tokens(base: str, first: cf.Future[float]) -> tuple[int, str | None]:
@@ -47,11 +50,11 @@ def test_sigterm_drains_in_flight_and_refuses_new(tiny_llama: Path, tmp_path: Pa
         "--shutdown-timeout", "60", log_path=tmp_path / "server.log",
     ).wait_ready()  # fmt: skip
     children = role_children(srv.proc.pid)
-    with cf.ThreadPoolExecutor(3) as pool:
-        firsts = [cf.Future() for _ in range(3)]  # type: ignore[var-annotated]
+    with cf.ThreadPoolExecutor(N_QUEUED) as pool:
+        firsts = [cf.Future() for _ in range(N_QUEUED)]  # type: ignore[var-annotated]
         futs = [pool.submit(stream_tokens, srv.base, f) for f in firsts]
         firsts[0].result(timeout=60)
-        time.sleep(0.2)  # the other two are queued behind it (one runs at a time)
+        time.sleep(0.2)  # the others are queued behind it (one runs at a time)
         srv.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         r = httpx.post(
@@ -65,7 +68,7 @@ def test_sigterm_drains_in_flight_and_refuses_new(tiny_llama: Path, tmp_path: Pa
         )
         assert httpx.get(srv.base + "/health", timeout=10).status_code == 503
         results = [f.result(timeout=120) for f in futs]
-    assert results == [(N_TOKENS, "length")] * 3
+    assert results == [(N_TOKENS, "length")] * N_QUEUED
     assert srv.proc.wait(60) == 0
     assert wait_gone(children) == []
     assert srv.log_path is not None

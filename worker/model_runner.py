@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,9 @@ import torch
 from fovea.common.config import ServerArgs
 from fovea.common.messages import ImageInput, NewSequence, StepPlan, StepResult
 from fovea.common.model_config import ModelInfo
+from fovea.worker.attention import cpu_kernels
 from fovea.worker.attention.base import AttentionBackend, ChunkLayout
+from fovea.worker.attention.cpu_paged import CpuPagedBackend, kernel_supports
 from fovea.worker.attention.torch_native import TorchNativeBackend
 from fovea.worker.cross_attention import CrossAttentionState
 from fovea.worker.kv_pool import KVPool, plan_num_slots
@@ -81,12 +84,23 @@ class _Seq:
     mrope_delta: int = 0
 
 
+def wants_cpu_kernels(args: ServerArgs, device: torch.device) -> bool:
+    return device.type == "cpu" and args.attention_backend != "torch_native"
+
+
 class ModelRunner:
     def __init__(self, args: ServerArgs, model: ModelInfo, rank: int = 0) -> None:
         self.rank = rank
         self.device = pick_device(args.device)
         self.dtype = pick_dtype(args.dtype, self.device)
         self.context_length = model.context_length
+        # A first build of the CPU kernels (~10 s, a compiler subprocess) overlaps the weights'
+        # loading.
+        kernels = None
+        if wants_cpu_kernels(args, self.device):
+            pool = ThreadPoolExecutor(1, thread_name_prefix="cpu-kernels")
+            kernels = pool.submit(cpu_kernels.load)
+            pool.shutdown(wait=False)
         self.model = load_model(model.path, model.architecture, self.dtype, self.device)
         cfg = self.model.config
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -119,7 +133,17 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.attn: AttentionBackend = TorchNativeBackend(
+        backend = TorchNativeBackend
+        if kernels is not None:
+            if not kernels.result():
+                why = "cannot be built on this machine (the warning above says why)"
+            elif not kernel_supports(cfg.head_dim, self.dtype):
+                why = f"does not take head_dim {cfg.head_dim} with a {self.dtype} cache"
+            else:
+                why, backend = "", CpuPagedBackend
+            if why and args.attention_backend == "cpu_paged":
+                raise RuntimeError(f"--attention-backend cpu_paged: the CPU kernel {why}")
+        self.attn: AttentionBackend = backend(
             self.pool,
             self.model.num_heads,
             kv_heads,

@@ -25,7 +25,8 @@ from fovea.worker.attention.base import AttentionBackend, ChunkLayout
 @dataclass
 class _Decode:
     token_idx: torch.Tensor | None  # [B] batch positions; None when every token is a decode
-    slots: torch.Tensor  # [B, max_len]
+    slots: torch.Tensor  # [B, max_len]; row b's first lens[b] entries are real
+    lens: torch.Tensor  # [B] int64
     mask: torch.Tensor | None  # [B, 1, 1, max_len] bool, True = attend; None: no padding
 
 
@@ -102,12 +103,12 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
             cols = torch.tensor(los, device=device)[:, None] + torch.arange(max_len, device=device)
             slots = req_to_slot[rows[:, None], cols.clamp(max=req_to_slot.shape[1] - 1)]
         mask = None
+        lens = torch.tensor(lens_list, device=device)
         if min(lens_list) != max_len:
-            lens = torch.tensor(lens_list, device=device)
             valid = torch.arange(max_len, device=device)[None, :] < lens[:, None]
             slots = torch.where(valid, slots, 0)
             mask = valid[:, None, None, :]
-        return _Decode(token_idx, slots, mask)
+        return _Decode(token_idx, slots.contiguous(), lens, mask)
 
     @staticmethod
     def _plan_prefill(c: ChunkLayout, window: int, req_to_slot: torch.Tensor) -> _KV:

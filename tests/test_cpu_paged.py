@@ -1,0 +1,208 @@
+"""The compiled CPU paged decode kernel (worker/attention/csrc) against torch's SDPA path, its
+input checks, its build cache and its fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from fovea.common.config import ServerArgs, check_args
+from fovea.worker.attention import cpu_kernels
+from fovea.worker.attention.base import ChunkLayout
+from fovea.worker.attention.cpu_paged import CpuPagedBackend, kernel_supports
+from fovea.worker.attention.torch_native import TorchNativeBackend
+from fovea.worker.kv_pool import KVPool
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels() -> None:
+    if not cpu_kernels.load():
+        pytest.fail("the CPU kernels did not build on this machine (see the warning above)")
+
+
+def _pool(kv_heads: int, head_dim: int, dtype: torch.dtype, slots: int = 96) -> KVPool:
+    pool = KVPool(
+        num_layers=1,
+        num_slots=slots,
+        page_size=1,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        device=CPU,
+    )
+    g = torch.Generator().manual_seed(kv_heads * 1000 + head_dim)
+    pool.k[0][1:] = torch.randn(slots, kv_heads, head_dim, generator=g).to(dtype)
+    pool.v[0][1:] = torch.randn(slots, kv_heads, head_dim, generator=g).to(dtype)
+    return pool
+
+
+def _both(
+    chunks: list[ChunkLayout],
+    table: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.float32,
+    windows: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's output of both backends for the same step over the same pool contents."""
+    outs = []
+    num_tokens = sum(c.q_len for c in chunks)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(num_tokens, heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(num_tokens, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(num_tokens, kv_heads, head_dim, generator=g).to(dtype)
+    out_slots = torch.cat([table[c.row, c.prefix_len : c.prefix_len + c.q_len] for c in chunks])
+    for cls in (CpuPagedBackend, TorchNativeBackend):
+        pool = _pool(kv_heads, head_dim, dtype)
+        attn = cls(pool, heads, kv_heads, head_dim, layer_windows=windows)
+        attn.plan(chunks, out_slots, table)
+        outs.append(attn.forward(0, q, k, v))
+    return outs[0], outs[1]
+
+
+def _table(rows: int, width: int) -> torch.Tensor:
+    """Row r holds slots scattered over the pool (never slot 0, the scratch page)."""
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(3)) + 1
+    return torch.stack([perm.roll(17 * r)[:width] for r in range(rows)])
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(4, 4, 64), (9, 3, 64), (7, 1, 80), (6, 2, 128)]
+)
+def test_decode_matches_sdpa(heads: int, kv_heads: int, head_dim: int) -> None:
+    # Lengths 1..70 across rows: padding, the 4-position blocks' tails and a single position.
+    lens = [1, 5, 70, 33, 4]
+    table = _table(len(lens), 72)
+    chunks = [ChunkLayout(r, r, 1, n - 1) for r, n in enumerate(lens)]
+    got, want = _both(chunks, table, heads, kv_heads, head_dim)
+    assert got.shape == (len(lens), heads * head_dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_beside_prefill_and_windows() -> None:
+    # A mixed step (decodes around a 6-token prefill with a cached prefix) on a model whose
+    # second layer is global and first slides over 8 positions.
+    table = _table(3, 40)
+    chunks = [ChunkLayout(0, 0, 1, 29), ChunkLayout(1, 1, 6, 10), ChunkLayout(2, 7, 1, 3)]
+    for windows in (None, [8]):
+        got, want = _both(chunks, table, 6, 2, 64, windows=windows)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_cache() -> None:
+    table = _table(2, 50)
+    chunks = [ChunkLayout(0, 0, 1, 44), ChunkLayout(1, 1, 1, 12)]
+    got, want = _both(chunks, table, 8, 2, 64, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    # Both read the same bf16 rows; they differ by the output's rounding to bf16.
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_exact_values() -> None:
+    """One position: the output is that position's value row, bit for bit. Two positions
+    with equal keys: their values' mean."""
+    k = torch.zeros(4, 1, 8)
+    v = torch.zeros(4, 1, 8)
+    k[2] = 1.0
+    k[3] = 1.0
+    v[2] = torch.arange(8.0)
+    v[3] = torch.arange(8.0) + 2.0
+    q = torch.ones(2, 1, 8)
+    slots = torch.tensor([[2, 0], [2, 3]])
+    out = torch.ops.fovea.paged_decode(q, k, v, slots, torch.tensor([1, 2]), 0.5)
+    assert out[0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert out[1].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+
+
+def _call(**over: torch.Tensor) -> None:
+    args = {
+        "q": torch.zeros(1, 2, 8),
+        "k": torch.zeros(4, 1, 8),
+        "v": torch.zeros(4, 1, 8),
+        "slots": torch.tensor([[1, 2]]),
+        "lens": torch.tensor([2]),
+    }
+    args.update(over)
+    torch.ops.fovea.paged_decode(args["q"], args["k"], args["v"], args["slots"], args["lens"], 1.0)
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"slots": torch.tensor([[1, 4]])}, "slot 4 is outside the pool"),
+        ({"slots": torch.tensor([[-1, 2]])}, "slot -1 is outside the pool"),
+        ({"lens": torch.tensor([3])}, "lens must lie in [1, max_len]"),
+        ({"lens": torch.tensor([0])}, "lens must lie in [1, max_len]"),
+        (
+            {"q": torch.zeros(1, 2, 6), "k": torch.zeros(4, 1, 6), "v": torch.zeros(4, 1, 6)},
+            "head_dim must be a multiple of 8, got 6",
+        ),
+        (
+            {
+                "k": torch.zeros(4, 1, 8, dtype=torch.float16),
+                "v": torch.zeros(4, 1, 8, dtype=torch.float16),
+            },
+            "the KV cache must be float32 or bfloat16",
+        ),
+        ({"q": torch.zeros(1, 2, 8, dtype=torch.float64)}, "q must be a contiguous float32"),
+        ({"slots": torch.tensor([[1, 2]], dtype=torch.int32)}, "must be contiguous int64"),
+        (
+            {"q": torch.zeros(1, 3, 8), "k": torch.zeros(4, 2, 8), "v": torch.zeros(4, 2, 8)},
+            "shapes of q, caches, slots and lens disagree",
+        ),
+    ],
+)
+def test_bad_input_is_refused(over: dict[str, torch.Tensor], message: str) -> None:
+    with pytest.raises(RuntimeError) as e:
+        _call(**over)
+    assert message in str(e.value)
+
+
+def test_kernel_supports() -> None:
+    assert kernel_supports(64, torch.float32)
+    assert kernel_supports(72, torch.bfloat16)
+    assert not kernel_supports(60, torch.float32)
+    assert not kernel_supports(64, torch.float16)
+
+
+def test_cuda_refuses_cpu_paged() -> None:
+    args = ServerArgs(model_path="m", device="cuda", attention_backend="cpu_paged")
+    assert check_args(args) == (
+        "--attention-backend cpu_paged runs on CPU only; use --device cpu or auto"
+    )
+
+
+def test_build_is_cached_per_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second process finds the first one's build under the same key; changed sources get a
+    new key (a new directory), never the stale library."""
+    monkeypatch.setenv("FOVEA_CACHE_DIR", str(tmp_path))
+    key = cpu_kernels.build_key()
+    assert cpu_kernels.library_path() == (tmp_path / "cpu_kernels" / key / "fovea_cpu_kernels.so")
+    src = tmp_path / "changed.cpp"
+    src.write_text(cpu_kernels.SOURCES[0].read_text() + "\n// changed\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCES", [src])
+    assert cpu_kernels.build_key() != key
+
+
+def test_build_failure_falls_back_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("int main( {\n")
+    monkeypatch.setenv("FOVEA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_kernels, "SOURCES", [broken])
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert cpu_kernels._load() is False
+    [record] = caplog.records
+    assert record.getMessage().startswith("cpu kernels: cannot build (")
+    assert "error:" in record.getMessage()
+    assert record.getMessage().endswith("); attention uses torch")
+    # Nothing half-built is left where a later process would load it.
+    assert not cpu_kernels.library_path().exists()
+    assert list((tmp_path / "cache" / "cpu_kernels").iterdir()) == []
