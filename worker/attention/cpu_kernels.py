@@ -29,7 +29,9 @@ from fovea.common.cache_dir import cache_dir
 log = logging.getLogger(__name__)
 
 NAME = "fovea_cpu_kernels"
-SOURCES = [Path(__file__).parent / "csrc" / "paged_decode.cpp"]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "paged_decode.cpp", CSRC / "fused.cpp"]
+HEADERS = [CSRC / "vec.h"]  # hashed into the key, not compiled alone
 # -ffast-math lets gcc vectorise the softmax's exp through glibc's libmvec and reorder the
 # dot products' sums (rounding order only); -fopenmp makes at::parallel_for parallel.
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
@@ -51,7 +53,7 @@ def build_key() -> str:
     h = hashlib.sha256()
     for part in (torch.__version__, " ".join(CFLAGS + LDFLAGS), _cpu_flags()):
         h.update(part.encode() + b"\0")
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     return h.hexdigest()[:16]
 
@@ -82,6 +84,11 @@ def _build_and_load(target: Path) -> None:
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def active() -> bool:
+    """Whether this process loaded the kernels (the layers then use the fused ops on CPU)."""
+    return bool(_loaded)
 
 
 def load() -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fovea.worker.layers import fused_cpu
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float = 1e-6) -> None:
@@ -22,6 +24,8 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual); residual None means x is the residual."""
+        if (fused := fused_cpu.rms_norm(x, residual, self.weight, self.eps)) is not None:
+            return fused
         if residual is not None:
             x = x + residual
         return self._norm(x), x

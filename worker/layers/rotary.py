@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fovea.worker.layers import fused_cpu
+
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
@@ -115,6 +117,16 @@ class MRotaryEmbedding(RotaryEmbedding):
         cos = self.cos[positions].gather(0, index)[0]  # [3, T, head_dim] -> [T, head_dim]
         sin = self.sin[positions].gather(0, index)[0]
         return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+
+
+def apply_rotary_inplace(
+    q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary, writing into q and k where the fused CPU kernel applies (the caller owns
+    them: e.g. views of a fresh qkv projection)."""
+    if fused_cpu.rotary_inplace(q, k, *cos_sin):
+        return q, k
+    return apply_rotary(q, k, cos_sin)
 
 
 def apply_rotary(

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fovea.worker.attention.base import AttentionBackend
 from fovea.worker.distributed import tp_size
+from fovea.worker.layers import fused_cpu
 from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from fovea.worker.layers.linear import (
     MergedColumnParallelLinear,
@@ -22,7 +22,7 @@ from fovea.worker.layers.linear import (
     RowParallelLinear,
 )
 from fovea.worker.layers.norm import RMSNorm
-from fovea.worker.layers.rotary import RotaryEmbedding, apply_rotary, rope_settings
+from fovea.worker.layers.rotary import RotaryEmbedding, apply_rotary_inplace, rope_settings
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos_sin)
+        q, k = apply_rotary_inplace(q, k, cos_sin)  # q, k: views of this step's qkv
         out: torch.Tensor = self.o_proj(attn.forward(self.layer_id, q, k, v))
         return out
 
@@ -115,8 +115,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        out: torch.Tensor = self.down_proj(fused_cpu.silu_mul(self.gate_up_proj(x)))
         return out
 
 

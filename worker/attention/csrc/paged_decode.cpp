@@ -16,35 +16,16 @@
 #include <limits>
 #include <vector>
 
+#include "vec.h"
+
+using fovea::hsum;
+using fovea::load8;
+using fovea::vec8;
+
 namespace {
-
-// Eight floats in one vector register (AVX2 ymm; two NEON registers elsewhere): gcc's
-// vector extensions keep the code portable where intrinsics would tie it to x86.
-typedef float vec8 __attribute__((vector_size(32)));
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-
-inline vec8 load8(const float* p) {
-  vec8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline vec8 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float's bits
-  u16x8 h;
-  std::memcpy(&h, p, sizeof h);
-  u32x8 w = __builtin_convertvector(h, u32x8) << 16;
-  vec8 v;
-  std::memcpy(&v, &w, sizeof v);
-  return v;
-}
 
 // Rows this many positions ahead are prefetched: slots need not be adjacent in memory.
 constexpr int64_t kAhead = 20;
-
-inline float hsum(vec8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
 
 // out[0:8W) = sum_t p[t] * rows[t][0:8W): W accumulators stay in registers across t.
 template <int W, typename T>
@@ -180,10 +161,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
       }
     });
   };
-  if (k_cache.scalar_type() == at::kFloat)
-    run(float{});
-  else
-    run(c10::BFloat16{});
+  fovea::dispatch_float_bf16(k_cache.scalar_type(), run);
   return out;
 }
 
