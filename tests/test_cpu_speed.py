@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from fovea.common.config import ServerArgs, check_args
 from fovea.worker.cpu_threads import auto_threads, set_cpu_threads
+from fovea.worker.layers import cpu_layout
 from fovea.worker.layers.cpu_layout import (
-    PACKED_MIN_ROWS,
-    CpuHeadWeights,
+    CpuWeights,
     column_major,
     prepare_for_cpu,
 )
@@ -26,12 +26,17 @@ def test_column_major_is_the_same_matrix_stored_transposed() -> None:
     assert torch.equal(c, w)
 
 
-@pytest.mark.parametrize("rows", [1, PACKED_MIN_ROWS - 1, PACKED_MIN_ROWS, 33])
-def test_head_weights_give_the_plain_product(rows: int) -> None:
+@pytest.mark.parametrize("min_rows", [1, 4])
+@pytest.mark.parametrize("rows", [1, 3, 4, 33])
+def test_head_weights_give_the_plain_product(
+    rows: int, min_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both layouts, whichever this CPU picks for how many rows (PACKED_MIN_ROWS)."""
+    monkeypatch.setattr(cpu_layout, "PACKED_MIN_ROWS", min_rows)
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(1000, 64, generator=g)
     x = torch.randn(rows, 64, generator=g)
-    head = CpuHeadWeights(w)
+    head = CpuWeights(w)
     assert head.packed is not None  # torch's CPU wheels ship oneDNN: the packed path is tested
     out = head.linear(x)
     assert out.shape == (rows, 1000)
@@ -49,18 +54,25 @@ def test_prepare_for_cpu_keeps_every_output() -> None:
     )
     for p in model.parameters():
         p.data.normal_()
-    x = torch.randn(5, 32)
-
     def run() -> torch.Tensor:
-        h = model["down"](model["up"](x))
-        return model["head"](h)  # type: ignore[no-any-return]
+        # 6 rows take the packed layouts, 2 the column-major ones; [2, 3, 32]: a 3-D input
+        outs = []
+        for x in (xs, xs[:2], xs[:6].view(2, 3, 32)):
+            h = model["down"](model["up"](x))
+            outs.append(model["head"](h.reshape(-1, 32)).flatten())
+        return torch.cat(outs)
 
+    xs = torch.randn(6, 32)
     before = run()
     prepare_for_cpu(model)
     assert model["up"].weight.stride() == (1, 48)
     assert model["down"].weight.stride() == (1, 32)
+    for name in ("up", "down"):  # both layouts: the weight itself, re-laid, and a packed copy
+        layouts = model[name].cpu_weights
+        assert isinstance(layouts, CpuWeights) and layouts.packed is not None
+        assert layouts.col.data_ptr() == model[name].weight.data_ptr()
     head = model["head"].cpu_weights
-    assert isinstance(head, CpuHeadWeights)
+    assert isinstance(head, CpuWeights)
     # An untied head is re-laid in place: its column-major matrix is its own weight, no copy.
     assert head.col.data_ptr() == model["head"].weight.data_ptr()
     torch.testing.assert_close(run(), before, rtol=1e-5, atol=1e-4)
@@ -87,6 +99,11 @@ def test_a_tied_head_leaves_the_embedding_row_major() -> None:
 
 def test_auto_threads_keeps_a_cpu_for_the_front_end_from_three_on() -> None:
     assert [auto_threads(n) for n in (1, 2, 3, 4, 16)] == [1, 2, 2, 3, 15]
+
+
+def test_auto_threads_share_the_cpus_among_local_ranks() -> None:
+    assert [auto_threads(2, r) for r in (1, 2, 3)] == [2, 1, 1]
+    assert [auto_threads(16, r) for r in (1, 2, 4, 8)] == [15, 7, 3, 1]
 
 
 def test_set_cpu_threads_applies_the_request() -> None:

@@ -4,7 +4,9 @@ torch's default is one per CPU. The worker shares the machine with the scheduler
 HTTP processes, which wake briefly every step; an OpenMP region waits for its slowest thread, so
 a compute thread that loses its CPU to them stalls the whole region. On a 2-core box both
 threads still win (a W1-like load: inter-token p50 about 0.7x of one thread's), as the front
-end needs little CPU. From three CPUs on, one is left to the front end.
+end needs little CPU. From three CPUs on, one is left to the front end. Tensor-parallel ranks on one machine share
+those CPUs: each takes its share (at least one), as ranks that oversubscribe the CPUs spin in
+each other's OpenMP barriers (SmolLM2 at tp 3 on two CPUs, two threads a rank: >1 s a token).
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def auto_threads(cpus: int) -> int:
-    return cpus if cpus <= 2 else cpus - 1
+def auto_threads(cpus: int, local_ranks: int = 1) -> int:
+    compute = cpus if cpus <= 2 else cpus - 1
+    return max(1, compute // local_ranks)
 
 
-def set_cpu_threads(requested: int) -> int:
-    """Set torch's intra-op threads (requested, or auto when 0) and return the number."""
-    n = requested or auto_threads(usable_cpus())
+def set_cpu_threads(requested: int, local_ranks: int = 1) -> int:
+    """Set torch's intra-op threads (requested, or auto when 0: this rank's share of the CPUs
+    among the `local_ranks` worker ranks on this machine) and return the number."""
+    n = requested or auto_threads(usable_cpus(), local_ranks)
     torch.set_num_threads(n)
     return n

@@ -49,7 +49,8 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
     if device.type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    threads = set_cpu_threads(args.cpu_threads) if device.type == "cpu" else 0
+    local_ranks = max(1, args.tp_size // args.nnodes)
+    threads = set_cpu_threads(args.cpu_threads, local_ranks) if device.type == "cpu" else 0
     init_distributed(args.tp_size, rank, dist_init_method(args, addrs), device)
     runner = ModelRunner(args, model, rank)
     ctx: zmq.Context[Any] = zmq.Context()

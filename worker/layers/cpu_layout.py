@@ -5,11 +5,16 @@ Measured here (fp32, one thread, SmolLM2-135M's shapes, interleaved runs in one 
   few rows 1.1-1.8x faster than the checkpoint's row-major layout (MKL's GEMV reads the
   weight in its fast direction) and as fast from 32 rows on; a whole decode step of one
   sequence 0.77x the time. Same bytes, so every linear layer takes it.
-- The LM head (vocabulary-wide, 49k x 576) is the one exception: from a few rows on, oneDNN
-  on a weight pre-packed for its blocking is 1.3-1.5x faster than either plain layout, while
-  for one or two rows the column-major layout is. The head keeps both: its packed copy is one
-  extra copy of its weight; the column-major one is a second only when the head is tied to the
-  input embedding, whose lookups need the row-major original.
+- The LM head (vocabulary-wide, 49k x 576): from a few rows on, oneDNN on a weight pre-packed
+  for its blocking is 1.3-1.5x faster than either plain layout, while for one or two rows the
+  column-major layout is.
+Measured on an AVX-512 (avx512_bf16) AMD EPYC, 2 threads, the four linear layers of one
+SmolLM2 block at 32 rows: oneDNN packed 316 us against 409 column-major in bf16, 569 against
+1,477 in fp32 (at 1 row 120 against 207 in bf16). So every linear layer, the head included,
+keeps both layouts (CpuWeights): the plain weight re-laid column-major in place (no copy) for
+one to three rows, and a packed copy, one extra copy of the weights, from four rows on. A head
+tied to the input embedding keeps a column-major copy too: the lookups need the row-major
+original.
 Nothing here changes results beyond float rounding order.
 """
 
@@ -23,8 +28,21 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# From this many rows on the LM head uses the oneDNN-packed weight.
-PACKED_MIN_ROWS = 4
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f " in next((ln for ln in f if ln.startswith("flags")), "") + " "
+    except OSError:
+        return False
+
+
+# From this many rows on a linear layer uses its oneDNN-packed weight: from one row on AVX-512
+# CPUs (packed 120 against 207 us column-major above, bf16; 143 against 177 fp32), from four
+# on AVX2 ones, where the column-major layout was faster for one to three rows. Fixed per
+# machine, so one machine's results never depend on a timing probe.
+PACKED_MIN_ROWS = 1 if _cpu_has_avx512() else 4
 # The batch size oneDNN's packing is tuned for (a decode batch of a loaded server).
 PACK_HINT_ROWS = 32
 
@@ -38,7 +56,7 @@ def onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
     """w [out, in] packed for torch's oneDNN linear, or None where this torch has none."""
     try:
         packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT_ROWS)
-        probe = torch.zeros(PACKED_MIN_ROWS, w.shape[1], dtype=w.dtype)
+        probe = torch.zeros(4, w.shape[1], dtype=w.dtype)
         torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
         return packed
     except (RuntimeError, AttributeError) as e:
@@ -46,25 +64,26 @@ def onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-class CpuHeadWeights:
-    """The LM head's two CPU layouts: `linear(x)` == F.linear(x, w) for x [n, in]."""
+class CpuWeights:
+    """A linear layer's two CPU layouts: `linear(x, b)` == F.linear(x, w, b) for x [..., in]."""
 
     def __init__(self, w: torch.Tensor) -> None:
         self.col = column_major(w)  # w itself when w is already column-major
         self.packed = onednn_pack(w)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if self.packed is not None and rows.shape[0] >= PACKED_MIN_ROWS:
             out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
-                x.contiguous(), self.packed, None, "none", [], ""
+                rows.contiguous(), self.packed, bias, "none", [], ""
             )
-            return out
-        return F.linear(x, self.col)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        return F.linear(x, self.col, bias)
 
 
 def prepare_for_cpu(model: nn.Module) -> None:
-    """Re-lay every tensor-parallel linear weight column-major and give LM heads their CPU
-    layouts. Call after the weights are loaded (loaders write the row-major layout)."""
+    """Give every tensor-parallel linear layer and LM head its CPU layouts (CpuWeights). Call
+    after the weights are loaded (loaders write the row-major layout)."""
     from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
     from fovea.worker.layers.linear import _ParallelLinear
 
@@ -79,7 +98,8 @@ def prepare_for_cpu(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, _ParallelLinear):
             m.weight.data = column_major(m.weight.data)
+            m.cpu_weights = CpuWeights(m.weight.data)
         elif isinstance(m, ParallelLMHead):
             if m.weight.data_ptr() not in embeddings:
                 m.weight.data = column_major(m.weight.data)
-            m.cpu_weights = CpuHeadWeights(m.weight.data)
+            m.cpu_weights = CpuWeights(m.weight.data)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fovea.worker.distributed import all_gather, all_reduce, tp_rank, tp_size
-from fovea.worker.layers.cpu_layout import CpuHeadWeights
+from fovea.worker.layers.cpu_layout import CpuWeights
 from fovea.worker.layers.linear import (
     Loaded,
     copy_checked,
@@ -52,7 +52,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """logits = h Wᵀ over this rank's vocabulary slice, gathered to the full vocabulary.
     Tied embeddings: the model points `weight` at the embedding's parameter."""
 
-    cpu_weights: CpuHeadWeights | None = None  # set by cpu_layout.prepare_for_cpu
+    cpu_weights: CpuWeights | None = None  # set by cpu_layout.prepare_for_cpu
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.cpu_weights is not None:

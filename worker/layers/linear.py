@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fovea.worker.distributed import all_reduce, tp_rank, tp_size
+from fovea.worker.layers.cpu_layout import CpuWeights
 
 # A tensor or a safetensors PySafeSlice (indexable, with get_shape()).
 Loaded = Any
@@ -63,6 +64,8 @@ def divide(n: int, d: int, what: str) -> int:
 
 
 class _ParallelLinear(nn.Module):
+    cpu_weights: CpuWeights | None = None  # set by cpu_layout.prepare_for_cpu
+
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         # [out_per_rank, in_per_rank]
@@ -76,8 +79,14 @@ class _ParallelLinear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: Any = None) -> None:
         raise NotImplementedError
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x Wᵀ (+ bias) through the CPU layouts when prepare_for_cpu gave them."""
+        if self.cpu_weights is not None:
+            return self.cpu_weights.linear(x, bias)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -158,5 +167,5 @@ class RowParallelLinear(_ParallelLinear):
         copy_checked(param, part, "row-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = all_reduce(F.linear(x, self.weight))
+        y: torch.Tensor = all_reduce(self.matmul(x))
         return y if self.bias is None else y + self.bias

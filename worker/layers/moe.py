@@ -50,7 +50,7 @@ class GatedMLP(nn.Module):
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the output, not yet all-reduced (no bias: there is none)."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+        return self.down_proj.matmul(F.silu(gate) * up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(self.partial(x))
