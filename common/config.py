@@ -87,9 +87,10 @@ class ServerArgs:
     )
     attention_backend: str = _opt(
         "auto",
-        "auto: on CPU the compiled paged decode kernel (built once per machine with gcc, torch "
-        "SDPA when it cannot be built), torch SDPA on GPUs; torch_native: torch SDPA over "
-        "gathered K/V; cpu_paged: the compiled kernel, and start-up fails if it cannot be built.",
+        "auto: on CPU the compiled kernels (paged decode attention, fused RMSNorm/SiLU/rotary; "
+        "built once per machine with g++, torch's ops when they cannot be built), torch SDPA on "
+        "GPUs; torch_native: torch's ops only (SDPA over gathered K/V); cpu_paged: the compiled "
+        "kernels, and start-up fails if they cannot be built.",
         ("auto", "torch_native", "cpu_paged"),
     )
     schedule_policy: str = _opt(
