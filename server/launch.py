@@ -137,6 +137,7 @@ class ProcessGroup:
                 if on_ready is not None:
                     on_ready(msg.role, sorted(pending))
             self.check_alive()
+            raise_if_signalled()
             if deadline is not None and time.monotonic() > deadline:
                 raise ChildDied(f"not ready after {timeout:.0f} s: {', '.join(sorted(pending))}")
 
@@ -153,6 +154,7 @@ class ProcessGroup:
             self.check_alive()
         if any(isinstance(m, Heartbeat) for m in self._ready_in.recv_all()):
             self.last_heartbeat = time.monotonic()
+        raise_if_signalled()
 
     def stop(self, grace: float = 5.0, http_grace: float | None = None) -> None:
         """SIGTERM each kind in order, SIGKILL what is left after `grace` s (`http_grace` for
@@ -197,8 +199,20 @@ class _Stop(Exception):
     pass
 
 
+# Signals received, by name. An exception raised by a signal handler is lost when the signal
+# lands inside a C extension's destructor (pyzmq's Frame.__dealloc__ prints "Exception ignored"
+# and goes on), so the waiting loops also check this list (raise_if_signalled).
+_signalled: list[str] = []
+
+
 def _raise_stop(signum: int, frame: object) -> None:
-    raise _Stop(signal.Signals(signum).name)
+    _signalled.append(signal.Signals(signum).name)
+    raise _Stop(_signalled[-1])
+
+
+def raise_if_signalled() -> None:
+    if _signalled:
+        raise _Stop(_signalled[-1])
 
 
 def local_url(args: ServerArgs) -> str:
@@ -230,6 +244,7 @@ def warm_up(args: ServerArgs, timeout: float = 300.0) -> None:
             last = f"HTTP {r.status_code}: {r.text[:200]}"
         except httpx.TransportError as e:
             last = f"{type(e).__name__}: {e}"
+        raise_if_signalled()
         time.sleep(0.2)
     raise RuntimeError(f"warm-up generation failed: {last}")
 

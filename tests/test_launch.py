@@ -104,3 +104,20 @@ def test_api_key_required(tiny_llama: Path, tmp_path: Path) -> None:
         assert (r2.usage.completion_tokens, r2.choices[0].finish_reason) == (2, "length")
     finally:
         assert srv.stop() == 0
+
+
+def test_a_signal_whose_exception_was_swallowed_still_stops_the_launcher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A handler's exception raised inside a C destructor is lost (pyzmq prints "Exception
+    ignored"); the launcher's loops find the signal in the record and stop anyway."""
+    from fovea.server import launch
+
+    monkeypatch.setattr(launch, "_signalled", [])
+    launch.raise_if_signalled()  # nothing received: no stop
+    try:
+        launch._raise_stop(signal.SIGTERM, None)
+    except launch._Stop:
+        pass  # the exception the destructor would swallow
+    with pytest.raises(launch._Stop, match=r"^SIGTERM$"):
+        launch.raise_if_signalled()
