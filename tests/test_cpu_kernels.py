@@ -100,6 +100,36 @@ def test_decode_beside_prefill_and_windows() -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(4, 4, 64), (9, 3, 64), (7, 1, 80), (6, 2, 128)]
+)
+def test_fresh_prompts_match_sdpa(heads: int, kv_heads: int, head_dim: int) -> None:
+    # Fresh prompts (no cached prefix) of 1, 5 and 37 tokens beside a decode: the causal
+    # prefill kernel, whose row blocks (4) and key steps (16) these lengths cut mid-way.
+    table = _table(4, 40)
+    chunks = [
+        ChunkLayout(0, 0, 1, 0),
+        ChunkLayout(1, 1, 5, 0),
+        ChunkLayout(2, 6, 37, 0),
+        ChunkLayout(3, 43, 1, 20),
+    ]
+    got, want = _both(chunks, table, heads, kv_heads, head_dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got, want = _both(chunks, table, heads, kv_heads, head_dim, dtype=torch.bfloat16)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_causal_prefill_exact_values() -> None:
+    """Position 0 sees only itself: its output is its value row, bit for bit; position 1 with
+    equal keys averages the two value rows."""
+    q = torch.ones(2, 2, 8)
+    k = torch.ones(2, 1, 8)
+    v = torch.stack([torch.arange(8.0), torch.arange(8.0) + 2.0])[:, None, :]
+    out = torch.ops.fovea.causal_prefill(q, k, v, 0.5)
+    assert out[0].tolist() == [*range(8), *range(8)]
+    assert out[1].tolist() == [*range(1, 9), *range(1, 9)]
+
+
 def test_bf16_cache() -> None:
     table = _table(2, 50)
     chunks = [ChunkLayout(0, 0, 1, 44), ChunkLayout(1, 1, 1, 12)]
@@ -294,6 +324,15 @@ def test_fused_falls_back_where_kernels_do_not_apply(monkeypatch: pytest.MonkeyP
          "gate_up must be a contiguous [T, 2 * I] with I a multiple of 8"),
         (lambda: torch.ops.fovea.silu_mul(torch.zeros(2, 32, dtype=torch.float64)),
          "gate_up must be float32 or bfloat16"),
+        (lambda: torch.ops.fovea.causal_prefill(torch.zeros(2, 2, 8), torch.zeros(3, 1, 8),
+                                                torch.zeros(3, 1, 8), 1.0),
+         "shapes of q, k and v disagree"),
+        (lambda: torch.ops.fovea.causal_prefill(torch.zeros(2, 2, 12), torch.zeros(2, 1, 12),
+                                                torch.zeros(2, 1, 12), 1.0),
+         "head_dim must be a multiple of 8, got 12"),
+        (lambda: torch.ops.fovea.causal_prefill(torch.zeros(2, 2, 8), torch.zeros(2, 1, 8),
+                                                torch.zeros(2, 1, 8, dtype=torch.float16), 1.0),
+         "k and v must be [n, kv_heads, head_dim] alike"),
         (lambda: torch.ops.fovea.rotary_(torch.zeros(2, 1, 8), torch.zeros(2, 1, 8),
                                          torch.ones(2, 8), torch.ones(2, 8)),
          "head_dim must be equal and a multiple of 16"),
