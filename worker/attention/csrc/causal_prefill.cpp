@@ -11,8 +11,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <vector>
 
 #include "vec.h"
@@ -78,19 +76,6 @@ void weighted_block8(const float* const* p, const float* v, int64_t n, int64_t h
   for (int64_t r = 0; r < kRows; ++r) store8(out[r] + col, acc[r]);
 }
 
-// Row i's scores s[0..i] -> softmax in place (entries past i are ignored).
-void softmax_causal(float* s, int64_t len) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < len; ++j) mx = std::max(mx, s[j]);
-  float sum = 0.f;
-  for (int64_t j = 0; j < len; ++j) {
-    s[j] = std::exp(s[j] - mx);
-    sum += s[j];
-  }
-  const float inv = 1.f / sum;
-  for (int64_t j = 0; j < len; ++j) s[j] *= inv;
-}
-
 // q [n, heads, head_dim] float32 contiguous; k, v [n, kv_heads, head_dim] (rows of head_dim
 // contiguous, any row stride), float32 or bfloat16 -> [n, heads * head_dim] float32.
 at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -153,13 +138,12 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
       // Softmax each row over its keys; zero the rest of the block's keys (and whole rows
       // past n), so the value sums can run over the block's keys for all rows at once.
       float* orows[kRows];
-      std::vector<float>& tmp = scratch;
       for (int64_t r = 0; r < kRows; ++r) {
         const int64_t len = r < rows ? i0 + r + 1 : 0;  // row i0 + r sees keys [0, i0 + r]
-        if (len) softmax_causal(srows[r], len);
+        if (len) fovea::softmax_inplace(srows[r], len);
         std::fill(srows[r] + len, srows[r] + i0 + rows, 0.f);
         orows[r] = r < rows ? op + ((i0 + r) * heads + head) * head_dim
-                            : tmp.data() + (r - rows) * head_dim;
+                            : scratch.data() + (r - rows) * head_dim;
       }
       const float* vh = vf.data() + h * n * head_dim;
       int64_t col = 0;

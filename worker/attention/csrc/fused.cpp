@@ -39,8 +39,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x,
                                             const std::optional<at::Tensor>& residual,
                                             const at::Tensor& weight, double eps) {
   check_act(x, "x");
-  const int64_t rows = x.size(0), hidden = x.size(1);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [T, hidden]");
+  const int64_t rows = x.size(0), hidden = x.size(1);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden && weight.is_contiguous() &&
                   weight.scalar_type() == x.scalar_type(),
               "weight must be a contiguous [hidden] of x's dtype");

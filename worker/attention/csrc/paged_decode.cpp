@@ -12,8 +12,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <cmath>
-#include <limits>
 #include <vector>
 
 #include "vec.h"
@@ -86,15 +84,7 @@ void decode_one(const float* q, const T* const* k_rows, const T* const* v_rows, 
       for (int64_t d = 0; d < head_dim; d += 8) a += load8(qg + d) * load8(k_rows[t] + d);
       s[t] = hsum(a) * scale;
     }
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, s[i]);
-    float sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) {
-      s[i] = std::exp(s[i] - mx);
-      sum += s[i];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+    fovea::softmax_inplace(s, n);
     for (int64_t col = 0; col < head_dim; col += 64) {
       const int w = static_cast<int>(std::min<int64_t>(64, head_dim - col) / 8);
       weighted_sum_any(w, s, v_rows, n, col, out + g * head_dim + col);

@@ -5,8 +5,11 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace fovea {
 
@@ -52,9 +55,19 @@ inline float hsum(vec8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-}  // namespace fovea
-
-namespace fovea {
+// s[0, n) -> softmax(s) in place, exact (max-subtracted; the exp loop vectorises through
+// glibc's libmvec under -ffast-math).
+inline void softmax_inplace(float* s, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, s[i]);
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = std::exp(s[i] - mx);
+    sum += s[i];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+}
 
 // f(float{}) or f(c10::BFloat16{}) by a tensor's dtype (the caller has checked it is one).
 template <typename F>
