@@ -56,12 +56,9 @@ def pick_dtype(device: str, requested: str) -> torch.dtype:
         return torch.float32 if requested == "float32" else torch.bfloat16
     if device.startswith("cuda"):
         return torch.bfloat16
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    from fovea.worker.model_runner import cpu_has_native_bf16
+
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def generate_batch(

@@ -38,6 +38,7 @@ from fovea.worker.attention import cpu_kernels
 from fovea.worker.attention.base import AttentionBackend, ChunkLayout
 from fovea.worker.attention.cpu_paged import CpuPagedBackend, kernel_supports
 from fovea.worker.attention.torch_native import TorchNativeBackend
+from fovea.worker.cpu_threads import cpu_flags
 from fovea.worker.cross_attention import CrossAttentionState
 from fovea.worker.kv_pool import KVPool, plan_num_slots
 from fovea.worker.loader import load_model
@@ -56,12 +57,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fovea.common.cache_dir import cache_dir
+from fovea.worker.cpu_threads import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,9 @@ _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried in this process
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
 def build_key() -> str:
     h = hashlib.sha256()
-    for part in (torch.__version__, " ".join(CFLAGS + LDFLAGS), _cpu_flags()):
+    for part in (torch.__version__, " ".join(CFLAGS + LDFLAGS), " ".join(sorted(cpu_flags()))):
         h.update(part.encode() + b"\0")
     for src in SOURCES + HEADERS:
         h.update(src.read_bytes())

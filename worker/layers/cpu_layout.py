@@ -11,10 +11,10 @@ Measured here (fp32, one thread, SmolLM2-135M's shapes, interleaved runs in one 
 Measured on an AVX-512 (avx512_bf16) AMD EPYC, 2 threads, the four linear layers of one
 SmolLM2 block at 32 rows: oneDNN packed 316 us against 409 column-major in bf16, 569 against
 1,477 in fp32 (at 1 row 120 against 207 in bf16). So every linear layer, the head included,
-keeps both layouts (CpuWeights): the plain weight re-laid column-major in place (no copy) for
-one to three rows, and a packed copy, one extra copy of the weights, from four rows on. A head
-tied to the input embedding keeps a column-major copy too: the lookups need the row-major
-original.
+keeps both layouts (CpuWeights): the plain weight re-laid column-major in place (no copy), and
+a packed copy, one extra copy of the weights, used from PACKED_MIN_ROWS rows on (1 on AVX-512
+CPUs, 4 elsewhere). A head tied to the input embedding keeps a column-major copy too: the
+lookups need the row-major original.
 Nothing here changes results beyond float rounding order.
 """
 
@@ -26,23 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fovea.worker.cpu_threads import cpu_flags
+
 log = logging.getLogger(__name__)
-
-
-
-def _cpu_has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f " in next((ln for ln in f if ln.startswith("flags")), "") + " "
-    except OSError:
-        return False
-
 
 # From this many rows on a linear layer uses its oneDNN-packed weight: from one row on AVX-512
 # CPUs (packed 120 against 207 us column-major above, bf16; 143 against 177 fp32), from four
 # on AVX2 ones, where the column-major layout was faster for one to three rows. Fixed per
 # machine, so one machine's results never depend on a timing probe.
-PACKED_MIN_ROWS = 1 if _cpu_has_avx512() else 4
+PACKED_MIN_ROWS = 1 if "avx512f" in cpu_flags() else 4
 # The batch size oneDNN's packing is tuned for (a decode batch of a loaded server).
 PACK_HINT_ROWS = 32
 
