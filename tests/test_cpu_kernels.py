@@ -78,7 +78,10 @@ def _table(rows: int, width: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim"), [(4, 4, 64), (9, 3, 64), (7, 1, 80), (6, 2, 128)]
+    ("heads", "kv_heads", "head_dim"),
+    # Groups of 1-8 query heads (passes of 4 + 4, 4 + 3, 4 + 2); head_dims that are whole
+    # 16-float vectors (64, 80, 128, 48: 4 + 1 and 3 of them a pass) and one that is not (72).
+    [(4, 4, 64), (9, 3, 64), (7, 1, 80), (6, 2, 128), (6, 1, 48), (16, 2, 72)],
 )
 def test_decode_matches_sdpa(heads: int, kv_heads: int, head_dim: int) -> None:
     # Lengths 1..70 across rows: padding, the 4-position blocks' tails and a single position.

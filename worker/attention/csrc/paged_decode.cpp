@@ -16,78 +16,103 @@
 
 #include "vec.h"
 
-using fovea::hsum;
-using fovea::load8;
-using fovea::vec8;
-
 namespace {
 
+using fovea::vf;
+
 // Rows this many positions ahead are prefetched: slots need not be adjacent in memory.
-constexpr int64_t kAhead = 20;
-
-// out[0:8W) = sum_t p[t] * rows[t][0:8W): W accumulators stay in registers across t.
-template <int W, typename T>
-void weighted_sum(const float* p, const T* const* rows, int64_t n, int64_t col, float* out) {
-  vec8 acc[W] = {};
-  for (int64_t t = 0; t < n; ++t) {
-    const T* v = rows[t] + col;
-    if (t + kAhead < n)
-      for (int j = 0; j < W; j += 2) __builtin_prefetch(rows[t + kAhead] + col + 8 * j);
-    for (int j = 0; j < W; ++j) acc[j] += p[t] * load8(v + 8 * j);
-  }
-  std::memcpy(out, acc, sizeof acc);
-}
-
+constexpr int64_t kAhead = 32;
+// Elements of T in one 64-byte cache line.
 template <typename T>
-void weighted_sum_any(int w, const float* p, const T* const* rows, int64_t n, int64_t col,
-                      float* out) {
-  switch (w) {
-    case 8: return weighted_sum<8>(p, rows, n, col, out);
-    case 7: return weighted_sum<7>(p, rows, n, col, out);
-    case 6: return weighted_sum<6>(p, rows, n, col, out);
-    case 5: return weighted_sum<5>(p, rows, n, col, out);
-    case 4: return weighted_sum<4>(p, rows, n, col, out);
-    case 3: return weighted_sum<3>(p, rows, n, col, out);
-    case 2: return weighted_sum<2>(p, rows, n, col, out);
-    default: return weighted_sum<1>(p, rows, n, col, out);
-  }
-}
+constexpr int kLine = 64 / sizeof(T);
+// Query heads served by one pass over the keys: their accumulators stay in registers.
+constexpr int kSub = 4;
 
-// One (sequence, KV head): q and out are the group's [group, head_dim] query/output rows;
-// k_rows/v_rows [n] point at this KV head's row of each position; scores is [group, n].
-template <typename T>
-void decode_one(const float* q, const T* const* k_rows, const T* const* v_rows, int64_t n,
-                int64_t group, int64_t head_dim, float scale, float* scores, float* out) {
-  for (int64_t g = 0; g < group; ++g) {
-    const float* qg = q + g * head_dim;
-    float* s = scores + g * n;
-    int64_t t = 0;
-    for (; t + 4 <= n; t += 4) {  // four positions at once: four independent FMA chains
-      if (g == 0 && t + kAhead + 4 <= n)
-        for (int64_t i = t + kAhead; i < t + kAhead + 4; ++i)
-          for (int64_t d = 0; d < head_dim; d += 16) __builtin_prefetch(k_rows[i] + d);
-      vec8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t d = 0; d < head_dim; d += 8) {
-        const vec8 qv = load8(qg + d);
-        a0 += qv * load8(k_rows[t] + d);
-        a1 += qv * load8(k_rows[t + 1] + d);
-        a2 += qv * load8(k_rows[t + 2] + d);
-        a3 += qv * load8(k_rows[t + 3] + d);
+// s[g][t] = scale * q_g . k_t for the G query heads q [G][head_dim] (s's rows are `n` apart).
+// Each key row is loaded (and widened from bf16) once for all G heads; four keys' partial
+// vectors per head are reduced together (hsum4).
+template <int W, int G, typename T>
+void scores(const float* q, const T* const* k_rows, int64_t n, int64_t head_dim, float scale,
+            float* s) {
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    if (t + kAhead + 4 <= n)
+      for (int64_t i = t + kAhead; i < t + kAhead + 4; ++i)
+        for (int64_t d = 0; d < head_dim; d += kLine<T>) __builtin_prefetch(k_rows[i] + d);
+    vf<W> acc[G][4] = {};
+    for (int64_t d = 0; d < head_dim; d += W) {
+      vf<W> qv[G];
+      for (int g = 0; g < G; ++g) qv[g] = fovea::load<W>(q + g * head_dim + d);
+      for (int j = 0; j < 4; ++j) {
+        const vf<W> kv = fovea::load<W>(k_rows[t + j] + d);
+        for (int g = 0; g < G; ++g) acc[g][j] += qv[g] * kv;
       }
-      s[t] = hsum(a0) * scale;
-      s[t + 1] = hsum(a1) * scale;
-      s[t + 2] = hsum(a2) * scale;
-      s[t + 3] = hsum(a3) * scale;
     }
-    for (; t < n; ++t) {
-      vec8 a = {};
-      for (int64_t d = 0; d < head_dim; d += 8) a += load8(qg + d) * load8(k_rows[t] + d);
-      s[t] = hsum(a) * scale;
+    for (int g = 0; g < G; ++g) {
+      fovea::hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3], s + g * n + t);
+      for (int j = 0; j < 4; ++j) s[g * n + t + j] *= scale;
     }
-    fovea::softmax_inplace(s, n);
-    for (int64_t col = 0; col < head_dim; col += 64) {
-      const int w = static_cast<int>(std::min<int64_t>(64, head_dim - col) / 8);
-      weighted_sum_any(w, s, v_rows, n, col, out + g * head_dim + col);
+  }
+  for (; t < n; ++t) {
+    vf<W> acc[G] = {};
+    for (int64_t d = 0; d < head_dim; d += W) {
+      const vf<W> kv = fovea::load<W>(k_rows[t] + d);
+      for (int g = 0; g < G; ++g) acc[g] += fovea::load<W>(q + g * head_dim + d) * kv;
+    }
+    for (int g = 0; g < G; ++g) s[g * n + t] = fovea::hsum(acc[g]) * scale;
+  }
+}
+
+// out[g][col, col + C*W) = sum_t p[g][t] * v_t[col, col + C*W): each value vector loaded
+// feeds all G heads; G*C accumulators stay in registers across t.
+template <int W, int G, int C, typename T>
+void values(const float* p, const T* const* v_rows, int64_t n, int64_t col, int64_t head_dim,
+            float* out) {
+  vf<W> acc[G][C] = {};
+  for (int64_t t = 0; t < n; ++t) {
+    const T* v = v_rows[t] + col;
+    if (t + kAhead < n)
+      for (int d = 0; d < C * W; d += kLine<T>) __builtin_prefetch(v_rows[t + kAhead] + col + d);
+    vf<W> vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = fovea::load<W>(v + c * W);
+    for (int g = 0; g < G; ++g) {
+      const float pg = p[g * n + t];
+      for (int c = 0; c < C; ++c) acc[g][c] += pg * vv[c];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) fovea::store<W>(out + g * head_dim + col + c * W, acc[g][c]);
+}
+
+// G (<= kSub) query heads of one KV head: q, out [G][head_dim]; k_rows/v_rows [n] point at
+// this KV head's row of each position; s is [G][n] scratch.
+template <int W, int G, typename T>
+void attend(const float* q, const T* const* k_rows, const T* const* v_rows, int64_t n,
+            int64_t head_dim, float scale, float* s, float* out) {
+  scores<W, G>(q, k_rows, n, head_dim, scale, s);
+  for (int g = 0; g < G; ++g) fovea::softmax_inplace(s + g * n, n);
+  int64_t col = 0;
+  for (; col + 4 * W <= head_dim; col += 4 * W) values<W, G, 4>(s, v_rows, n, col, head_dim, out);
+  switch ((head_dim - col) / W) {
+    case 3: return values<W, G, 3>(s, v_rows, n, col, head_dim, out);
+    case 2: return values<W, G, 2>(s, v_rows, n, col, head_dim, out);
+    case 1: return values<W, G, 1>(s, v_rows, n, col, head_dim, out);
+    default: return;
+  }
+}
+
+// One (sequence, KV head): the group's query heads in passes of up to kSub heads.
+template <int W, typename T>
+void decode_one(const float* q, const T* const* k_rows, const T* const* v_rows, int64_t n,
+                int64_t group, int64_t head_dim, float scale, float* s, float* out) {
+  for (int64_t g0 = 0; g0 < group; g0 += kSub) {
+    const float* qg = q + g0 * head_dim;
+    float* og = out + g0 * head_dim;
+    switch (std::min<int64_t>(kSub, group - g0)) {
+      case 4: attend<W, 4>(qg, k_rows, v_rows, n, head_dim, scale, s, og); break;
+      case 3: attend<W, 3>(qg, k_rows, v_rows, n, head_dim, scale, s, og); break;
+      case 2: attend<W, 2>(qg, k_rows, v_rows, n, head_dim, scale, s, og); break;
+      default: attend<W, 1>(qg, k_rows, v_rows, n, head_dim, scale, s, og); break;
     }
   }
 }
@@ -127,13 +152,14 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   auto out = at::empty({batch, heads * head_dim}, q.options());
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const bool wide = head_dim % fovea::kWide == 0;
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     const int64_t stride = kv_heads * head_dim;  // between one slot's rows and the next's
     at::parallel_for(0, batch * kv_heads, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<float> scores;
+      std::vector<float> scratch;
       std::vector<const scalar_t*> k_rows, v_rows;
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / kv_heads, kvh = task % kv_heads, n = len_p[b];
@@ -144,10 +170,15 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
           k_rows[t] = kp + sl[t] * stride + kvh * head_dim;
           v_rows[t] = vp + sl[t] * stride + kvh * head_dim;
         }
-        scores.resize(group * n);
+        scratch.resize(kSub * n);
         const int64_t off = (b * heads + kvh * group) * head_dim;
-        decode_one<scalar_t>(qp + off, k_rows.data(), v_rows.data(), n, group, head_dim,
-                             static_cast<float>(scale), scores.data(), op + off);
+        const float sc = static_cast<float>(scale);
+        if (wide)
+          decode_one<fovea::kWide>(qp + off, k_rows.data(), v_rows.data(), n, group, head_dim,
+                                   sc, scratch.data(), op + off);
+        else
+          decode_one<8>(qp + off, k_rows.data(), v_rows.data(), n, group, head_dim, sc,
+                        scratch.data(), op + off);
       }
     });
   };

@@ -13,34 +13,62 @@
 
 namespace fovea {
 
-typedef float vec8 __attribute__((vector_size(32)));
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
+// W floats in one vector: 8 (a ymm register on AVX2) everywhere, 16 (zmm) where the build
+// targets AVX-512, which the attention kernels use when head_dim is a multiple of 16.
+template <int W>
+struct Lanes {
+  typedef float f __attribute__((vector_size(4 * W)));
+  typedef uint16_t h __attribute__((vector_size(2 * W)));
+  typedef uint32_t u __attribute__((vector_size(4 * W)));
+};
+template <int W>
+using vf = typename Lanes<W>::f;
+using vec8 = vf<8>;
+#ifdef __AVX512F__
+constexpr int kWide = 16;
+#else
+constexpr int kWide = 8;
+#endif
 
-inline vec8 load8(const float* p) {
-  vec8 v;
+template <int W>
+inline vf<W> load(const float* p) {
+  vf<W> v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline vec8 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float's bits
-  u16x8 h;
+template <int W>
+inline vf<W> load(const c10::BFloat16* p) {  // bf16 is the top half of a float's bits
+  typename Lanes<W>::h h;
   std::memcpy(&h, p, sizeof h);
-  u32x8 w = __builtin_convertvector(h, u32x8) << 16;
-  vec8 v;
+  typename Lanes<W>::u w = __builtin_convertvector(h, typename Lanes<W>::u) << 16;
+  vf<W> v;
   std::memcpy(&v, &w, sizeof v);
   return v;
 }
 
-inline void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof v); }
+template <int W>
+inline void store(float* p, vf<W> v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
 // Round to nearest even, as torch's float -> bfloat16 conversion does (finite values).
-inline void store8(c10::BFloat16* p, vec8 v) {
-  u32x8 w;
+template <int W>
+inline void store(c10::BFloat16* p, vf<W> v) {
+  typename Lanes<W>::u w;
   std::memcpy(&w, &v, sizeof w);
   w += 0x7FFFu + ((w >> 16) & 1u);
-  u16x8 h = __builtin_convertvector(w >> 16, u16x8);
+  typename Lanes<W>::h h = __builtin_convertvector(w >> 16, typename Lanes<W>::h);
   std::memcpy(p, &h, sizeof h);
+}
+
+template <typename T>
+inline vec8 load8(const T* p) {
+  return load<8>(p);
+}
+template <typename T>
+inline void store8(T* p, vec8 v) {
+  store<8>(p, v);
 }
 
 // v rounded to T and back: the rounding torch applies after each op on T tensors.
@@ -53,6 +81,49 @@ inline vec8 round_to(vec8 v, c10::BFloat16) {
 
 inline float hsum(vec8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+inline float hsum(vf<16> v) {
+  return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
+// out[0..4) = the lane sums of a0..a3, in 9 (W = 8) or 13 (W = 16) vector ops rather than
+// four reductions of ~7: each step folds two vectors' halves into one vector.
+inline void hsum4(vec8 a0, vec8 a1, vec8 a2, vec8 a3, float* out) {
+  const vec8 b01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(a0, a1, 4, 5, 6, 7, 12, 13, 14, 15);
+  const vec8 b23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(a2, a3, 4, 5, 6, 7, 12, 13, 14, 15);
+  // lanes: a0 a0 a2 a2 a1 a1 a3 a3
+  const vec8 c = __builtin_shufflevector(b01, b23, 0, 1, 8, 9, 4, 5, 12, 13) +
+                 __builtin_shufflevector(b01, b23, 2, 3, 10, 11, 6, 7, 14, 15);
+  const vec8 d = c + __builtin_shufflevector(c, c, 1, 0, 3, 2, 5, 4, 7, 6);
+  out[0] = d[0];
+  out[1] = d[4];
+  out[2] = d[2];
+  out[3] = d[6];
+}
+
+inline void hsum4(vf<16> a0, vf<16> a1, vf<16> a2, vf<16> a3, float* out) {
+  const vf<16> b01 =
+      __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+      __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf<16> b23 =
+      __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+      __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  // lanes in fours: a0 a2 a1 a3
+  const vf<16> c =
+      __builtin_shufflevector(b01, b23, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+      __builtin_shufflevector(b01, b23, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  const vf<16> d =
+      c + __builtin_shufflevector(c, c, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  const vf<16> e =
+      d + __builtin_shufflevector(d, d, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  out[0] = e[0];
+  out[1] = e[8];
+  out[2] = e[4];
+  out[3] = e[12];
 }
 
 // s[0, n) -> softmax(s) in place, exact (max-subtracted; the exp loop vectorises through
