@@ -15,23 +15,23 @@
 
 #include "vec.h"
 
-using fovea::load8;
-using fovea::store8;
-using fovea::vec8;
+using fovea::vf;
 
 namespace {
 
 constexpr int64_t kRows = 4;   // query rows per block
-constexpr int64_t kKeys = 16;  // keys per inner step (two vectors)
+constexpr int64_t kPad = 32;   // keys are padded to whole steps of 2 * W (W <= 16)
 
-// scores[r][j] = scale * q_r . k_j for rows r < rows and keys j < keys (a multiple of 16);
+// scores[r][j] = scale * q_r . k_j for rows r < rows and keys j < keys (a multiple of 2W);
 // kt [head_dim][stride] holds the keys transposed (columns past n are zero).
+template <int W>
 void score_block(const float* const* q, int64_t rows, const float* kt, int64_t stride,
                  int64_t keys, int64_t head_dim, float scale, float* const* scores) {
-  for (int64_t j = 0; j < keys; j += kKeys) {
-    vec8 acc[kRows][2] = {};
+  for (int64_t j = 0; j < keys; j += 2 * W) {
+    vf<W> acc[kRows][2] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
-      const vec8 k0 = load8(kt + d * stride + j), k1 = load8(kt + d * stride + j + 8);
+      const float* kd = kt + d * stride + j;
+      const vf<W> k0 = fovea::load<W>(kd), k1 = fovea::load<W>(kd + W);
       for (int64_t r = 0; r < kRows; ++r) {
         const float qd = q[r][d];
         acc[r][0] += qd * k0;
@@ -39,41 +39,37 @@ void score_block(const float* const* q, int64_t rows, const float* kt, int64_t s
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
-      store8(scores[r] + j, acc[r][0] * scale);
-      store8(scores[r] + j + 8, acc[r][1] * scale);
+      fovea::store<W>(scores[r] + j, acc[r][0] * scale);
+      fovea::store<W>(scores[r] + j + W, acc[r][1] * scale);
     }
   }
 }
 
-// out[r][col, col + 32) = sum_{t<n} p[r][t] * v[t][col, col + 32) for the block's rows:
-// each value vector loaded feeds all rows (16 accumulators: fits AVX2's 16 registers).
+// out[r][col, col + C*W) = sum_{t<n} p[r][t] * v[t][col, col + C*W) for the block's rows:
+// each value vector loaded feeds all rows (4C accumulators in registers).
+template <int W, int C>
 void weighted_block(const float* const* p, const float* v, int64_t n, int64_t head_dim,
                     int64_t col, float* const* out) {
-  vec8 acc[kRows][4] = {};
+  vf<W> acc[kRows][C] = {};
   for (int64_t t = 0; t < n; ++t) {
     const float* row = v + t * head_dim + col;
-    const vec8 v0 = load8(row), v1 = load8(row + 8), v2 = load8(row + 16), v3 = load8(row + 24);
+    vf<W> vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = fovea::load<W>(row + c * W);
     for (int64_t r = 0; r < kRows; ++r) {
       const float pr = p[r][t];
-      acc[r][0] += pr * v0;
-      acc[r][1] += pr * v1;
-      acc[r][2] += pr * v2;
-      acc[r][3] += pr * v3;
+      for (int c = 0; c < C; ++c) acc[r][c] += pr * vv[c];
     }
   }
   for (int64_t r = 0; r < kRows; ++r)
-    for (int j = 0; j < 4; ++j) store8(out[r] + col + 8 * j, acc[r][j]);
+    for (int c = 0; c < C; ++c) fovea::store<W>(out[r] + col + c * W, acc[r][c]);
 }
 
-// The same for 8 columns (head_dim not a multiple of 32).
-void weighted_block8(const float* const* p, const float* v, int64_t n, int64_t head_dim,
-                     int64_t col, float* const* out) {
-  vec8 acc[kRows] = {};
-  for (int64_t t = 0; t < n; ++t) {
-    const vec8 v0 = load8(v + t * head_dim + col);
-    for (int64_t r = 0; r < kRows; ++r) acc[r] += p[r][t] * v0;
-  }
-  for (int64_t r = 0; r < kRows; ++r) store8(out[r] + col, acc[r]);
+template <int W>
+void weighted_cols(const float* const* p, const float* v, int64_t n, int64_t head_dim,
+                   float* const* out) {
+  int64_t col = 0;
+  for (; col + 4 * W <= head_dim; col += 4 * W) weighted_block<W, 4>(p, v, n, head_dim, col, out);
+  for (; col < head_dim; col += W) weighted_block<W, 1>(p, v, n, head_dim, col, out);
 }
 
 // q [n, heads, head_dim] float32 contiguous; k, v [n, kv_heads, head_dim] (rows of head_dim
@@ -95,23 +91,28 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
     TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == head_dim,
                 "k and v rows must hold their heads contiguously");
   const int64_t group = heads / kv_heads;
-  const int64_t stride = (n + kKeys - 1) / kKeys * kKeys;  // keys padded to whole steps
+  const int64_t stride = (n + kPad - 1) / kPad * kPad;  // keys padded to whole steps
+  const bool wide = head_dim % fovea::kWide == 0;
   // Per KV head: keys transposed [head_dim][stride] and values [n][head_dim], in float.
-  std::vector<float> kt(kv_heads * head_dim * stride, 0.f), vf(kv_heads * n * head_dim);
+  std::vector<float> kt(kv_heads * head_dim * stride, 0.f), vals(kv_heads * n * head_dim);
   fovea::dispatch_float_bf16(k.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* kp = k.data_ptr<T>();
     const T* vp = v.data_ptr<T>();
     at::parallel_for(0, kv_heads, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t h = lo; h < hi; ++h)
-        for (int64_t t = 0; t < n; ++t) {
-          const T* krow = kp + t * k.stride(0) + h * head_dim;
-          const T* vrow = vp + t * v.stride(0) + h * head_dim;
-          float* kd = kt.data() + h * head_dim * stride + t;
-          for (int64_t d = 0; d < head_dim; ++d) kd[d * stride] = static_cast<float>(krow[d]);
-          for (int64_t d = 0; d < head_dim; d += 8)
-            store8(vf.data() + (h * n + t) * head_dim + d, load8(vrow + d));
+      for (int64_t h = lo; h < hi; ++h) {
+        // Column by column: the writes run along kt's rows; the n key rows read stay in L1.
+        const T* kh = kp + h * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          float* kd = kt.data() + (h * head_dim + d) * stride;
+          for (int64_t t = 0; t < n; ++t) kd[t] = static_cast<float>(kh[t * k.stride(0) + d]);
         }
+        for (int64_t t = 0; t < n; ++t) {
+          const T* vrow = vp + t * v.stride(0) + h * head_dim;
+          for (int64_t d = 0; d < head_dim; d += 8)
+            fovea::store8(vals.data() + (h * n + t) * head_dim + d, fovea::load8(vrow + d));
+        }
+      }
     });
   });
   auto out = at::empty({n, heads * head_dim}, q.options());
@@ -132,9 +133,14 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
         qrows[r] = qp + ((i0 + std::min(r, rows - 1)) * heads + head) * head_dim;
         srows[r] = scores.data() + r * stride;
       }
-      const int64_t keys = (i0 + rows + kKeys - 1) / kKeys * kKeys;
-      score_block(qrows, rows, kt.data() + h * head_dim * stride, stride, keys, head_dim,
-                  static_cast<float>(scale), srows);
+      const float* kh = kt.data() + h * head_dim * stride;
+      const float sc = static_cast<float>(scale);
+      if (wide) {
+        const int64_t keys = (i0 + rows + 2 * fovea::kWide - 1) / (2 * fovea::kWide) * 2 * fovea::kWide;
+        score_block<fovea::kWide>(qrows, rows, kh, stride, keys, head_dim, sc, srows);
+      } else {
+        score_block<8>(qrows, rows, kh, stride, (i0 + rows + 15) / 16 * 16, head_dim, sc, srows);
+      }
       // Softmax each row over its keys; zero the rest of the block's keys (and whole rows
       // past n), so the value sums can run over the block's keys for all rows at once.
       float* orows[kRows];
@@ -145,12 +151,11 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
         orows[r] = r < rows ? op + ((i0 + r) * heads + head) * head_dim
                             : scratch.data() + (r - rows) * head_dim;
       }
-      const float* vh = vf.data() + h * n * head_dim;
-      int64_t col = 0;
-      for (; col + 32 <= head_dim; col += 32)
-        weighted_block(srows, vh, i0 + rows, head_dim, col, orows);
-      for (; col < head_dim; col += 8)
-        weighted_block8(srows, vh, i0 + rows, head_dim, col, orows);
+      const float* vh = vals.data() + h * n * head_dim;
+      if (wide)
+        weighted_cols<fovea::kWide>(srows, vh, i0 + rows, head_dim, orows);
+      else
+        weighted_cols<8>(srows, vh, i0 + rows, head_dim, orows);
     }
   });
   return out;

@@ -17,10 +17,10 @@
 
 #include "vec.h"
 
-using fovea::load8;
+using fovea::load;
 using fovea::round_to;
-using fovea::store8;
-using fovea::vec8;
+using fovea::store;
+using fovea::vf;
 
 namespace {
 
@@ -57,24 +57,26 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x,
     const T* wp = weight.data_ptr<T>();
     T* sp = sum.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    at::parallel_for(0, rows, grain(hidden), [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        const int64_t base = r * hidden;
-        vec8 sq = {};
-        for (int64_t d = 0; d < hidden; d += 8) {
-          vec8 v = load8(xp + base + d);
-          if (rp) {
-            v = round_to(v + load8(rp + base + d), T{});
-            store8(sp + base + d, v);
-          }
-          sq += v * v;
+    auto row = [&](auto width, int64_t r) {
+      constexpr int W = decltype(width)::value;
+      const int64_t base = r * hidden;
+      vf<W> sq = {};
+      for (int64_t d = 0; d < hidden; d += W) {
+        vf<W> v = load<W>(xp + base + d);
+        if (rp) {
+          v = round_to<W>(v + load<W>(rp + base + d), T{});
+          store<W>(sp + base + d, v);
         }
-        const float inv = 1.f / std::sqrt(fovea::hsum(sq) / hidden + static_cast<float>(eps));
-        for (int64_t d = 0; d < hidden; d += 8) {
-          const vec8 normed = round_to(load8(sp + base + d) * inv, T{});
-          store8(op + base + d, load8(wp + d) * normed);
-        }
+        sq += v * v;
       }
+      const float inv = 1.f / std::sqrt(fovea::hsum(sq) / hidden + static_cast<float>(eps));
+      for (int64_t d = 0; d < hidden; d += W) {
+        const vf<W> normed = round_to<W>(load<W>(sp + base + d) * inv, T{});
+        store<W>(op + base + d, load<W>(wp + d) * normed);
+      }
+    };
+    at::parallel_for(0, rows, grain(hidden), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) fovea::by_width(hidden, [&](auto w) { row(w, r); });
     });
   });
   return {out, sum};
@@ -91,18 +93,20 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     using T = decltype(tag);
     const T* gp = gate_up.data_ptr<T>();
     T* op = out.data_ptr<T>();
+    auto row = [&](auto width, int64_t r, float* a) {
+      constexpr int W = decltype(width)::value;
+      const T* g = gp + r * 2 * inter;
+      const T* u = g + inter;
+      for (int64_t d = 0; d < inter; d += W) store<W>(a + d, load<W>(g + d));
+      // A plain loop over floats: gcc vectorises its exp through glibc's libmvec.
+      for (int64_t d = 0; d < inter; ++d) a[d] = a[d] / (1.f + std::exp(-a[d]));
+      for (int64_t d = 0; d < inter; d += W)
+        store<W>(op + r * inter + d, round_to<W>(load<W>(a + d), T{}) * load<W>(u + d));
+    };
     at::parallel_for(0, rows, grain(inter), [&](int64_t lo, int64_t hi) {
       std::vector<float> act(inter);
-      for (int64_t r = lo; r < hi; ++r) {
-        const T* g = gp + r * 2 * inter;
-        const T* u = g + inter;
-        for (int64_t d = 0; d < inter; d += 8) store8(act.data() + d, load8(g + d));
-        // A plain loop over floats: gcc vectorises its exp through glibc's libmvec.
-        float* a = act.data();
-        for (int64_t d = 0; d < inter; ++d) a[d] = a[d] / (1.f + std::exp(-a[d]));
-        for (int64_t d = 0; d < inter; d += 8)
-          store8(op + r * inter + d, round_to(load8(a + d), T{}) * load8(u + d));
-      }
+      for (int64_t r = lo; r < hi; ++r)
+        fovea::by_width(inter, [&](auto w) { row(w, r, act.data()); });
     });
   });
   return out;
@@ -124,14 +128,18 @@ void rotate(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
         T* row = xp + t * row_stride + h * dim;
         const T* c = cp + t * dim;
         const T* s = sp + t * dim;
-        for (int64_t d = 0; d < half; d += 8) {
-          const vec8 x1 = load8(row + d), x2 = load8(row + half + d);
-          const vec8 a = round_to(x1 * load8(c + d), T{}) - round_to(x2 * load8(s + d), T{});
-          const vec8 b = round_to(x2 * load8(c + half + d), T{}) +
-                         round_to(x1 * load8(s + half + d), T{});
-          store8(row + d, a);
-          store8(row + half + d, b);
-        }
+        fovea::by_width(half, [&](auto width) {
+          constexpr int W = decltype(width)::value;
+          for (int64_t d = 0; d < half; d += W) {
+            const vf<W> x1 = load<W>(row + d), x2 = load<W>(row + half + d);
+            const vf<W> a = round_to<W>(x1 * load<W>(c + d), T{}) -
+                            round_to<W>(x2 * load<W>(s + d), T{});
+            const vf<W> b = round_to<W>(x2 * load<W>(c + half + d), T{}) +
+                            round_to<W>(x1 * load<W>(s + half + d), T{});
+            store<W>(row + d, a);
+            store<W>(row + half + d, b);
+          }
+        });
       }
     });
   });

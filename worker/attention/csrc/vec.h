@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace fovea {
 
@@ -71,12 +72,19 @@ inline void store8(T* p, vec8 v) {
   store<8>(p, v);
 }
 
-// v rounded to T and back: the rounding torch applies after each op on T tensors.
-inline vec8 round_to(vec8 v, float) { return v; }
-inline vec8 round_to(vec8 v, c10::BFloat16) {
-  c10::BFloat16 tmp[8];
-  store8(tmp, v);
-  return load8(tmp);
+// v rounded to T and back: the rounding torch applies after each op on T tensors (round to
+// nearest even on the bits, as store() does, without leaving the registers).
+template <int W>
+inline vf<W> round_to(vf<W> v, float) {
+  return v;
+}
+template <int W>
+inline vf<W> round_to(vf<W> v, c10::BFloat16) {
+  typename Lanes<W>::u w;
+  std::memcpy(&w, &v, sizeof w);
+  w = (w + 0x7FFFu + ((w >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
 }
 
 inline float hsum(vec8 v) {
@@ -138,6 +146,15 @@ inline void softmax_inplace(float* s, int64_t n) {
   }
   const float inv = 1.f / sum;
   for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+}
+
+// f(std::integral_constant<int, W>{}) with W = kWide when n is a multiple of it, else 8.
+template <typename F>
+void by_width(int64_t n, F&& f) {
+  if (n % kWide == 0)
+    f(std::integral_constant<int, kWide>{});
+  else
+    f(std::integral_constant<int, 8>{});
 }
 
 // f(float{}) or f(c10::BFloat16{}) by a tensor's dtype (the caller has checked it is one).
