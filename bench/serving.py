@@ -228,8 +228,11 @@ async def _run(
     async with httpx.AsyncClient(
         base_url=args.base_url, timeout=args.request_timeout, limits=limits, trust_env=False
     ) as client:
-        for i in range(args.warmup):
-            body = request_body(args, prompts[i % len(prompts)], 8, images_of(args, images, -1 - i))
+        # Warm-up prompts come after the timed ones (main builds both): a timed prompt sent
+        # first as warm-up would be a prefix-cache hit when timed.
+        warm_prompts, prompts = prompts[args.num_prompts :], prompts[: args.num_prompts]
+        for i, prompt in enumerate(warm_prompts):
+            body = request_body(args, prompt, 8, images_of(args, images, -1 - i))
             warm = await send_one(client, path, body)
             if not warm.ok:
                 print(f"warm-up request failed: {warm.error}", file=sys.stderr)
@@ -261,8 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer)
     prompts = build_prompts(
-        tokenizer, args.num_prompts, args.input_len, args.shared_prefix_len, args.seed
-    )
+        tokenizer, args.num_prompts + args.warmup, args.input_len, args.shared_prefix_len,
+        args.seed,
+    )  # fmt: skip
     results, duration = asyncio.run(run(args, prompts))
     print(json.dumps(report(args, args.system or args.base_url, results, duration)), flush=True)
 

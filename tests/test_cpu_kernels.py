@@ -188,7 +188,8 @@ def _call(**over: torch.Tensor) -> None:
             },
             "the KV cache must be float32 or bfloat16",
         ),
-        ({"q": torch.zeros(1, 2, 8, dtype=torch.float64)}, "q must be a contiguous float32"),
+        ({"q": torch.zeros(1, 2, 8, dtype=torch.float64)}, "q must be a float32 or bfloat16"),
+        ({"q": torch.zeros(1, 8, 2).transpose(1, 2)}, "with contiguous heads"),
         ({"slots": torch.tensor([[1, 2]], dtype=torch.int32)}, "must be contiguous int64"),
         (
             {"q": torch.zeros(1, 3, 8), "k": torch.zeros(4, 2, 8), "v": torch.zeros(4, 2, 8)},
@@ -200,6 +201,45 @@ def test_bad_input_is_refused(over: dict[str, torch.Tensor], message: str) -> No
     with pytest.raises(RuntimeError) as e:
         _call(**over)
     assert message in str(e.value)
+
+
+def test_decode_reads_bf16_q_rows_in_place() -> None:
+    """q as bf16 rows of a wider tensor (the step's qkv): the output is bf16, equal to the
+    float32 q's output rounded once."""
+    k = torch.randn(6, 2, 16).bfloat16()
+    v = torch.randn(6, 2, 16).bfloat16()
+    qkv = torch.randn(2, 4 * 16 + 40).bfloat16()
+    q = qkv[:, : 4 * 16].view(2, 4, 16)
+    slots, lens = torch.tensor([[1, 2, 5], [3, 4, 0]]), torch.tensor([3, 2])
+    got = torch.ops.fovea.paged_decode(q, k, v, slots, lens, 0.25)
+    want = torch.ops.fovea.paged_decode(q.float().contiguous(), k, v, slots, lens, 0.25)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want.bfloat16())
+
+
+def test_prefill_reads_bf16_q_rows_in_place() -> None:
+    qkv = torch.randn(9, 6 * 16 + 2 * 2 * 16).bfloat16()
+    q = qkv[:, : 6 * 16].view(9, 6, 16)
+    k = qkv[:, 6 * 16 : 8 * 16].view(9, 2, 16)
+    v = qkv[:, 8 * 16 :].view(9, 2, 16)
+    got = torch.ops.fovea.causal_prefill(q, k, v, 0.25)
+    want = torch.ops.fovea.causal_prefill(q.float().contiguous(), k, v, 0.25)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want.bfloat16())
+
+
+def test_store_kv_writes_rows_at_their_slots() -> None:
+    k_cache, v_cache = torch.zeros(5, 2, 8), torch.zeros(5, 2, 8)
+    kv = torch.arange(3 * 2 * 2 * 8, dtype=torch.float32).view(3, 2 * 2 * 8)
+    k, v = kv[:, :16].view(3, 2, 8), kv[:, 16:].view(3, 2, 8)  # views with a row stride of 32
+    torch.ops.fovea.store_kv(k_cache, v_cache, torch.tensor([4, 1, 2]), k, v)
+    assert torch.equal(k_cache[[4, 1, 2]], k)
+    assert torch.equal(v_cache[[4, 1, 2]], v)
+    assert k_cache[[0, 3]].abs().sum().item() == 0.0 == v_cache[[0, 3]].abs().sum().item()
+    with pytest.raises(RuntimeError, match="slot 5 is outside the pool"):
+        torch.ops.fovea.store_kv(k_cache, v_cache, torch.tensor([4, 5, 2]), k, v)
+    with pytest.raises(RuntimeError, match="of the caches' dtype"):
+        torch.ops.fovea.store_kv(k_cache, v_cache, torch.tensor([4, 1, 2]), k.double(), v)
 
 
 def test_kernel_supports() -> None:

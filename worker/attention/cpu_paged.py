@@ -21,13 +21,28 @@ def kernel_supports(head_dim: int, kv_dtype: torch.dtype) -> bool:
 
 
 class CpuPagedBackend(TorchNativeBackend):  # type: ignore[misc,unused-ignore]
+    """The kernels read q in place (float32 or bf16 rows of the step's qkv) and return the
+    output in q's dtype."""
+
+    def _store(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        rows_ok = all(
+            x.dim() == 3 and x.dtype == k_cache.dtype and x.stride(2) == 1
+            and x.stride(1) == x.shape[2]
+            for x in (k, v)
+        )  # fmt: skip
+        if not rows_ok:
+            return super()._store(k_cache, v_cache, k, v)
+        torch.ops.fovea.store_kv(k_cache, v_cache, self.out_slots, k, v)
+
     def _decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: _Decode
     ) -> torch.Tensor:
         out: torch.Tensor = torch.ops.fovea.paged_decode(
-            q.float().contiguous(), k_cache, v_cache, d.slots, d.lens, self.scale
+            q, k_cache, v_cache, d.slots, d.lens, self.scale
         )
-        return out.to(q.dtype)
+        return out
 
     def _prefill(
         self,
@@ -43,6 +58,6 @@ class CpuPagedBackend(TorchNativeBackend):  # type: ignore[misc,unused-ignore]
             return super()._prefill(q, k, v, k_cache, v_cache, p, kv)
         end = p.start + p.q_len
         out: torch.Tensor = torch.ops.fovea.causal_prefill(
-            q.float().contiguous(), k[p.start : end], v[p.start : end], self.scale
+            q, k[p.start : end], v[p.start : end], self.scale
         )
-        return out.to(q.dtype)
+        return out

@@ -133,8 +133,7 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
         self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_id], self.pool.v[layer_id]
-        k_cache.index_copy_(0, self.out_slots, k)
-        v_cache.index_copy_(0, self.out_slots, v)
+        self._store(k_cache, v_cache, k, v)
         window = self.window(layer_id)
         decode = self.decodes.get(window)
         if decode is not None and decode.token_idx is None:
@@ -149,6 +148,13 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
             kv = p.views[window]
             out[p.start : end] = self._prefill(q[p.start : end], k, v, k_cache, v_cache, p, kv)
         return out
+
+    def _store(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """This step's K/V rows into their slots."""
+        k_cache.index_copy_(0, self.out_slots, k)
+        v_cache.index_copy_(0, self.out_slots, v)
 
     def _decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: _Decode

@@ -76,8 +76,9 @@ void weighted_cols(const float* const* p, const float* v, int64_t n, int64_t hea
 // contiguous, any row stride), float32 or bfloat16 -> [n, heads * head_dim] float32.
 at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == at::kFloat,
-              "q must be a contiguous float32 [n, heads, head_dim]");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "q must be a float32 or bfloat16 [n, heads, head_dim] with contiguous heads");
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes() &&
                   k.scalar_type() == v.scalar_type(),
               "k and v must be [n, kv_heads, head_dim] alike");
@@ -116,47 +117,57 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
     });
   });
   auto out = at::empty({n, heads * head_dim}, q.options());
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const int64_t blocks = (n + kRows - 1) / kRows;
-  // Task order pairs cheap early blocks with costly late ones, so contiguous task ranges
-  // (how parallel_for splits) carry similar work.
-  at::parallel_for(0, heads * blocks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scores(kRows * stride), scratch(kRows * head_dim);
-    for (int64_t task = lo; task < hi; ++task) {
-      const int64_t head = task % heads, rank = task / heads;
-      const int64_t blk = rank % 2 == 0 ? rank / 2 : blocks - 1 - rank / 2;
-      const int64_t h = head / group, i0 = blk * kRows, rows = std::min(kRows, n - i0);
-      const float* qrows[kRows];
-      float* srows[kRows];
-      for (int64_t r = 0; r < kRows; ++r) {
-        qrows[r] = qp + ((i0 + std::min(r, rows - 1)) * heads + head) * head_dim;
-        srows[r] = scores.data() + r * stride;
+  fovea::dispatch_float_bf16(q.scalar_type(), [&](auto act_tag) {
+    using A = decltype(act_tag);
+    const A* qp = q.data_ptr<A>();
+    A* op = out.data_ptr<A>();
+    // Task order pairs cheap early blocks with costly late ones, so contiguous task ranges
+    // (how parallel_for splits) carry similar work.
+    at::parallel_for(0, heads * blocks, 1, [&](int64_t lo, int64_t hi) {
+      // The block's query and output rows in float: [kRows][head_dim] each.
+      std::vector<float> scores(kRows * stride), qf(kRows * head_dim), of(kRows * head_dim);
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t head = task % heads, rank = task / heads;
+        const int64_t blk = rank % 2 == 0 ? rank / 2 : blocks - 1 - rank / 2;
+        const int64_t h = head / group, i0 = blk * kRows, rows = std::min(kRows, n - i0);
+        const float* qrows[kRows];
+        float* srows[kRows];
+        float* orows[kRows];
+        for (int64_t r = 0; r < kRows; ++r) {
+          const A* src = qp + (i0 + std::min(r, rows - 1)) * q.stride(0) + head * head_dim;
+          float* dst = qf.data() + r * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<float>(src[d]);
+          qrows[r] = dst;
+          srows[r] = scores.data() + r * stride;
+          orows[r] = of.data() + r * head_dim;
+        }
+        const float* kh = kt.data() + h * head_dim * stride;
+        const float sc = static_cast<float>(scale);
+        const int64_t step = 2 * (wide ? fovea::kWide : 8);
+        const int64_t keys = (i0 + rows + step - 1) / step * step;
+        if (wide)
+          score_block<fovea::kWide>(qrows, rows, kh, stride, keys, head_dim, sc, srows);
+        else
+          score_block<8>(qrows, rows, kh, stride, keys, head_dim, sc, srows);
+        // Softmax each row over its keys; zero the rest of the block's keys (and whole rows
+        // past n), so the value sums can run over the block's keys for all rows at once.
+        for (int64_t r = 0; r < kRows; ++r) {
+          const int64_t len = r < rows ? i0 + r + 1 : 0;  // row i0 + r sees keys [0, i0 + r]
+          if (len) fovea::softmax_inplace(srows[r], len);
+          std::fill(srows[r] + len, srows[r] + i0 + rows, 0.f);
+        }
+        const float* vh = vals.data() + h * n * head_dim;
+        if (wide)
+          weighted_cols<fovea::kWide>(srows, vh, i0 + rows, head_dim, orows);
+        else
+          weighted_cols<8>(srows, vh, i0 + rows, head_dim, orows);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t d = 0; d < head_dim; d += 8)
+            fovea::store8(op + ((i0 + r) * heads + head) * head_dim + d,
+                          fovea::load8(orows[r] + d));
       }
-      const float* kh = kt.data() + h * head_dim * stride;
-      const float sc = static_cast<float>(scale);
-      if (wide) {
-        const int64_t keys = (i0 + rows + 2 * fovea::kWide - 1) / (2 * fovea::kWide) * 2 * fovea::kWide;
-        score_block<fovea::kWide>(qrows, rows, kh, stride, keys, head_dim, sc, srows);
-      } else {
-        score_block<8>(qrows, rows, kh, stride, (i0 + rows + 15) / 16 * 16, head_dim, sc, srows);
-      }
-      // Softmax each row over its keys; zero the rest of the block's keys (and whole rows
-      // past n), so the value sums can run over the block's keys for all rows at once.
-      float* orows[kRows];
-      for (int64_t r = 0; r < kRows; ++r) {
-        const int64_t len = r < rows ? i0 + r + 1 : 0;  // row i0 + r sees keys [0, i0 + r]
-        if (len) fovea::softmax_inplace(srows[r], len);
-        std::fill(srows[r] + len, srows[r] + i0 + rows, 0.f);
-        orows[r] = r < rows ? op + ((i0 + r) * heads + head) * head_dim
-                            : scratch.data() + (r - rows) * head_dim;
-      }
-      const float* vh = vals.data() + h * n * head_dim;
-      if (wide)
-        weighted_cols<fovea::kWide>(srows, vh, i0 + rows, head_dim, orows);
-      else
-        weighted_cols<8>(srows, vh, i0 + rows, head_dim, orows);
-    }
+    });
   });
   return out;
 }

@@ -122,8 +122,9 @@ void decode_one(const float* q, const T* const* k_rows, const T* const* v_rows, 
 // position order -> [B, heads * head_dim] float32.
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& slots, const at::Tensor& lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == at::kFloat,
-              "q must be a contiguous float32 [B, heads, head_dim]");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "q must be a float32 or bfloat16 [B, heads, head_dim] with contiguous heads");
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.sizes() == v_cache.sizes() && k_cache.dtype() == v_cache.dtype(),
               "k_cache and v_cache must be contiguous [slots, kv_heads, head_dim] alike");
@@ -150,17 +151,19 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
     }
   }
   auto out = at::empty({batch, heads * head_dim}, q.options());
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const bool wide = head_dim % fovea::kWide == 0;
-  auto run = [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const scalar_t* kp = k_cache.data_ptr<scalar_t>();
-    const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+  const int64_t width = group * head_dim;  // one task's query (and output) elements
+  auto run = [&](auto cache_tag, auto act_tag) {
+    using T = decltype(cache_tag);
+    using A = decltype(act_tag);
+    const T* kp = k_cache.data_ptr<T>();
+    const T* vp = v_cache.data_ptr<T>();
+    const A* qp = q.data_ptr<A>();
+    A* op = out.data_ptr<A>();
     const int64_t stride = kv_heads * head_dim;  // between one slot's rows and the next's
     at::parallel_for(0, batch * kv_heads, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<float> scratch;
-      std::vector<const scalar_t*> k_rows, v_rows;
+      std::vector<float> scratch, qf(width), of(width);
+      std::vector<const T*> k_rows, v_rows;
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / kv_heads, kvh = task % kv_heads, n = len_p[b];
         const int64_t* sl = slot_p + b * max_len;
@@ -171,19 +174,59 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
           v_rows[t] = vp + sl[t] * stride + kvh * head_dim;
         }
         scratch.resize(kSub * n);
-        const int64_t off = (b * heads + kvh * group) * head_dim;
+        const A* qrow = qp + b * q.stride(0) + kvh * width;
+        for (int64_t i = 0; i < width; ++i) qf[i] = static_cast<float>(qrow[i]);
         const float sc = static_cast<float>(scale);
         if (wide)
-          decode_one<fovea::kWide>(qp + off, k_rows.data(), v_rows.data(), n, group, head_dim,
-                                   sc, scratch.data(), op + off);
+          decode_one<fovea::kWide>(qf.data(), k_rows.data(), v_rows.data(), n, group, head_dim,
+                                   sc, scratch.data(), of.data());
         else
-          decode_one<8>(qp + off, k_rows.data(), v_rows.data(), n, group, head_dim, sc,
-                        scratch.data(), op + off);
+          decode_one<8>(qf.data(), k_rows.data(), v_rows.data(), n, group, head_dim, sc,
+                        scratch.data(), of.data());
+        A* orow = op + b * heads * head_dim + kvh * width;
+        for (int64_t i = 0; i < width; i += 8) fovea::store8(orow + i, fovea::load8(of.data() + i));
       }
     });
   };
-  fovea::dispatch_float_bf16(k_cache.scalar_type(), run);
+  fovea::dispatch_float_bf16(k_cache.scalar_type(), [&](auto cache_tag) {
+    fovea::dispatch_float_bf16(q.scalar_type(), [&](auto act_tag) { run(cache_tag, act_tag); });
+  });
   return out;
+}
+
+// k_cache[slots[i]] = k[i] and v_cache[slots[i]] = v[i] for this step's T new tokens: k, v
+// [T, kv_heads, head_dim] with contiguous heads (rows may be views into one qkv tensor), of
+// the caches' dtype. torch's index_copy_ took ~10x a plain copy on such strided rows.
+void store_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+              const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes() && k_cache.dtype() == v_cache.dtype(),
+              "k_cache and v_cache must be contiguous [slots, kv_heads, head_dim] alike");
+  TORCH_CHECK(slots.dim() == 1 && slots.is_contiguous() && slots.scalar_type() == at::kLong,
+              "slots must be a contiguous int64 [T]");
+  const int64_t tokens = slots.size(0), row = k_cache.size(1) * k_cache.size(2);
+  for (const at::Tensor* x : {&k, &v})
+    TORCH_CHECK(x->dim() == 3 && x->size(0) == tokens && x->size(1) == k_cache.size(1) &&
+                    x->size(2) == k_cache.size(2) && x->stride(2) == 1 &&
+                    x->stride(1) == x->size(2) && x->dtype() == k_cache.dtype(),
+                "k and v must be [T, kv_heads, head_dim] with contiguous heads, of the "
+                "caches' dtype");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t pool_slots = k_cache.size(0);
+  for (int64_t i = 0; i < tokens; ++i)
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < pool_slots, "slot ", sp[i], " is outside the pool");
+  const int64_t bytes = row * k_cache.element_size();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* kp = static_cast<const char*>(k.data_ptr());
+  const auto* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t ks = k.stride(0) * k.element_size(), vs = v.stride(0) * v.element_size();
+  at::parallel_for(0, tokens, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      std::memcpy(kc + sp[i] * bytes, kp + i * ks, bytes);
+      std::memcpy(vc + sp[i] * bytes, vp + i * vs, bytes);
+    }
+  });
 }
 
 }  // namespace
@@ -191,6 +234,10 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 TORCH_LIBRARY(fovea, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lens, "
         "float scale) -> Tensor");
+  m.def("store_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor k, Tensor v) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fovea, CPU, m) { m.impl("paged_decode", &paged_decode); }
+TORCH_LIBRARY_IMPL(fovea, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("store_kv", &store_kv);
+}
