@@ -2,10 +2,11 @@
 //
 // torch's flash SDPA ran these at ~56 GFLOP/s (26% of a 200-token prefill): its blocks suit
 // long sequences. Here the keys of each KV head are laid out transposed once ([head_dim][n],
-// float), so eight scores come from one FMA chain with no horizontal sums: a block of four
-// query rows against sixteen keys keeps eight accumulators in registers per step of head_dim.
-// The softmax is exact (two passes over a row's scores); the value sums take the block's
-// four rows at once, so each value vector loaded feeds four rows.
+// float), so W scores (W = 16 floats on AVX-512, else 8) come from one FMA chain with no
+// horizontal sums: a block of four query rows against 2W keys keeps eight accumulators in
+// registers per step of head_dim. The softmax is exact (two passes over a row's scores); the
+// value sums take the block's four rows at once, so each value vector loaded feeds four rows.
+// q is read in place (float32 or bf16 rows of the step's qkv); the output has q's dtype.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

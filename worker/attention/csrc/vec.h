@@ -1,6 +1,6 @@
-// Eight floats in one vector register (AVX2 ymm; two NEON registers elsewhere): gcc's vector
-// extensions keep the kernels portable where intrinsics would tie them to x86. Activations
-// and caches are float32 or bfloat16; arithmetic is always float32.
+// Float vectors of 8 (AVX2 ymm; two NEON registers elsewhere) or 16 lanes (AVX-512 zmm): gcc's
+// vector extensions keep the kernels portable where intrinsics would tie them to x86.
+// Activations and caches are float32 or bfloat16; arithmetic is always float32.
 #pragma once
 
 #include <c10/util/BFloat16.h>
