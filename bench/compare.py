@@ -31,6 +31,8 @@ from typing import Any
 from fovea.bench import peers
 from fovea.bench.procmem import MemorySampler
 
+Row = dict[str, Any]  # one JSON line of serving.py (or hf_generate.py)
+
 WORKLOADS: dict[str, list[str]] = {
     "W1": ["--num-prompts", "128", "--concurrency", "32", "--input-len", "200",
            "--output-len", "128"],
@@ -76,7 +78,7 @@ def resolve_dtype(name: str) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
-def client(base_url: str, model_dir: str, label: str, workload: str, w2_requests: int) -> dict:
+def client(base_url: str, model_dir: str, label: str, workload: str, w2_requests: int) -> Row:
     extra = WORKLOADS[workload]
     if workload == "W2":
         extra = [*extra, "--num-prompts", str(w2_requests)]
@@ -86,8 +88,8 @@ def client(base_url: str, model_dir: str, label: str, workload: str, w2_requests
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def run_server(args: argparse.Namespace, system: str, mode: str, model_dir: str) -> list[dict]:
-    rows: list[dict] = []
+def run_server(args: argparse.Namespace, system: str, mode: str, model_dir: str) -> list[Row]:
+    rows: list[Row] = []
     extra = shlex.split(args.fovea_args if system == "fovea" else args.vllm_args)
     run = peers.start(system, mode, model_dir, args.port, cpus=args.cpus, dtype=args.dtype,
                       vllm_venv=args.vllm_venv, log_dir=args.log_dir, extra=extra)  # fmt: skip
@@ -106,7 +108,7 @@ def run_server(args: argparse.Namespace, system: str, mode: str, model_dir: str)
     return rows
 
 
-def run_hf(args: argparse.Namespace, model_dir: str) -> list[dict]:
+def run_hf(args: argparse.Namespace, model_dir: str) -> list[Row]:
     """The floor: W1 as padded batches of 32, W2 as batches of 1 (no server, no modes)."""
     rows = []
     for w, batch, n, out_len in (("W1", 32, 128, 128), ("W2", 1, args.w2_requests, 64)):
@@ -122,14 +124,14 @@ def run_hf(args: argparse.Namespace, model_dir: str) -> list[dict]:
     return rows
 
 
-def pick(rows: list[dict], system: str, mode: str, workload: str) -> dict | None:
+def pick(rows: list[Row], system: str, mode: str, workload: str) -> Row | None:
     for r in rows:
         if r["system"] == system and r.get("mode") in (mode, "-") and r["workload"] == workload:
             return r
     return None
 
 
-def ratios(rows: list[dict], modes: list[str]) -> dict[str, Any]:
+def ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
     """Fovea / vLLM per mode (throughput: >1 is better; latency, memory, start-up: <1 is
     better), and W3's hit/cold TTFT per system."""
     out: dict[str, Any] = {}
@@ -155,7 +157,7 @@ def ratios(rows: list[dict], modes: list[str]) -> dict[str, Any]:
     return out
 
 
-def write_results(path: str, rows: list[dict], rat: dict[str, Any], dtype: str) -> None:
+def write_results(path: str, rows: list[Row], rat: dict[str, Any], dtype: str) -> None:
     from fovea.bench.results_md import render
 
     cpu = platform.processor() or platform.machine()
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = resolve_model_dir(args.model)
     args.dtype = resolve_dtype(args.dtype)
     modes = args.modes.split(",")
-    rows: list[dict] = []
+    rows: list[Row] = []
     for system in args.systems.split(","):
         if system == "hf":
             rows += run_hf(args, model_dir)
