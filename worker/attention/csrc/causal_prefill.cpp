@@ -111,8 +111,7 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
         }
         for (int64_t t = 0; t < n; ++t) {
           const T* vrow = vp + t * v.stride(0) + h * head_dim;
-          for (int64_t d = 0; d < head_dim; d += 8)
-            fovea::store8(vals.data() + (h * n + t) * head_dim + d, fovea::load8(vrow + d));
+          fovea::convert(vals.data() + (h * n + t) * head_dim, vrow, head_dim);
         }
       }
     });
@@ -138,7 +137,7 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
         for (int64_t r = 0; r < kRows; ++r) {
           const A* src = qp + (i0 + std::min(r, rows - 1)) * q.stride(0) + head * head_dim;
           float* dst = qf.data() + r * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<float>(src[d]);
+          fovea::convert(dst, src, head_dim);
           qrows[r] = dst;
           srows[r] = scores.data() + r * stride;
           orows[r] = of.data() + r * head_dim;
@@ -164,9 +163,7 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
         else
           weighted_cols<8>(srows, vh, i0 + rows, head_dim, orows);
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t d = 0; d < head_dim; d += 8)
-            fovea::store8(op + ((i0 + r) * heads + head) * head_dim + d,
-                          fovea::load8(orows[r] + d));
+          fovea::convert(op + ((i0 + r) * heads + head) * head_dim, orows[r], head_dim);
       }
     });
   });

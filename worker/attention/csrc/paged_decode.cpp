@@ -175,7 +175,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
         }
         scratch.resize(kSub * n);
         const A* qrow = qp + b * q.stride(0) + kvh * width;
-        for (int64_t i = 0; i < width; ++i) qf[i] = static_cast<float>(qrow[i]);
+        fovea::convert(qf.data(), qrow, width);
         const float sc = static_cast<float>(scale);
         if (wide)
           decode_one<fovea::kWide>(qf.data(), k_rows.data(), v_rows.data(), n, group, head_dim,
@@ -184,7 +184,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
           decode_one<8>(qf.data(), k_rows.data(), v_rows.data(), n, group, head_dim, sc,
                         scratch.data(), of.data());
         A* orow = op + b * heads * head_dim + kvh * width;
-        for (int64_t i = 0; i < width; i += 8) fovea::store8(orow + i, fovea::load8(of.data() + i));
+        fovea::convert(orow, of.data(), width);
       }
     });
   };

@@ -54,11 +54,27 @@ inline void store(float* p, vf<W> v) {
 }
 
 // Round to nearest even, as torch's float -> bfloat16 conversion does (finite values).
+// v rounded to T and back: the rounding torch applies after each op on T tensors (round to
+// nearest even on the bits, finite values, without leaving the registers).
+template <int W>
+inline vf<W> round_to(vf<W> v, float) {
+  return v;
+}
+template <int W>
+inline vf<W> round_to(vf<W> v, c10::BFloat16) {
+  typename Lanes<W>::u w;
+  std::memcpy(&w, &v, sizeof w);
+  w = (w + 0x7FFFu + ((w >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
+// Rounds as torch's float -> bfloat16 conversion does: round_to, then the top half of the bits.
 template <int W>
 inline void store(c10::BFloat16* p, vf<W> v) {
   typename Lanes<W>::u w;
+  v = round_to<W>(v, c10::BFloat16{});
   std::memcpy(&w, &v, sizeof w);
-  w += 0x7FFFu + ((w >> 16) & 1u);
   typename Lanes<W>::h h = __builtin_convertvector(w >> 16, typename Lanes<W>::h);
   std::memcpy(p, &h, sizeof h);
 }
@@ -72,19 +88,11 @@ inline void store8(T* p, vec8 v) {
   store<8>(p, v);
 }
 
-// v rounded to T and back: the rounding torch applies after each op on T tensors (round to
-// nearest even on the bits, as store() does, without leaving the registers).
-template <int W>
-inline vf<W> round_to(vf<W> v, float) {
-  return v;
-}
-template <int W>
-inline vf<W> round_to(vf<W> v, c10::BFloat16) {
-  typename Lanes<W>::u w;
-  std::memcpy(&w, &v, sizeof w);
-  w = (w + 0x7FFFu + ((w >> 16) & 1u)) & 0xFFFF0000u;
-  std::memcpy(&v, &w, sizeof v);
-  return v;
+// dst[0, n) = src[0, n) converted through float (n a multiple of 8): bf16 rows widened for
+// the kernels, float results stored back in the activations' dtype.
+template <typename D, typename S>
+inline void convert(D* dst, const S* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) store8(dst + i, load8(src + i));
 }
 
 inline float hsum(vec8 v) {
