@@ -65,9 +65,18 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
     last_beat = 0.0
     ranks = RankWatch(args.tp_size, log)
 
+    def flush() -> None:
+        if core.outputs:
+            to_tokenizer.send(TokenBatch(core.outputs))
+            core.outputs = []
+        for out in core.to_server:
+            to_server.send(out)
+        core.to_server = []
+
     while True:
         msgs = inbox.recv_all()
         if not msgs and not core.has_work:
+            flush()
             msg = inbox.recv(timeout_ms=IDLE_POLL_MS)  # idle: block instead of spinning
             msgs = [msg] if msg is not None else []
         for msg in msgs:
@@ -75,13 +84,11 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
         plan = core.schedule()
         if plan is not None:
             plans.send(plan)
+        # The last step's tokens go out only now: the detokenizer and HTTP processes they
+        # wake compete for the CPUs, and the worker should have its next plan first.
+        flush()
+        if plan is not None:
             core.process_result(wait_result(results, plan, log, ranks))
-        if core.outputs:
-            to_tokenizer.send(TokenBatch(core.outputs))
-            core.outputs = []
-        for out in core.to_server:
-            to_server.send(out)
-        core.to_server = []
         if (now := time.monotonic()) - last_beat >= HEARTBEAT_S:
             last_beat = now
             to_launcher.send(Heartbeat("scheduler"))
