@@ -28,7 +28,7 @@ from fovea.common.model_config import ModelInfo
 from fovea.common.sampling import SamplingError, SamplingParams, validate_sampling
 from fovea.server import responses as R
 from fovea.server.drain import Drain, DrainingServer, install_drain
-from fovea.server.guards import ApiKeyAuth, BodyLimit
+from fovea.server.guards import ApiKeyAuth, BodyLimit, RefuseWhileDraining
 from fovea.server.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -124,14 +124,6 @@ def create_app(
     app.state.inflight = lambda: manager().num_inflight if "mgr" in state else 0
     app.state.cut_off = lambda message: manager().fail_all(message) if "mgr" in state else None
 
-    @app.middleware("http")
-    async def refuse_while_draining(request: Request, call_next: Any) -> Response:
-        # Requests already running are not affected: only new ones get the 503.
-        if drain.active:
-            return R.error(503, "the server is shutting down; retry on another replica")
-        response: Response = await call_next(request)
-        return response
-
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> Response:
         return R.error(e.status, e.message, e.param)
@@ -151,7 +143,9 @@ def create_app(
             message = f"{message}: {request.method} {request.url.path}"
         return R.error(e.status_code, message)
 
-    # Added last, so outermost: the key is checked before the body is read, then the size.
+    # Added last, so outermost: the key is checked before the body is read, then the size,
+    # then whether the server drains.
+    app.add_middleware(RefuseWhileDraining, drain=drain)
     app.add_middleware(BodyLimit, max_bytes=args.max_request_bytes)
     if args.api_key:
         app.add_middleware(ApiKeyAuth, api_key=args.api_key)
