@@ -388,3 +388,36 @@ def test_fused_bad_input_is_refused(call: Any, message: str) -> None:
     with pytest.raises(RuntimeError) as e:
         call()
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 16, 37, 49152, 32001])
+def test_argmax_rows_equals_torch(vocab: int) -> None:
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=g)
+    # Ties: row 1's maximum at three places, the first in the vector body or the tail.
+    x[1] = x[1].clamp(max=1.5)
+    x[1, [vocab // 3, vocab // 2, vocab - 1]] = 3.0
+    x[2] = float("-inf")  # every value -inf: index 0, as torch
+    x[3, vocab // 2] = float("nan")  # a NaN wins over larger values
+    x[3, 0] = 1e30
+    x[4] = 2.0  # all equal: index 0
+    x[5, vocab - 1] = 1e30  # the maximum in the last element (the tail when vocab % 16)
+    got = cpu_kernels.argmax_rows(x)
+    assert got.dtype == torch.int64
+    assert got.tolist() == x.argmax(dim=-1).tolist()
+    # Strided rows (a slice of wider logits) read the same values.
+    wide = torch.zeros(6, vocab + 7)
+    wide[:, :vocab] = x
+    assert cpu_kernels.argmax_rows(wide[:, :vocab]).tolist() == x.argmax(dim=-1).tolist()
+
+
+def test_argmax_rows_exact_indices() -> None:
+    x = torch.full((3, 40), -1.0)
+    x[0, 17], x[0, 33] = 5.0, 5.0  # tie: the first
+    x[1, 39] = 0.5  # in the 8-element tail past 32
+    x[2, 8], x[2, 24] = float("nan"), 9.0
+    assert torch.ops.fovea.argmax_rows(x).tolist() == [17, 39, 8]
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.fovea.argmax_rows(x.bfloat16())
+    with pytest.raises(RuntimeError, match="empty row"):
+        torch.ops.fovea.argmax_rows(torch.empty(2, 0))

@@ -17,6 +17,7 @@ import torch
 
 from fovea.common.messages import TokenLogprobs
 from fovea.common.sampling import SamplingParams
+from fovea.worker.attention.cpu_kernels import argmax_rows
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, position) pairs
 
@@ -49,7 +50,7 @@ class Sampler:
         want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs]
         lp = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
         if all(r.params.greedy for r in rows):
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax_rows(logits)
         else:
             tokens = self._sample_random(logits, rows)
         token_list: list[int] = tokens.tolist()
@@ -123,8 +124,8 @@ class Sampler:
             if r.params.seed is not None:
                 gen.manual_seed(seed_for(r.params.seed, len(r.output_ids)))
                 noise[i].exponential_(generator=gen)
-        sampled = (probs / noise.to(device)).argmax(dim=-1)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        sampled = argmax_rows(probs / noise.to(device))
+        return torch.where(greedy, argmax_rows(logits), sampled)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:

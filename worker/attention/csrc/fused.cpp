@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -162,16 +163,81 @@ void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor
   rotate(k, cos, sin);
 }
 
+// NaN tests on the bits: -ffast-math lets gcc assume no float is NaN (x != x is false).
+inline bool is_nan(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return (u & 0x7fffffffu) > 0x7f800000u;
+}
+
+// The index of the largest of x[0, n): the first on ties, the first NaN if there is one
+// (torch.argmax's rules). One pass: each lane keeps its own largest value and where it first
+// saw it (a strict > never moves a lane to a later equal value); the lanes with the row's
+// largest value then give their smallest index.
+template <int W>
+int64_t argmax_row(const float* x, int64_t n) {
+  using vi = decltype(vf<W>{} > vf<W>{});  // int32 lanes, -1 where a comparison holds
+  using vu = typename fovea::Lanes<W>::u;
+  const vu abs_mask = vu{} + 0x7fffffffu, inf_bits = vu{} + 0x7f800000u;
+  const int64_t body = n - n % W;
+  float best = x[0];
+  int64_t at = 0;
+  bool nan = false;
+  if (body > 0) {
+    vf<W> m = load<W>(x);
+    vi idx;
+    for (int l = 0; l < W; ++l) idx[l] = l;
+    vi cur = idx, bad = ((vu)m & abs_mask) > inf_bits;
+    for (int64_t i = W; i < body; i += W) {
+      const vf<W> v = load<W>(x + i);
+      cur += W;
+      const vi up = v > m;
+      m = up ? v : m;
+      idx = up ? cur : idx;
+      bad |= ((vu)v & abs_mask) > inf_bits;
+    }
+    for (int l = 0; l < W; ++l) {
+      nan = nan || bad[l];
+      if (m[l] > best || (m[l] == best && idx[l] < at)) best = m[l], at = idx[l];
+    }
+  }
+  for (int64_t i = body; i < n; ++i) {
+    nan = nan || is_nan(x[i]);
+    if (x[i] > best) best = x[i], at = i;
+  }
+  if (nan)
+    for (int64_t i = 0; i < n; ++i)
+      if (is_nan(x[i])) return i;
+  return at;
+}
+
+// logits [N, V] float32, rows contiguous -> [N] int64: argmax of each row.
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
+              "logits must be a float32 [N, V] with contiguous rows");
+  const int64_t rows = logits.size(0), cols = logits.size(1), stride = logits.stride(0);
+  TORCH_CHECK(cols > 0, "argmax of an empty row");
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  const float* xp = logits.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) op[r] = argmax_row<fovea::kWide>(xp + r * stride, cols);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fovea, m) {
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
+  m.def("argmax_rows(Tensor logits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fovea, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("rotary_", &rotary_);
+  m.impl("argmax_rows", &argmax_rows);
 }
