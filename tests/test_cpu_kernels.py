@@ -223,9 +223,36 @@ def test_prefill_reads_bf16_q_rows_in_place() -> None:
     k = qkv[:, 6 * 16 : 8 * 16].view(9, 2, 16)
     v = qkv[:, 8 * 16 :].view(9, 2, 16)
     got = torch.ops.fovea.causal_prefill(q, k, v, 0.25)
-    want = torch.ops.fovea.causal_prefill(q.float().contiguous(), k, v, 0.25)
     assert got.dtype == torch.bfloat16
-    assert torch.equal(got, want.bfloat16())
+    assert torch.equal(got, torch.ops.fovea.causal_prefill(q.contiguous(), k, v, 0.25))
+    # The float q path (float products; on AVX512-BF16 CPUs the bf16 one rounds the softmax
+    # weights to bf16) agrees to bf16 precision.
+    want = torch.ops.fovea.causal_prefill(q.float().contiguous(), k, v, 0.25)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 33, 64, 65, 150])
+def test_bf16_prefill_matches_float_math(n: int) -> None:
+    """All-bf16 inputs (vdpbf16ps where the CPU has it) against the float reference: lengths
+    around the 32- and 64-key steps and odd ones (a last position pair half empty)."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(n, h, 64, generator=g).bfloat16() for h in (9, 3, 3))
+    got = torch.ops.fovea.causal_prefill(q, k, v, 0.125)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float().repeat_interleave(3, 1)) * 0.125
+    scores += torch.full((n, n), float("-inf")).triu(1)
+    want = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.float().repeat_interleave(3, 1))
+    torch.testing.assert_close(got.float(), want.reshape(n, -1), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_prefill_exact_values() -> None:
+    """As test_causal_prefill_exact_values with bf16 inputs (weights 1 and 1/2 are exact in
+    bf16): position 0 is its value row, position 1 the average of two rows, bit for bit."""
+    q = torch.ones(3, 2, 16).bfloat16()
+    k = torch.ones(3, 1, 16).bfloat16()
+    v = torch.stack([torch.arange(16.0), torch.arange(16.0) + 2.0, torch.zeros(16)])[:, None]
+    out = torch.ops.fovea.causal_prefill(q, k, v.bfloat16(), 0.5)
+    assert out[0].tolist() == [*range(16), *range(16)]
+    assert out[1].tolist() == [*range(1, 17), *range(1, 17)]
 
 
 def test_store_kv_writes_rows_at_their_slots() -> None:
