@@ -122,6 +122,39 @@ def test_fresh_prompts_match_sdpa(heads: int, kv_heads: int, head_dim: int) -> N
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (7, 1, 80), (6, 2, 72)])
+def test_chunks_after_a_cached_prefix_match_sdpa(heads: int, kv_heads: int, head_dim: int) -> None:
+    # Chunks after a cached prefix (a prefix-cache hit, a long prompt's later chunks): keys
+    # read from the pool by slot, query i at position prefix + i. Prefixes 30, 59 and 1 and
+    # chunks of 7, 37 and 2 cut the 4-row blocks and the 32-key steps mid-way.
+    table = _table(3, 96)
+    chunks = [ChunkLayout(0, 0, 7, 30), ChunkLayout(1, 7, 37, 59), ChunkLayout(2, 44, 2, 1)]
+    got, want = _both(chunks, table, heads, kv_heads, head_dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got, want = _both(chunks, table, heads, kv_heads, head_dim, dtype=torch.bfloat16)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_paged_prefill_exact_values_and_checks() -> None:
+    """Keys by slot: the query at position 2 sees pool rows 5, 3 and 4 (equal keys: the mean of
+    their values); the one at 1 sees rows 5 and 3."""
+    k_cache = torch.ones(6, 1, 8)
+    v_cache = torch.zeros(6, 1, 8)
+    v_cache[5], v_cache[3], v_cache[4] = 3.0, 6.0, 12.0
+    slots = torch.tensor([5, 3, 4])
+    out = torch.ops.fovea.causal_prefill_paged(torch.ones(2, 2, 8), k_cache, v_cache, slots, 1.0)
+    assert out[0].tolist() == [4.5] * 16
+    assert out[1].tolist() == [7.0] * 16
+    with pytest.raises(RuntimeError, match="slot 6 is outside the pool"):
+        torch.ops.fovea.causal_prefill_paged(
+            torch.ones(1, 2, 8), k_cache, v_cache, torch.tensor([6]), 1.0
+        )
+    with pytest.raises(RuntimeError, match="slots must cover the prefix and the chunk's 2"):
+        torch.ops.fovea.causal_prefill_paged(
+            torch.ones(2, 2, 8), k_cache, v_cache, torch.tensor([1]), 1.0
+        )
+
+
 def test_causal_prefill_exact_values() -> None:
     """Position 0 sees only itself: its output is its value row, bit for bit; position 1 with
     equal keys averages the two value rows."""

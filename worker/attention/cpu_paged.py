@@ -1,6 +1,8 @@
 """CPU attention with compiled kernels (csrc/): decode reads K/V rows in place from the paged
-pool (paged_decode.cpp); a prefill chunk with no cached prefix, no window and no full spans
-(a fresh prompt) runs causal_prefill.cpp. The rest is TorchNativeBackend's.
+pool (paged_decode.cpp); a prefill chunk with no window and no full spans runs
+causal_prefill.cpp, reading a fresh prompt's K/V from the step's rows and a chunk after a
+cached prefix (a prefix-cache hit, a long prompt's later chunks) from the pool by slot. The
+rest is TorchNativeBackend's.
 
 SmolLM2-135M, 2 threads: at a decode batch of 32 sequences of ~280 tokens the gather + SDPA
 pair took 2.5 ms a layer, 39% of the step, the first kernel ~0.9 ms (fp32, AVX2); on AVX-512
@@ -54,10 +56,12 @@ class CpuPagedBackend(TorchNativeBackend):  # type: ignore[misc,unused-ignore]
         p: _Prefill,
         kv: _KV,
     ) -> torch.Tensor:
-        if kv.slots is not None or kv.mask is not None:  # a cached prefix, a window or spans
-            return super()._prefill(q, k, v, k_cache, v_cache, p, kv)
-        end = p.start + p.q_len
-        out: torch.Tensor = torch.ops.fovea.causal_prefill(
-            q, k[p.start : end], v[p.start : end], self.scale
-        )
+        out: torch.Tensor
+        if kv.slots is None and kv.mask is None:  # a fresh prompt
+            end = p.start + p.q_len
+            out = torch.ops.fovea.causal_prefill(q, k[p.start : end], v[p.start : end], self.scale)
+        elif kv.slots is not None and kv.offset_causal:  # after a cached prefix or chunk
+            out = torch.ops.fovea.causal_prefill_paged(q, k_cache, v_cache, kv.slots, self.scale)
+        else:  # a window or full spans
+            out = super()._prefill(q, k, v, k_cache, v_cache, p, kv)
         return out

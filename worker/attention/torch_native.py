@@ -36,6 +36,8 @@ class _KV:
 
     slots: torch.Tensor | None  # [kv_len] of positions [kv_lo, total); None: this step's K/V
     mask: torch.Tensor | None  # [q_len, kv_len] bool; None: plain causal (is_causal)
+    # The mask is plain causal offset by the prefix (no full spans, no window; kv_lo is 0).
+    offset_causal: bool = False
 
 
 @dataclass
@@ -127,7 +129,7 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
         if window:
             allowed &= kpos > qpos - window
         slots = req_to_slot[c.row, lo:total] if prefix else None  # no prefix: lo is 0
-        return _KV(slots, allowed)
+        return _KV(slots, allowed, offset_causal=not c.full_spans and not window)
 
     def forward(
         self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -31,6 +31,16 @@ namespace {
 constexpr int64_t kRows = 4;   // query rows per block
 constexpr int64_t kPad = 32;   // keys are padded to whole steps of 2 * W (W <= 16)
 
+// The keys of one call: positions [0, n), the queries being the last n - start of them. Key
+// and value row t is row t of k/v (a fresh prompt: start = 0) or, after a cached prefix, pool
+// row slots[t] of the caches (this chunk's rows already stored there).
+struct KeyRows {
+  int64_t n, start;
+  const int64_t* slots;  // nullptr: row t is t
+  int64_t k_stride, v_stride;  // elements between one row and the next
+  int64_t row(int64_t t) const { return slots ? slots[t] : t; }
+};
+
 // scores[r][j, j + C*W) = scale * q_r . k_j for the block's rows r < rows; kt [head_dim][stride]
 // holds the keys transposed (columns past n are zero). 4C accumulators stay in registers
 // (16 with C = 4: enough independent FMA chains to cover the FMA latency on both pipes).
@@ -152,33 +162,35 @@ void weighted_cols_bf16(const uint32_t* const* pp, const uint32_t* vp, int64_t h
 }
 
 at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               double scale) {
-  const int64_t n = q.size(0), heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
+                               const KeyRows& keys_at, double scale) {
+  const int64_t n = keys_at.n, q_len = q.size(0), start = keys_at.start;
+  const int64_t heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
   const int64_t group = heads / kv_heads, pairs = head_dim / 2;
   const int64_t stride = (n + kPad - 1) / kPad * kPad, half_stride = stride / 2;
   const auto* kb = reinterpret_cast<const uint16_t*>(k.data_ptr<c10::BFloat16>());
   const auto* vb = reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>());
-  const int64_t ks = k.stride(0), vs = v.stride(0);
+  const int64_t ks = keys_at.k_stride, vs = keys_at.v_stride;
   // Per KV head: key pairs [pairs][stride] and value pairs [half_stride][head_dim], zero past n.
   std::vector<uint32_t> kt(kv_heads * pairs * stride, 0), vt(kv_heads * half_stride * head_dim, 0);
   at::parallel_for(0, kv_heads, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t h = lo; h < hi; ++h) {
       for (int64_t i = 0; i < pairs; ++i) {
         uint32_t* dst = kt.data() + (h * pairs + i) * stride;
-        for (int64_t t = 0; t < n; ++t) std::memcpy(dst + t, kb + t * ks + h * head_dim + 2 * i, 4);
+        for (int64_t t = 0; t < n; ++t)
+          std::memcpy(dst + t, kb + keys_at.row(t) * ks + h * head_dim + 2 * i, 4);
       }
       for (int64_t t = 0; t < n; ++t) {
         uint32_t* dst = vt.data() + (h * half_stride + t / 2) * head_dim;
-        const uint16_t* src = vb + t * vs + h * head_dim;
+        const uint16_t* src = vb + keys_at.row(t) * vs + h * head_dim;
         const int shift = t % 2 ? 16 : 0;
         for (int64_t c = 0; c < head_dim; ++c) dst[c] |= static_cast<uint32_t>(src[c]) << shift;
       }
     }
   });
-  auto out = at::empty({n, heads * head_dim}, q.options());
+  auto out = at::empty({q_len, heads * head_dim}, q.options());
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<c10::BFloat16>());
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
-  const int64_t blocks = (n + kRows - 1) / kRows;
+  const int64_t blocks = (q_len + kRows - 1) / kRows;
   // Task order as in the float path: cheap early blocks paired with costly late ones.
   at::parallel_for(0, heads * blocks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> scores(kRows * stride), of(kRows * head_dim);
@@ -186,7 +198,8 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t head = task % heads, rank = task / heads;
       const int64_t blk = rank % 2 == 0 ? rank / 2 : blocks - 1 - rank / 2;
-      const int64_t h = head / group, i0 = blk * kRows, rows = std::min(kRows, n - i0);
+      const int64_t h = head / group, i0 = blk * kRows, rows = std::min(kRows, q_len - i0);
+      const int64_t seen = start + i0 + rows;  // keys any row of the block sees
       const uint32_t* qrows[kRows];
       const uint32_t* prows[kRows];
       float* srows[kRows];
@@ -201,15 +214,15 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
       }
       const uint32_t* kh = kt.data() + h * pairs * stride;
       const float sc = static_cast<float>(scale);
-      const int64_t keys = (i0 + rows + 31) / 32 * 32;
+      const int64_t keys = (seen + 31) / 32 * 32;
       int64_t j = 0;
       for (; j + 64 <= keys; j += 64)
         score_cols_bf16<4>(qrows, rows, kh, stride, j, pairs, sc, srows);
       for (; j < keys; j += 32) score_cols_bf16<2>(qrows, rows, kh, stride, j, pairs, sc, srows);
       // Softmax each row over its keys, zero the rest up to an even count (whole pairs).
-      const int64_t half = (i0 + rows + 1) / 2;
+      const int64_t half = (seen + 1) / 2;
       for (int64_t r = 0; r < kRows; ++r) {
-        const int64_t len = r < rows ? i0 + r + 1 : 0;
+        const int64_t len = r < rows ? start + i0 + r + 1 : 0;
         if (len) fovea::softmax_inplace(srows[r], len);
         std::fill(srows[r] + len, srows[r] + 2 * half, 0.f);
         uint32_t* pr = ppair.data() + r * half_stride;
@@ -229,10 +242,9 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
 }
 #endif  // __AVX512BF16__
 
-// q [n, heads, head_dim] float32 contiguous; k, v [n, kv_heads, head_dim] (rows of head_dim
-// contiguous, any row stride), float32 or bfloat16 -> [n, heads * head_dim] float32.
-at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          double scale) {
+// Checks shared by both ops: q [q_len, heads, head_dim] (contiguous heads, any row stride),
+// k and v alike [rows, kv_heads, head_dim] with contiguous heads, float32 or bfloat16.
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
                   (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
               "q must be a float32 or bfloat16 [n, heads, head_dim] with contiguous heads");
@@ -241,16 +253,23 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
               "k and v must be [n, kv_heads, head_dim] alike");
   TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16,
               "k and v must be float32 or bfloat16");
-  const int64_t n = q.size(0), heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
-  TORCH_CHECK(k.size(0) == n && k.size(2) == head_dim && heads % kv_heads == 0,
-              "shapes of q, k and v disagree");
+  const int64_t heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
+  TORCH_CHECK(k.size(2) == head_dim && heads % kv_heads == 0, "shapes of q, k and v disagree");
   TORCH_CHECK(head_dim % 8 == 0, "head_dim must be a multiple of 8, got ", head_dim);
   for (const at::Tensor* t : {&k, &v})
     TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == head_dim,
                 "k and v rows must hold their heads contiguously");
+}
+
+// Query i (position keys_at.start + i) attends to keys [0, start + i]. Returns
+// [q_len, heads * head_dim] in q's dtype.
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const KeyRows& keys_at, double scale) {
+  const int64_t n = keys_at.n, q_len = q.size(0), start = keys_at.start;
+  const int64_t heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
 #if defined(__AVX512BF16__)
   if (q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && head_dim % 16 == 0)
-    return causal_prefill_bf16(q, k, v, scale);
+    return causal_prefill_bf16(q, k, v, keys_at, scale);
 #endif
   const int64_t group = heads / kv_heads;
   const int64_t stride = (n + kPad - 1) / kPad * kPad;  // keys padded to whole steps
@@ -267,17 +286,18 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
         const T* kh = kp + h * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) {
           float* kd = kt.data() + (h * head_dim + d) * stride;
-          for (int64_t t = 0; t < n; ++t) kd[t] = static_cast<float>(kh[t * k.stride(0) + d]);
+          for (int64_t t = 0; t < n; ++t)
+            kd[t] = static_cast<float>(kh[keys_at.row(t) * keys_at.k_stride + d]);
         }
         for (int64_t t = 0; t < n; ++t) {
-          const T* vrow = vp + t * v.stride(0) + h * head_dim;
+          const T* vrow = vp + keys_at.row(t) * keys_at.v_stride + h * head_dim;
           fovea::convert(vals.data() + (h * n + t) * head_dim, vrow, head_dim);
         }
       }
     });
   });
-  auto out = at::empty({n, heads * head_dim}, q.options());
-  const int64_t blocks = (n + kRows - 1) / kRows;
+  auto out = at::empty({q_len, heads * head_dim}, q.options());
+  const int64_t blocks = (q_len + kRows - 1) / kRows;
   fovea::dispatch_float_bf16(q.scalar_type(), [&](auto act_tag) {
     using A = decltype(act_tag);
     const A* qp = q.data_ptr<A>();
@@ -290,7 +310,8 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t head = task % heads, rank = task / heads;
         const int64_t blk = rank % 2 == 0 ? rank / 2 : blocks - 1 - rank / 2;
-        const int64_t h = head / group, i0 = blk * kRows, rows = std::min(kRows, n - i0);
+        const int64_t h = head / group, i0 = blk * kRows, rows = std::min(kRows, q_len - i0);
+        const int64_t seen = start + i0 + rows;  // keys any row of the block sees
         const float* qrows[kRows];
         float* srows[kRows];
         float* orows[kRows];
@@ -305,7 +326,7 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
         const float* kh = kt.data() + h * head_dim * stride;
         const float sc = static_cast<float>(scale);
         const int64_t step = 2 * (wide ? fovea::kWide : 8);
-        const int64_t keys = (i0 + rows + step - 1) / step * step;
+        const int64_t keys = (seen + step - 1) / step * step;
         if (wide)
           score_block<fovea::kWide>(qrows, rows, kh, stride, keys, head_dim, sc, srows);
         else
@@ -313,15 +334,15 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
         // Softmax each row over its keys; zero the rest of the block's keys (and whole rows
         // past n), so the value sums can run over the block's keys for all rows at once.
         for (int64_t r = 0; r < kRows; ++r) {
-          const int64_t len = r < rows ? i0 + r + 1 : 0;  // row i0 + r sees keys [0, i0 + r]
+          const int64_t len = r < rows ? start + i0 + r + 1 : 0;  // keys [0, start + i0 + r]
           if (len) fovea::softmax_inplace(srows[r], len);
-          std::fill(srows[r] + len, srows[r] + i0 + rows, 0.f);
+          std::fill(srows[r] + len, srows[r] + seen, 0.f);
         }
         const float* vh = vals.data() + h * n * head_dim;
         if (wide)
-          weighted_cols<fovea::kWide>(srows, vh, i0 + rows, head_dim, orows);
+          weighted_cols<fovea::kWide>(srows, vh, seen, head_dim, orows);
         else
-          weighted_cols<8>(srows, vh, i0 + rows, head_dim, orows);
+          weighted_cols<8>(srows, vh, seen, head_dim, orows);
         for (int64_t r = 0; r < rows; ++r)
           fovea::convert(op + ((i0 + r) * heads + head) * head_dim, orows[r], head_dim);
       }
@@ -330,10 +351,46 @@ at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Te
   return out;
 }
 
+// A fresh prompt: q [n, heads, head_dim], k and v [n, kv_heads, head_dim] (views into the
+// step's qkv are fine), float32 or bfloat16 -> [n, heads * head_dim] in q's dtype.
+at::Tensor causal_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          double scale) {
+  check_inputs(q, k, v);
+  const int64_t n = q.size(0);
+  TORCH_CHECK(k.size(0) == n, "shapes of q, k and v disagree");
+  return attend(q, k, v, KeyRows{n, 0, nullptr, k.stride(0), v.stride(0)}, scale);
+}
+
+// A chunk after a cached prefix: its keys are the pool rows k_cache[slots[t]] (contiguous
+// [pool slots, kv_heads, head_dim] caches, this chunk's rows already stored), positions
+// [0, n); q's rows are the last q_len positions.
+at::Tensor causal_prefill_paged(const at::Tensor& q, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& slots,
+                                double scale) {
+  check_inputs(q, k_cache, v_cache);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "k_cache and v_cache must be contiguous");
+  TORCH_CHECK(slots.dim() == 1 && slots.is_contiguous() && slots.scalar_type() == at::kLong,
+              "slots must be a contiguous int64 [n]");
+  const int64_t n = slots.size(0), q_len = q.size(0), pool_slots = k_cache.size(0);
+  TORCH_CHECK(q_len >= 1 && n >= q_len, "slots must cover the prefix and the chunk's ", q_len,
+              " queries, got ", n);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < pool_slots, "slot ", sp[t], " is outside the pool");
+  const int64_t row = k_cache.size(1) * k_cache.size(2);
+  return attend(q, k_cache, v_cache, KeyRows{n, n - q_len, sp, row, row}, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fovea, m) {
   m.def("causal_prefill(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("causal_prefill_paged(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, "
+        "float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fovea, CPU, m) { m.impl("causal_prefill", &causal_prefill); }
+TORCH_LIBRARY_IMPL(fovea, CPU, m) {
+  m.impl("causal_prefill", &causal_prefill);
+  m.impl("causal_prefill_paged", &causal_prefill_paged);
+}
