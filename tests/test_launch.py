@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from server_harness import Server, child_pids, role_children, wait_gone
+
+from fovea.server.launch import renice
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -82,6 +85,46 @@ def test_sigterm_stops_cleanly(tiny_llama: Path, tmp_path: Path) -> None:
     children = child_pids(srv.proc.pid)  # the resource tracker too: nothing may outlive it
     assert srv.stop() == 0
     assert wait_gone(children) == []
+
+
+def _thread_nices(pid: int) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_renice_reaches_every_thread() -> None:
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start()"
+    proc = subprocess.Popen([sys.executable, "-c", code + "; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{proc.pid}/task")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        renice(proc.pid, base + 3)
+        assert _thread_nices(proc.pid) == {base + 3}
+    finally:
+        proc.kill()
+        proc.wait()
+    renice(proc.pid, 5)  # gone: nothing to do, no error
+
+
+@pytest.mark.slow
+def test_front_end_yields_the_cpus_to_a_cpu_worker(tiny_llama: Path, tmp_path: Path) -> None:
+    srv = Server(tiny_llama, log_path=tmp_path / "log").wait_ready()
+    try:
+        nices = {
+            Path(f"/proc/{p}/comm").read_text().strip(): _thread_nices(p)
+            for p in role_children(srv.proc.pid)
+        }
+    finally:
+        srv.stop()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    front = max(base, 5)  # raising a process's nice needs no privilege; lowering it does
+    assert nices == {
+        "fovea-worker0": {base},
+        "fovea-scheduler": {base},
+        "fovea-tokenizer": {front},
+        "fovea-http": {front},
+    }
 
 
 @pytest.mark.slow

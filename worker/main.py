@@ -63,7 +63,9 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
         threads or "-", runner.num_slots, runner.pool.nbytes() / 2**20, addrs.worker_plan,
         addrs.worker_result,
     )  # fmt: skip
-    report_ready(ctx, addrs, f"worker{rank}", slots=str(runner.num_slots))
+    report_ready(
+        ctx, addrs, f"worker{rank}", slots=str(runner.num_slots), device=runner.device.type
+    )
 
     def on_ping(msg: SyncPing) -> bool:
         ready = WorkerReady(
