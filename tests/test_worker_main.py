@@ -87,7 +87,11 @@ def test_worker_reports_ready_to_launcher(tiny_llama: Path) -> None:
     try:
         msg = ready.recv(timeout_ms=2000)  # sent before the worker answered SyncPing
         assert isinstance(msg, ProcessReady)
-        assert (msg.role, msg.pid, msg.info) == ("worker0", proc.pid, {"slots": "1000"})
+        assert (msg.role, msg.pid, msg.info) == (
+            "worker0",
+            proc.pid,
+            {"slots": "1000", "device": "cpu"},
+        )
     finally:
         plans.send(Shutdown())
         proc.join(30)
