@@ -1,4 +1,5 @@
-// Causal self-attention of one prefill chunk with no cached prefix (a fresh prompt), on CPU.
+// Causal self-attention of one prefill chunk on CPU: a fresh prompt (keys from the step's rows)
+// or a chunk after a cached prefix (keys from the pool by slot).
 //
 // torch's flash SDPA ran these at ~56 GFLOP/s (26% of a 200-token prefill): its blocks suit
 // long sequences. Here the keys of each KV head are laid out transposed once ([head_dim][n],
@@ -6,8 +7,9 @@
 // horizontal sums: a block of four query rows against 4W keys keeps sixteen accumulators in
 // registers per step of head_dim (eight, at 2W keys, left the FMA pipes waiting: 15% slower
 // at 1,050 tokens). With bf16 q, k and v on an AVX512-BF16 CPU both matmuls run on vdpbf16ps
-// instead (causal_prefill_bf16: 9 heads of 64, 200 tokens 312 -> 201 us). The softmax is exact (two passes over a row's scores); the
-// value sums take the block's four rows at once, so each value vector loaded feeds four rows.
+// instead (causal_prefill_bf16: 9 heads of 64, 200 tokens 312 -> 201 us). The softmax is exact
+// (two passes over a row's scores); the value sums take the block's four rows at once, so each
+// value vector loaded feeds four rows.
 // q is read in place (float32 or bf16 rows of the step's qkv); the output has q's dtype.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -41,22 +43,35 @@ struct KeyRows {
   int64_t row(int64_t t) const { return slots ? slots[t] : t; }
 };
 
+// Both matmuls of a block: acc[r][c] = sum_{x<k} a[r][x] * b[x * b_stride + c*W, + W) for the
+// block's kRows rows. Each b vector loaded feeds all rows; the 4C accumulators stay in
+// registers (16 with C = 4: enough independent FMA chains to cover the FMA latency on both
+// pipes) when it is inlined, which a call by reference alone did not get (35% slower at 1,050
+// tokens). Scores: a = q rows, b = transposed keys; value sums: a = weights, b = value rows.
+template <int W, int C>
+__attribute__((always_inline)) inline void block_matmul(const float* const* a, const float* b,
+                                                        int64_t b_stride, int64_t k,
+                                                        vf<W> (&acc)[kRows][C]) {
+  for (auto& row : acc)
+    for (auto& x : row) x = vf<W>{};
+  for (int64_t x = 0; x < k; ++x) {
+    const float* bx = b + x * b_stride;
+    vf<W> bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = fovea::load<W>(bx + c * W);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const float ar = a[r][x];
+      for (int c = 0; c < C; ++c) acc[r][c] += ar * bv[c];
+    }
+  }
+}
+
 // scores[r][j, j + C*W) = scale * q_r . k_j for the block's rows r < rows; kt [head_dim][stride]
-// holds the keys transposed (columns past n are zero). 4C accumulators stay in registers
-// (16 with C = 4: enough independent FMA chains to cover the FMA latency on both pipes).
+// holds the keys transposed (columns past n are zero).
 template <int W, int C>
 void score_cols(const float* const* q, int64_t rows, const float* kt, int64_t stride,
                 int64_t j, int64_t head_dim, float scale, float* const* scores) {
-  vf<W> acc[kRows][C] = {};
-  for (int64_t d = 0; d < head_dim; ++d) {
-    const float* kd = kt + d * stride + j;
-    vf<W> kv[C];
-    for (int c = 0; c < C; ++c) kv[c] = fovea::load<W>(kd + c * W);
-    for (int64_t r = 0; r < kRows; ++r) {
-      const float qd = q[r][d];
-      for (int c = 0; c < C; ++c) acc[r][c] += qd * kv[c];
-    }
-  }
+  vf<W> acc[kRows][C];
+  block_matmul<W, C>(q, kt + j, stride, head_dim, acc);
   for (int64_t r = 0; r < rows; ++r)
     for (int c = 0; c < C; ++c) fovea::store<W>(scores[r] + j + c * W, acc[r][c] * scale);
 }
@@ -71,21 +86,12 @@ void score_block(const float* const* q, int64_t rows, const float* kt, int64_t s
   for (; j < keys; j += 2 * W) score_cols<W, 2>(q, rows, kt, stride, j, head_dim, scale, scores);
 }
 
-// out[r][col, col + C*W) = sum_{t<n} p[r][t] * v[t][col, col + C*W) for the block's rows:
-// each value vector loaded feeds all rows (4C accumulators in registers).
+// out[r][col, col + C*W) = sum_{t<n} p[r][t] * v[t][col, col + C*W) for the block's rows.
 template <int W, int C>
 void weighted_block(const float* const* p, const float* v, int64_t n, int64_t head_dim,
                     int64_t col, float* const* out) {
-  vf<W> acc[kRows][C] = {};
-  for (int64_t t = 0; t < n; ++t) {
-    const float* row = v + t * head_dim + col;
-    vf<W> vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = fovea::load<W>(row + c * W);
-    for (int64_t r = 0; r < kRows; ++r) {
-      const float pr = p[r][t];
-      for (int c = 0; c < C; ++c) acc[r][c] += pr * vv[c];
-    }
-  }
+  vf<W> acc[kRows][C];
+  block_matmul<W, C>(p, v + col, head_dim, n, acc);
   for (int64_t r = 0; r < kRows; ++r)
     for (int c = 0; c < C; ++c) fovea::store<W>(out[r] + col + c * W, acc[r][c]);
 }
@@ -116,6 +122,25 @@ inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
 
+// block_matmul on pairs: acc[r][c] = sum_{x<k} a[r][x] . b[x * b_stride + 16c, + 16), each
+// term a 2-element dot product of bf16 pairs.
+template <int C>
+__attribute__((always_inline)) inline void block_matmul_bf16(const uint32_t* const* a,
+                                                             const uint32_t* b, int64_t b_stride,
+                                                             int64_t k, __m512 (&acc)[kRows][C]) {
+  for (auto& row : acc)
+    for (auto& x : row) x = _mm512_setzero_ps();
+  for (int64_t x = 0; x < k; ++x) {
+    const uint32_t* bx = b + x * b_stride;
+    __m512i bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = _mm512_loadu_si512(bx + 16 * c);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const __m512i ar = _mm512_set1_epi32(static_cast<int>(a[r][x]));
+      for (int c = 0; c < C; ++c) acc[r][c] = dot2(acc[r][c], ar, bv[c]);
+    }
+  }
+}
+
 // scores[r][j, j + 16C) = scale * q_r . k_j: qp [kRows][head_dim / 2] pairs of each row's q,
 // kp [head_dim / 2][stride] pairs (k_t[2i], k_t[2i + 1]) of every key t.
 template <int C>
@@ -123,17 +148,7 @@ void score_cols_bf16(const uint32_t* const* qp, int64_t rows, const uint32_t* kp
                      int64_t stride, int64_t j, int64_t pairs, float scale,
                      float* const* scores) {
   __m512 acc[kRows][C];
-  for (auto& row : acc)
-    for (auto& a : row) a = _mm512_setzero_ps();
-  for (int64_t i = 0; i < pairs; ++i) {
-    const uint32_t* ki = kp + i * stride + j;
-    __m512i kv[C];
-    for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_si512(ki + 16 * c);
-    for (int64_t r = 0; r < kRows; ++r) {
-      const __m512i qb = _mm512_set1_epi32(static_cast<int>(qp[r][i]));
-      for (int c = 0; c < C; ++c) acc[r][c] = dot2(acc[r][c], qb, kv[c]);
-    }
-  }
+  block_matmul_bf16<C>(qp, kp + j, stride, pairs, acc);
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t r = 0; r < rows; ++r)
     for (int c = 0; c < C; ++c)
@@ -146,17 +161,7 @@ template <int C>
 void weighted_cols_bf16(const uint32_t* const* pp, const uint32_t* vp, int64_t half,
                         int64_t head_dim, int64_t col, float* const* out) {
   __m512 acc[kRows][C];
-  for (auto& row : acc)
-    for (auto& a : row) a = _mm512_setzero_ps();
-  for (int64_t u = 0; u < half; ++u) {
-    const uint32_t* row = vp + u * head_dim + col;
-    __m512i vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = _mm512_loadu_si512(row + 16 * c);
-    for (int64_t r = 0; r < kRows; ++r) {
-      const __m512i pb = _mm512_set1_epi32(static_cast<int>(pp[r][u]));
-      for (int c = 0; c < C; ++c) acc[r][c] = dot2(acc[r][c], pb, vv[c]);
-    }
-  }
+  block_matmul_bf16<C>(pp, vp + col, head_dim, half, acc);
   for (int64_t r = 0; r < kRows; ++r)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[r] + col + 16 * c, acc[r][c]);
 }
@@ -233,7 +238,8 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
       int64_t col = 0;
       for (; col + 64 <= head_dim; col += 64)
         weighted_cols_bf16<4>(prows, vh, half, head_dim, col, orows);
-      for (; col < head_dim; col += 16) weighted_cols_bf16<1>(prows, vh, half, head_dim, col, orows);
+      for (; col < head_dim; col += 16)
+        weighted_cols_bf16<1>(prows, vh, half, head_dim, col, orows);
       for (int64_t r = 0; r < rows; ++r)
         fovea::convert(op + ((i0 + r) * heads + head) * head_dim, orows[r], head_dim);
     }
