@@ -57,10 +57,11 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
     plans: Receiver[ToWorker] = Receiver(ctx, addrs.worker_plan, ToWorker, bind=False, sub=True)
     results = Sender(ctx, addrs.worker_result, bind=False)
     log.info(
-        "role=worker rank=%d pid=%d device=%s dtype=%s threads=%s kv_pool=%d slots (%.0f MiB) "
-        "sockets: sub %s, push %s",
+        "role=worker rank=%d pid=%d device=%s dtype=%s threads=%s kv_pool=%d slots "
+        "(%.0f MiB, %.0f resident) sockets: sub %s, push %s",
         rank, os.getpid(), runner.device, str(runner.dtype).removeprefix("torch."),
-        threads or "-", runner.num_slots, runner.pool.nbytes() / 2**20, addrs.worker_plan,
+        threads or "-", runner.num_slots, runner.pool.nbytes() / 2**20,
+        runner.pool.committed_bytes() / 2**20, addrs.worker_plan,
         addrs.worker_result,
     )  # fmt: skip
     report_ready(

@@ -277,6 +277,8 @@ class ModelRunner:
                 sample_keys.append(chunk.key)
         dev = self.device
         index_t = torch.tensor(index, dtype=torch.int64, device=dev)
+        if slots:
+            self.pool.commit(max(slots) + 1)
         slots_t = torch.tensor(slots, dtype=torch.int64, device=dev)
         self.req_to_slot[torch.tensor(rows, dtype=torch.int64, device=dev), index_t] = slots_t
         self.attn.plan(layouts, slots_t, self.req_to_slot)
