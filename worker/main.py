@@ -27,6 +27,7 @@ from fovea.common.messages import (
 )
 from fovea.common.model_config import ModelInfo
 from fovea.common.process import report_ready, setup_process
+from fovea.worker.cpu_malloc import keep_freed_memory
 from fovea.worker.cpu_threads import set_cpu_threads
 from fovea.worker.distributed import destroy_distributed, init_distributed
 from fovea.worker.model_runner import ModelRunner, pick_device
@@ -51,6 +52,8 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
         torch.cuda.set_device(device)
     local_ranks = max(1, args.tp_size // args.nnodes)
     threads = set_cpu_threads(args.cpu_threads, local_ranks) if device.type == "cpu" else 0
+    if device.type == "cpu":
+        keep_freed_memory()
     init_distributed(args.tp_size, rank, dist_init_method(args, addrs), device)
     runner = ModelRunner(args, model, rank)
     ctx: zmq.Context[Any] = zmq.Context()
