@@ -76,7 +76,9 @@ class ServerArgs:
     )
     page_size: int = _opt(1, "Tokens per KV page.")
     chunked_prefill_size: int = _opt(
-        512, "Most prompt tokens of one request computed in one step; -1 disables chunking."
+        2048,
+        "Most prompt tokens of one request computed in one step (the default lets the oldest "
+        "prompt take a whole step's budget); -1 disables chunking.",
     )
     max_prefill_tokens: int = _opt(2048, "Token budget of one step (prefill plus decode).")
     max_running_requests: int = _opt(128, "Most sequences decoding at once.")

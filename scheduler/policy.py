@@ -8,7 +8,10 @@ run while that prefix is still in the tree (ties keep arrival order).
 Budget: one step computes at most `max_prefill_tokens` tokens, decode tokens included; one
 sequence's prefill chunk is capped at `chunked_prefill_size` (-1: no chunking, and a prompt
 larger than the whole budget is still taken when it is the step's only prefill, otherwise it
-could never run).
+could never run). Running sequences are served in order, so by default (cap = budget) the
+oldest prompt finishes first: 8 prompts of 1,050 tokens arriving together got their first
+token at p50 1.7 s, against 2.7 s with a cap of 512, under which every step was four
+512-token slices of four prompts.
 
 Models whose image tokens attend to each other in full (Gemma 3) need each image computed in
 one chunk: chunks end before an image rather than inside it, and a prefix hit that ends inside

@@ -59,7 +59,7 @@ class SchedulerConfig:
     eos_token_ids: tuple[int, ...] = ()
     page_size: int = 1
     max_prefill_tokens: int = 2048
-    chunked_prefill_size: int = 512
+    chunked_prefill_size: int = 2048
     max_running_requests: int = 128
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False

@@ -66,6 +66,22 @@ def test_chunked_prefill_exact_chunk_sizes() -> None:
     assert_idle_invariant(sched)
 
 
+def test_by_default_the_oldest_prompt_takes_the_whole_step_budget() -> None:
+    # Defaults: chunk cap = step budget = 2,048 tokens. Two 1,500-token prompts arriving
+    # together: the first is computed whole in step 0, the second gets the 548 tokens left.
+    sched, worker = make(num_slots=4096, context_length=2048)
+    sched.handle(req("a", [5] * 1500, max_new=2))
+    sched.handle(req("b", [6] * 1500, max_new=2))
+    run_to_idle(sched, worker)
+    sizes = [[(c.key, len(c.new_slots), c.sample) for c in p.chunks] for p in worker.plans]
+    assert sizes[:3] == [
+        [("a#0", 1500, True), ("b#0", 548, False)],
+        [("a#0", 1, True), ("b#0", 952, True)],
+        [("b#0", 1, True)],
+    ]
+    assert_idle_invariant(sched)
+
+
 def test_step_budget_counts_decodes_and_splits_chunks() -> None:
     sched, worker = make(chunked_prefill_size=4, max_prefill_tokens=6)
     sched.handle(req("a", [1, 1, 1, 1, 1], max_new=2))
