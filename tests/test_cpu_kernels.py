@@ -51,6 +51,7 @@ def _both(
     head_dim: int,
     dtype: torch.dtype = torch.float32,
     windows: list[int] | None = None,
+    slots: int = 96,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's output of both backends for the same step over the same pool contents."""
     outs = []
@@ -61,16 +62,16 @@ def _both(
     v = torch.randn(num_tokens, kv_heads, head_dim, generator=g).to(dtype)
     out_slots = torch.cat([table[c.row, c.prefix_len : c.prefix_len + c.q_len] for c in chunks])
     for cls in (CpuPagedBackend, TorchNativeBackend):
-        pool = _pool(kv_heads, head_dim, dtype)
+        pool = _pool(kv_heads, head_dim, dtype, slots)
         attn = cls(pool, heads, kv_heads, head_dim, layer_windows=windows)
         attn.plan(chunks, out_slots, table)
         outs.append(attn.forward(0, q, k, v))
     return outs[0], outs[1]
 
 
-def _table(rows: int, width: int) -> torch.Tensor:
+def _table(rows: int, width: int, slots: int = 96) -> torch.Tensor:
     """Row r holds slots scattered over the pool (never slot 0, the scratch page)."""
-    perm = torch.randperm(96, generator=torch.Generator().manual_seed(3)) + 1
+    perm = torch.randperm(slots, generator=torch.Generator().manual_seed(3)) + 1
     return torch.stack([perm.roll(17 * r)[:width] for r in range(rows)])
 
 
@@ -122,13 +123,19 @@ def test_fresh_prompts_match_sdpa(heads: int, kv_heads: int, head_dim: int) -> N
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (7, 1, 80), (6, 2, 72)])
 def test_chunks_after_a_cached_prefix_match_sdpa(heads: int, kv_heads: int, head_dim: int) -> None:
     # Chunks after a cached prefix (a prefix-cache hit, a long prompt's later chunks): keys
-    # read from the pool by slot, query i at position prefix + i. Prefixes 30, 59 and 1 and
-    # chunks of 7, 37 and 2 cut the 4-row blocks and the 32-key steps mid-way.
-    table = _table(3, 96)
-    chunks = [ChunkLayout(0, 0, 7, 30), ChunkLayout(1, 7, 37, 59), ChunkLayout(2, 44, 2, 1)]
-    got, want = _both(chunks, table, heads, kv_heads, head_dim)
+    # read from the pool by slot, query i at position prefix + i. Prefixes 30, 59, 1 and 150
+    # and chunks of 7, 37, 2 and 5 cut the 4-row blocks and the 32-key steps mid-way; the
+    # last one's 155 keys are laid out in two tasks (128 keys each at most).
+    table = _table(4, 160, slots=160)
+    chunks = [
+        ChunkLayout(0, 0, 7, 30),
+        ChunkLayout(1, 7, 37, 59),
+        ChunkLayout(2, 44, 2, 1),
+        ChunkLayout(3, 46, 5, 150),
+    ]
+    got, want = _both(chunks, table, heads, kv_heads, head_dim, slots=160)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    got, want = _both(chunks, table, heads, kv_heads, head_dim, dtype=torch.bfloat16)
+    got, want = _both(chunks, table, heads, kv_heads, head_dim, torch.bfloat16, slots=160)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 

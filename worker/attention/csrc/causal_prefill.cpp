@@ -32,6 +32,9 @@ namespace {
 
 constexpr int64_t kRows = 4;   // query rows per block
 constexpr int64_t kPad = 32;   // keys are padded to whole steps of 2 * W (W <= 16)
+// Keys per task when a call lays its keys out: a few KV heads alone (3 on 2 threads) left a
+// thread idle a third of the time. Even, so a bf16 value pair never spans two tasks.
+constexpr int64_t kLayoutKeys = 128;
 
 // The keys of one call: positions [0, n), the queries being the last n - start of them. Key
 // and value row t is row t of k/v (a fresh prompt: start = 0) or, after a cached prefix, pool
@@ -177,16 +180,17 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
   const int64_t ks = keys_at.k_stride, vs = keys_at.v_stride;
   // Per KV head: key pairs [pairs][stride] and value pairs [half_stride][head_dim], zero past n.
   std::vector<uint32_t> kt(kv_heads * pairs * stride, 0), vt(kv_heads * half_stride * head_dim, 0);
-  at::parallel_for(0, kv_heads, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t h = lo; h < hi; ++h) {
-      for (int64_t i = 0; i < pairs; ++i) {
-        uint32_t* dst = kt.data() + (h * pairs + i) * stride;
-        for (int64_t t = 0; t < n; ++t)
-          std::memcpy(dst + t, kb + keys_at.row(t) * ks + h * head_dim + 2 * i, 4);
-      }
-      for (int64_t t = 0; t < n; ++t) {
+  const int64_t chunks = (n + kLayoutKeys - 1) / kLayoutKeys;
+  at::parallel_for(0, kv_heads * chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t h = task / chunks, t0 = task % chunks * kLayoutKeys;
+      uint32_t* kh = kt.data() + h * pairs * stride;
+      for (int64_t t = t0; t < std::min(n, t0 + kLayoutKeys); ++t) {
+        const int64_t r = keys_at.row(t);
+        const uint16_t* krow = kb + r * ks + h * head_dim;
+        for (int64_t i = 0; i < pairs; ++i) std::memcpy(kh + i * stride + t, krow + 2 * i, 4);
         uint32_t* dst = vt.data() + (h * half_stride + t / 2) * head_dim;
-        const uint16_t* src = vb + keys_at.row(t) * vs + h * head_dim;
+        const uint16_t* src = vb + r * vs + h * head_dim;
         const int shift = t % 2 ? 16 : 0;
         for (int64_t c = 0; c < head_dim; ++c) dst[c] |= static_cast<uint32_t>(src[c]) << shift;
       }
@@ -286,17 +290,16 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     using T = decltype(tag);
     const T* kp = k.data_ptr<T>();
     const T* vp = v.data_ptr<T>();
-    at::parallel_for(0, kv_heads, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t h = lo; h < hi; ++h) {
-        // Column by column: the writes run along kt's rows; the n key rows read stay in L1.
-        const T* kh = kp + h * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) {
-          float* kd = kt.data() + (h * head_dim + d) * stride;
-          for (int64_t t = 0; t < n; ++t)
-            kd[t] = static_cast<float>(kh[keys_at.row(t) * keys_at.k_stride + d]);
-        }
-        for (int64_t t = 0; t < n; ++t) {
-          const T* vrow = vp + keys_at.row(t) * keys_at.v_stride + h * head_dim;
+    const int64_t chunks = (n + kLayoutKeys - 1) / kLayoutKeys;
+    at::parallel_for(0, kv_heads * chunks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t h = task / chunks, t0 = task % chunks * kLayoutKeys;
+        float* kh = kt.data() + h * head_dim * stride;
+        for (int64_t t = t0; t < std::min(n, t0 + kLayoutKeys); ++t) {
+          const int64_t r = keys_at.row(t);
+          const T* krow = kp + r * keys_at.k_stride + h * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) kh[d * stride + t] = static_cast<float>(krow[d]);
+          const T* vrow = vp + r * keys_at.v_stride + h * head_dim;
           fovea::convert(vals.data() + (h * n + t) * head_dim, vrow, head_dim);
         }
       }
