@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512BF16__)
@@ -179,20 +180,34 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
   const auto* vb = reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>());
   const int64_t ks = keys_at.k_stride, vs = keys_at.v_stride;
   // Per KV head: key pairs [pairs][stride] and value pairs [half_stride][head_dim], zero past n.
-  std::vector<uint32_t> kt(kv_heads * pairs * stride, 0), vt(kv_heads * half_stride * head_dim, 0);
+  // Not zero-filled first: that was a second pass over ~0.8 MB a call at 1,050 keys.
+  std::unique_ptr<uint32_t[]> kt(new uint32_t[kv_heads * pairs * stride]);
+  std::unique_ptr<uint32_t[]> vt(new uint32_t[kv_heads * half_stride * head_dim]);
   const int64_t chunks = (n + kLayoutKeys - 1) / kLayoutKeys;
   at::parallel_for(0, kv_heads * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t h = task / chunks, t0 = task % chunks * kLayoutKeys;
-      uint32_t* kh = kt.data() + h * pairs * stride;
-      for (int64_t t = t0; t < std::min(n, t0 + kLayoutKeys); ++t) {
-        const int64_t r = keys_at.row(t);
-        const uint16_t* krow = kb + r * ks + h * head_dim;
+      const int64_t t1 = std::min(n, t0 + kLayoutKeys);
+      uint32_t* kh = kt.get() + h * pairs * stride;
+      uint32_t* vh = vt.get() + h * half_stride * head_dim;
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint16_t* krow = kb + keys_at.row(t) * ks + h * head_dim;
         for (int64_t i = 0; i < pairs; ++i) std::memcpy(kh + i * stride + t, krow + 2 * i, 4);
-        uint32_t* dst = vt.data() + (h * half_stride + t / 2) * head_dim;
-        const uint16_t* src = vb + r * vs + h * head_dim;
-        const int shift = t % 2 ? 16 : 0;
-        for (int64_t c = 0; c < head_dim; ++c) dst[c] |= static_cast<uint32_t>(src[c]) << shift;
+      }
+      for (int64_t t = t0; t < t1; t += 2) {  // value pair t / 2: keys t and t + 1 (t0 is even)
+        const uint16_t* even = vb + keys_at.row(t) * vs + h * head_dim;
+        uint32_t* dst = vh + t / 2 * head_dim;
+        if (t + 1 < n) {
+          const uint16_t* odd = vb + keys_at.row(t + 1) * vs + h * head_dim;
+          for (int64_t c = 0; c < head_dim; ++c)
+            dst[c] = even[c] | static_cast<uint32_t>(odd[c]) << 16;
+        } else {
+          for (int64_t c = 0; c < head_dim; ++c) dst[c] = even[c];
+        }
+      }
+      if (t1 == n) {  // this head's last keys: zero its padding
+        for (int64_t i = 0; i < pairs; ++i) std::fill(kh + i * stride + n, kh + (i + 1) * stride, 0u);
+        std::fill(vh + (n + 1) / 2 * head_dim, vh + half_stride * head_dim, 0u);
       }
     }
   });
@@ -221,7 +236,7 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
         srows[r] = scores.data() + r * stride;
         orows[r] = of.data() + r * head_dim;
       }
-      const uint32_t* kh = kt.data() + h * pairs * stride;
+      const uint32_t* kh = kt.get() + h * pairs * stride;
       const float sc = static_cast<float>(scale);
       const int64_t keys = (seen + 31) / 32 * 32;
       int64_t j = 0;
@@ -238,7 +253,7 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
         for (int64_t u = 0; u < half; ++u)
           pr[u] = bf16_bits(srows[r][2 * u]) | bf16_bits(srows[r][2 * u + 1]) << 16;
       }
-      const uint32_t* vh = vt.data() + h * half_stride * head_dim;
+      const uint32_t* vh = vt.get() + h * half_stride * head_dim;
       int64_t col = 0;
       for (; col + 64 <= head_dim; col += 64)
         weighted_cols_bf16<4>(prows, vh, half, head_dim, col, orows);
@@ -284,8 +299,10 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t group = heads / kv_heads;
   const int64_t stride = (n + kPad - 1) / kPad * kPad;  // keys padded to whole steps
   const bool wide = head_dim % fovea::kWide == 0;
-  // Per KV head: keys transposed [head_dim][stride] and values [n][head_dim], in float.
-  std::vector<float> kt(kv_heads * head_dim * stride, 0.f), vals(kv_heads * n * head_dim);
+  // Per KV head: keys transposed [head_dim][stride] (zero past n) and values [n][head_dim], in
+  // float; written once each (no zero fill first).
+  std::unique_ptr<float[]> kt(new float[kv_heads * head_dim * stride]);
+  std::unique_ptr<float[]> vals(new float[kv_heads * n * head_dim]);
   fovea::dispatch_float_bf16(k.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* kp = k.data_ptr<T>();
@@ -294,14 +311,18 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     at::parallel_for(0, kv_heads * chunks, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t h = task / chunks, t0 = task % chunks * kLayoutKeys;
-        float* kh = kt.data() + h * head_dim * stride;
-        for (int64_t t = t0; t < std::min(n, t0 + kLayoutKeys); ++t) {
+        const int64_t t1 = std::min(n, t0 + kLayoutKeys);
+        float* kh = kt.get() + h * head_dim * stride;
+        for (int64_t t = t0; t < t1; ++t) {
           const int64_t r = keys_at.row(t);
           const T* krow = kp + r * keys_at.k_stride + h * head_dim;
           for (int64_t d = 0; d < head_dim; ++d) kh[d * stride + t] = static_cast<float>(krow[d]);
           const T* vrow = vp + r * keys_at.v_stride + h * head_dim;
-          fovea::convert(vals.data() + (h * n + t) * head_dim, vrow, head_dim);
+          fovea::convert(vals.get() + (h * n + t) * head_dim, vrow, head_dim);
         }
+        if (t1 == n)  // this head's last keys: zero its padding
+          for (int64_t d = 0; d < head_dim; ++d)
+            std::fill(kh + d * stride + n, kh + (d + 1) * stride, 0.f);
       }
     });
   });
@@ -332,7 +353,7 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           srows[r] = scores.data() + r * stride;
           orows[r] = of.data() + r * head_dim;
         }
-        const float* kh = kt.data() + h * head_dim * stride;
+        const float* kh = kt.get() + h * head_dim * stride;
         const float sc = static_cast<float>(scale);
         const int64_t step = 2 * (wide ? fovea::kWide : 8);
         const int64_t keys = (seen + step - 1) / step * step;
@@ -347,7 +368,7 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           if (len) fovea::softmax_inplace(srows[r], len);
           std::fill(srows[r] + len, srows[r] + seen, 0.f);
         }
-        const float* vh = vals.data() + h * n * head_dim;
+        const float* vh = vals.get() + h * n * head_dim;
         if (wide)
           weighted_cols<fovea::kWide>(srows, vh, seen, head_dim, orows);
         else
