@@ -47,6 +47,19 @@ struct KeyRows {
   int64_t row(int64_t t) const { return slots ? slots[t] : t; }
 };
 
+// f(h, t0, t1) lays out KV head h's keys [t0, t1): the layout runs as (head, kLayoutKeys keys)
+// tasks.
+template <typename F>
+void for_key_chunks(int64_t kv_heads, int64_t n, const F& f) {
+  const int64_t chunks = (n + kLayoutKeys - 1) / kLayoutKeys;
+  at::parallel_for(0, kv_heads * chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t t0 = task % chunks * kLayoutKeys;
+      f(task / chunks, t0, std::min(n, t0 + kLayoutKeys));
+    }
+  });
+}
+
 // Both matmuls of a block: acc[r][c] = sum_{x<k} a[r][x] * b[x * b_stride + c*W, + W) for the
 // block's kRows rows. Each b vector loaded feeds all rows; the 4C accumulators stay in
 // registers (16 with C = 4: enough independent FMA chains to cover the FMA latency on both
@@ -183,32 +196,28 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
   // Not zero-filled first: that was a second pass over ~0.8 MB a call at 1,050 keys.
   std::unique_ptr<uint32_t[]> kt(new uint32_t[kv_heads * pairs * stride]);
   std::unique_ptr<uint32_t[]> vt(new uint32_t[kv_heads * half_stride * head_dim]);
-  const int64_t chunks = (n + kLayoutKeys - 1) / kLayoutKeys;
-  at::parallel_for(0, kv_heads * chunks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t task = lo; task < hi; ++task) {
-      const int64_t h = task / chunks, t0 = task % chunks * kLayoutKeys;
-      const int64_t t1 = std::min(n, t0 + kLayoutKeys);
-      uint32_t* kh = kt.get() + h * pairs * stride;
-      uint32_t* vh = vt.get() + h * half_stride * head_dim;
-      for (int64_t t = t0; t < t1; ++t) {
-        const uint16_t* krow = kb + keys_at.row(t) * ks + h * head_dim;
-        for (int64_t i = 0; i < pairs; ++i) std::memcpy(kh + i * stride + t, krow + 2 * i, 4);
+  for_key_chunks(kv_heads, n, [&](int64_t h, int64_t t0, int64_t t1) {
+    uint32_t* kh = kt.get() + h * pairs * stride;
+    uint32_t* vh = vt.get() + h * half_stride * head_dim;
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint16_t* krow = kb + keys_at.row(t) * ks + h * head_dim;
+      for (int64_t i = 0; i < pairs; ++i) std::memcpy(kh + i * stride + t, krow + 2 * i, 4);
+    }
+    for (int64_t t = t0; t < t1; t += 2) {  // value pair t / 2: keys t and t + 1 (t0 is even)
+      const uint16_t* even = vb + keys_at.row(t) * vs + h * head_dim;
+      uint32_t* dst = vh + t / 2 * head_dim;
+      if (t + 1 < n) {
+        const uint16_t* odd = vb + keys_at.row(t + 1) * vs + h * head_dim;
+        for (int64_t c = 0; c < head_dim; ++c)
+          dst[c] = even[c] | static_cast<uint32_t>(odd[c]) << 16;
+      } else {
+        for (int64_t c = 0; c < head_dim; ++c) dst[c] = even[c];
       }
-      for (int64_t t = t0; t < t1; t += 2) {  // value pair t / 2: keys t and t + 1 (t0 is even)
-        const uint16_t* even = vb + keys_at.row(t) * vs + h * head_dim;
-        uint32_t* dst = vh + t / 2 * head_dim;
-        if (t + 1 < n) {
-          const uint16_t* odd = vb + keys_at.row(t + 1) * vs + h * head_dim;
-          for (int64_t c = 0; c < head_dim; ++c)
-            dst[c] = even[c] | static_cast<uint32_t>(odd[c]) << 16;
-        } else {
-          for (int64_t c = 0; c < head_dim; ++c) dst[c] = even[c];
-        }
-      }
-      if (t1 == n) {  // this head's last keys: zero its padding
-        for (int64_t i = 0; i < pairs; ++i) std::fill(kh + i * stride + n, kh + (i + 1) * stride, 0u);
-        std::fill(vh + (n + 1) / 2 * head_dim, vh + half_stride * head_dim, 0u);
-      }
+    }
+    if (t1 == n) {  // this head's last keys: zero its padding
+      for (int64_t i = 0; i < pairs; ++i)
+        std::fill(kh + i * stride + n, kh + (i + 1) * stride, 0u);
+      std::fill(vh + (n + 1) / 2 * head_dim, vh + half_stride * head_dim, 0u);
     }
   });
   auto out = at::empty({q_len, heads * head_dim}, q.options());
@@ -307,23 +316,18 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     using T = decltype(tag);
     const T* kp = k.data_ptr<T>();
     const T* vp = v.data_ptr<T>();
-    const int64_t chunks = (n + kLayoutKeys - 1) / kLayoutKeys;
-    at::parallel_for(0, kv_heads * chunks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t task = lo; task < hi; ++task) {
-        const int64_t h = task / chunks, t0 = task % chunks * kLayoutKeys;
-        const int64_t t1 = std::min(n, t0 + kLayoutKeys);
-        float* kh = kt.get() + h * head_dim * stride;
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t r = keys_at.row(t);
-          const T* krow = kp + r * keys_at.k_stride + h * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) kh[d * stride + t] = static_cast<float>(krow[d]);
-          const T* vrow = vp + r * keys_at.v_stride + h * head_dim;
-          fovea::convert(vals.get() + (h * n + t) * head_dim, vrow, head_dim);
-        }
-        if (t1 == n)  // this head's last keys: zero its padding
-          for (int64_t d = 0; d < head_dim; ++d)
-            std::fill(kh + d * stride + n, kh + (d + 1) * stride, 0.f);
+    for_key_chunks(kv_heads, n, [&](int64_t h, int64_t t0, int64_t t1) {
+      float* kh = kt.get() + h * head_dim * stride;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r = keys_at.row(t);
+        const T* krow = kp + r * keys_at.k_stride + h * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) kh[d * stride + t] = static_cast<float>(krow[d]);
+        const T* vrow = vp + r * keys_at.v_stride + h * head_dim;
+        fovea::convert(vals.get() + (h * n + t) * head_dim, vrow, head_dim);
       }
+      if (t1 == n)  // this head's last keys: zero its padding
+        for (int64_t d = 0; d < head_dim; ++d)
+          std::fill(kh + d * stride + n, kh + (d + 1) * stride, 0.f);
     });
   });
   auto out = at::empty({q_len, heads * head_dim}, q.options());
