@@ -22,11 +22,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fovea.common.config import ServerArgs
 from fovea.common.messages import ImageInput
+from fovea.common.model_config import ModelInfo, images_attend_bidirectionally
 from fovea.scheduler.radix_cache import RadixCache
 from fovea.scheduler.request import Sequence
 
 LPM_MIN_WAITING = 8
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    context_length: int
+    eos_token_ids: tuple[int, ...] = ()
+    page_size: int = 1
+    max_prefill_tokens: int = 2048
+    chunked_prefill_size: int = 2048
+    max_running_requests: int = 128
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    whole_images: bool = False  # never split an image across chunks (bidirectional images)
+    # The workers' cross-attention image slots (Mllama; scheduler/cross_images.py); 0: the
+    # model keeps no per-image state beside the KV cache.
+    cross_image_slots: int = 0
+
+    @staticmethod
+    def from_args(
+        args: ServerArgs, model: ModelInfo, max_seqs: int, cross_image_slots: int = 0
+    ) -> SchedulerConfig:
+        """`max_seqs`: rows in the workers' request table, a hard cap on running sequences;
+        `cross_image_slots`: the smallest image pool of the ranks."""
+        return SchedulerConfig(
+            context_length=model.context_length,
+            eos_token_ids=tuple(model.eos_token_ids),
+            page_size=args.page_size,
+            max_prefill_tokens=args.max_prefill_tokens,
+            chunked_prefill_size=args.chunked_prefill_size,
+            max_running_requests=min(args.max_running_requests, max_seqs),
+            schedule_policy=args.schedule_policy,
+            disable_radix_cache=args.disable_radix_cache,
+            whole_images=images_attend_bidirectionally(model.architecture),
+            cross_image_slots=cross_image_slots,
+        )
 
 
 def admission_order(waiting: list[Sequence], policy: str, cache: RadixCache) -> list[Sequence]:

@@ -23,7 +23,8 @@ from fovea.common.messages import (
     TokenizedRequest,
 )
 from fovea.common.sampling import SamplingParams
-from fovea.scheduler.scheduler import Scheduler, SchedulerConfig
+from fovea.scheduler.policy import SchedulerConfig
+from fovea.scheduler.scheduler import Scheduler
 from fovea.tokenizer_service.processors import load_processor
 from fovea.worker.model_runner import ModelRunner
 
@@ -158,8 +159,6 @@ class Prompt:
         return TokenizedRequest(
             rid=rid, index=0, input_ids=self.ids, sampling=sp, images=self.images
         )
-
-
 
 
 def free_image_slots(runner: ModelRunner) -> int:

@@ -30,7 +30,8 @@ from fovea.common.messages import (
     TokenizedRequest,
 )
 from fovea.common.sampling import SamplingParams
-from fovea.scheduler.scheduler import Scheduler, SchedulerConfig
+from fovea.scheduler.policy import SchedulerConfig
+from fovea.scheduler.scheduler import Scheduler
 from fovea.tokenizer_service.chat_templates import ChatRenderer
 from fovea.tokenizer_service.processors.deepseek_vl2 import ONE_TILE
 from fovea.worker.loader import WeightLoadError
@@ -142,8 +143,6 @@ def reference_tokens(
         for c, p in prompts[v].items()
         if c in FIDELITY
     }
-
-
 
 
 # ---------------------------------------------------------------- fidelity

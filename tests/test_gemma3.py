@@ -28,7 +28,8 @@ from fovea.common.messages import (
 )
 from fovea.common.model_config import read_model_info
 from fovea.common.sampling import SamplingParams
-from fovea.scheduler.scheduler import Scheduler, SchedulerConfig
+from fovea.scheduler.policy import SchedulerConfig
+from fovea.scheduler.scheduler import Scheduler
 from fovea.tokenizer_service.chat_templates import ChatRenderer
 from fovea.tokenizer_service.processors import load_processor
 from fovea.tokenizer_service.processors.gemma3 import Gemma3Processor
@@ -192,8 +193,6 @@ def reference(hf_vl: Any, prompts: dict[str, Prompt]) -> dict[str, list[int]]:
 @pytest.fixture(scope="module")
 def text_reference(hf_text: Any, text_prompts: dict[str, Prompt]) -> dict[str, list[int]]:
     return {name: _generate(hf_text, p) for name, p in text_prompts.items()}
-
-
 
 
 def hf_logits(hf: Any, p: Prompt, **kw: Any) -> torch.Tensor:

@@ -130,8 +130,6 @@ def case_inputs(layout: str, case: str) -> tuple[list[dict[str, Any]], list[Imag
     return messages, [IMAGES[layout][n] for n in names]
 
 
-
-
 # ---------------------------------------------------------------- processor
 
 

@@ -14,8 +14,7 @@ from fovea.common.config import ServerArgs
 from fovea.common.messages import ImageInput, ScheduledChunk, TokenizedRequest
 from fovea.common.model_config import ModelInfo
 from fovea.common.sampling import SamplingParams
-from fovea.scheduler.policy import whole_image_chunk, whole_image_prefix
-from fovea.scheduler.scheduler import SchedulerConfig
+from fovea.scheduler.policy import SchedulerConfig, whole_image_chunk, whole_image_prefix
 
 PAD = 9
 
