@@ -1,7 +1,7 @@
 """Process overhead of a decode step: the inter-token latency B concurrent streams see from a
 running server, against the bare model step (ModelRunner.step: forward + sampling) for the same
-batch in this process. Same model, same batch, same prompt length, measured one after the other
-in one run. Prints one JSON line.
+batch in this process. Same model, same batch, same prompt length; `--rounds` pairs measured
+one right after the other in one run, the ratio the median of the pairs'. Prints one JSON line.
 
     python -m fovea.bench.step_overhead --model SmolLM2-135M-Instruct --batch 16
 """
@@ -17,63 +17,77 @@ import sys
 import time
 from typing import Any
 
+import aiohttp
 import httpx
 
+from fovea.bench.serving import Result, send_one
 from fovea.worker.model_runner import ModelRunner
 
 
-def bare_step_s(model_path: str, batch: int, prompt_len: int, steps: int) -> float:
-    """Median seconds of one decode step of `batch` sequences, model runner only."""
-    from fovea.common.config import ServerArgs
-    from fovea.common.messages import NewSequence, ScheduledChunk, StepPlan
-    from fovea.common.model_config import read_model_info
-    from fovea.common.sampling import SamplingParams
+class BareSteps:
+    """The model runner alone in this process: one prefill of `batch` prompts, then decode
+    steps; each round drops the last round's sequences and starts afresh in the same slots."""
 
-    args = ServerArgs(model_path=model_path, max_total_tokens=batch * (prompt_len + steps + 16))
-    runner = ModelRunner(args, read_model_info(model_path))
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=steps + 1)
-    keys = [f"s{i}" for i in range(batch)]
-    next_slot = runner.pool.page_size  # slots below are the scratch page
+    def __init__(self, model_path: str, batch: int, prompt_len: int, steps: int) -> None:
+        from fovea.common.config import ServerArgs
+        from fovea.common.model_config import read_model_info
 
-    def slots(n: int) -> list[int]:
-        nonlocal next_slot
-        next_slot += n
-        return list(range(next_slot - n, next_slot))
+        total = batch * (prompt_len + steps + 16)
+        self.runner = ModelRunner(
+            ServerArgs(model_path=model_path, max_total_tokens=total), read_model_info(model_path)
+        )
+        self.batch, self.prompt_len, self.steps = batch, prompt_len, steps
+        self.rounds = 0
+        self.step = 0
 
-    new = [
-        NewSequence(k, [100 + i] * prompt_len, prompt_len, greedy, []) for i, k in enumerate(keys)
-    ]
-    runner.step(StepPlan(0, new, [ScheduledChunk(k, slots(prompt_len), True) for k in keys], []))
-    times = []
-    for step in range(1, steps + 1):
-        plan = StepPlan(step, [], [ScheduledChunk(k, slots(1), True) for k in keys], [])
-        t0 = time.perf_counter()
-        runner.step(plan)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[3:])
+    def median_step_s(self) -> float:
+        """Median seconds of a decode step of the batch (the first 3 left out)."""
+        from fovea.common.messages import NewSequence, ScheduledChunk, StepPlan
+        from fovea.common.sampling import SamplingParams
+
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=self.steps + 1)
+        dropped = [f"r{self.rounds - 1}s{i}" for i in range(self.batch)] if self.rounds else []
+        keys = [f"r{self.rounds}s{i}" for i in range(self.batch)]
+        self.rounds += 1
+        next_slot = self.runner.pool.page_size  # slots below are the scratch page
+
+        def slots(n: int) -> list[int]:
+            nonlocal next_slot
+            next_slot += n
+            return list(range(next_slot - n, next_slot))
+
+        def run(plan_chunks: list[ScheduledChunk], **kw: Any) -> float:
+            plan = StepPlan(self.step, chunks=plan_chunks, **kw)
+            self.step += 1
+            t0 = time.perf_counter()
+            self.runner.step(plan)
+            return time.perf_counter() - t0
+
+        n = self.prompt_len
+        new = [NewSequence(k, [100 + i] * n, n, greedy, []) for i, k in enumerate(keys)]
+        run([ScheduledChunk(k, slots(n), True) for k in keys], new=new, dropped=dropped)
+        times = [
+            run([ScheduledChunk(k, slots(1), True) for k in keys], new=[], dropped=[])
+            for _ in range(self.steps)
+        ]
+        return statistics.median(times[3:])
 
 
 async def server_itl_s(base: str, batch: int, prompt_len: int, steps: int) -> float:
-    """Median gap between tokens of `batch` concurrent streams, their first 5 tokens left out."""
-    gaps: list[float] = []
+    """Median gap between tokens of `batch` concurrent streams (serving.py's client), the
+    first 5 gaps of each left out."""
+    url = base + "/v1/completions"
 
-    async def one(client: httpx.AsyncClient, i: int) -> None:
+    async def one(session: aiohttp.ClientSession, i: int) -> Result:
         body = {"model": "m", "prompt": [100 + i] * prompt_len, "max_tokens": steps,
                 "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
-        last, n = None, 0
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                now = time.perf_counter()
-                n += 1
-                if last is not None and n > 5:
-                    gaps.append(now - last)
-                last = now
+        return await send_one(session, url, body)
 
-    async with httpx.AsyncClient(base_url=base, timeout=600, trust_env=False) as client:
-        await asyncio.gather(*(one(client, i) for i in range(batch)))
-    return statistics.median(gaps)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        results = await asyncio.gather(*(one(session, i) for i in range(batch)))
+    if not all(r.ok for r in results):
+        raise SystemExit(f"a stream failed: {next(r.error for r in results if not r.ok)}")
+    return statistics.median(gap for r in results for gap in r.itl_s[5:])
 
 
 def _healthy(base: str) -> bool:
@@ -89,12 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5, help="bare/server pairs, interleaved")
     p.add_argument("--port", type=int, default=31400)
     args = p.parse_args(argv)
     from fovea.server.builtin_models import resolve_model_path
 
     path = resolve_model_path(args.model)
-    bare = bare_step_s(path, args.batch, args.prompt_len, args.steps)
+    bare = BareSteps(path, args.batch, args.prompt_len, args.steps)
     base = f"http://127.0.0.1:{args.port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fovea.launch_server", "--model-path", path, "--port",
@@ -102,20 +117,32 @@ def main(argv: list[str] | None = None) -> None:
          str(args.batch * (args.prompt_len + args.steps + 16))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    bare_ms: list[float] = []
+    served_ms: list[float] = []
     try:
         deadline = time.monotonic() + 600
         while not _healthy(base):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the server did not start")
             time.sleep(0.5)
-        served = asyncio.run(server_itl_s(base, args.batch, args.prompt_len, args.steps))
+        asyncio.run(server_itl_s(base, args.batch, args.prompt_len, 8))  # warm-up
+        # Pairs, one right after the other, so a drift in the machine's speed (shared,
+        # noisy) moves both sides of a pair alike.
+        for _ in range(args.rounds):
+            bare_ms.append(bare.median_step_s() * 1e3)
+            served = asyncio.run(server_itl_s(base, args.batch, args.prompt_len, args.steps))
+            served_ms.append(served * 1e3)
     finally:
         proc.terminate()
         proc.wait(60)
+    ratios = [s / b for s, b in zip(served_ms, bare_ms, strict=True)]
     out: dict[str, Any] = {
         "bench": "step_overhead", "model": args.model, "batch": args.batch,
-        "prompt_len": args.prompt_len, "bare_step_ms": round(bare * 1e3, 2),
-        "server_itl_ms": round(served * 1e3, 2), "ratio": round(served / bare, 3),
+        "prompt_len": args.prompt_len, "rounds": args.rounds,
+        "bare_step_ms": round(statistics.median(bare_ms), 2),
+        "server_itl_ms": round(statistics.median(served_ms), 2),
+        "ratio": round(statistics.median(ratios), 3),
+        "ratios": [round(r, 3) for r in ratios],
     }  # fmt: skip
     print(json.dumps(out), flush=True)
 
