@@ -149,9 +149,7 @@ def ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
         for system in ("fovea", "vllm"):
             hit, cold = pick(rows, system, mode, "W3"), pick(rows, system, mode, "W3cold")
             if hit and cold:
-                r[f"W3_hit_over_cold_ttft_{system}"] = (
-                    hit["ttft_ms"]["p50"] / cold["ttft_ms"]["p50"]
-                )
+                r[f"W3_hit_over_cold_ttft_{system}"] = hit["ttft_ms"]["p50"] / cold["ttft_ms"]["p50"]
         hf = pick(rows, "hf", mode, "W1")
         if f1 and hf:
             r["W1_tok_s_over_hf"] = f1["output_tokens_per_s"] / hf["output_tokens_per_s"]

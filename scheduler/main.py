@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import time
-from collections import deque
 from typing import Any, NoReturn
 
 import zmq
@@ -75,48 +74,30 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
             to_server.send(out)
         core.to_server = []
 
-    # Plans sent whose results are not back, oldest first: one, or two while the workers
-    # run a steady decode step with the next one already waiting for them.
-    in_flight: deque[tuple[StepPlan, bool]] = deque()
     while True:
         msgs = inbox.recv_all()
-        if not msgs and not core.has_work and not in_flight:
+        if not msgs and not core.has_work:
             flush()
             msg = inbox.recv(timeout_ms=IDLE_POLL_MS)  # idle: block instead of spinning
             msgs = [msg] if msg is not None else []
         for msg in msgs:
             core.handle(msg)
-        plan = None
-        if not in_flight or (len(in_flight) == 1 and in_flight[0][1]):
-            plan = core.schedule()
+        plan = core.schedule()
         if plan is not None:
             plans.send(plan)
-            in_flight.append((plan, plan_ahead_after(plan, core)))
         # The last step's tokens go out only now: the detokenizer and HTTP processes they
         # wake compete for the CPUs, and the worker should have its next plan first.
         flush()
-        if in_flight and not (plan is not None and len(in_flight) == 1 and in_flight[0][1]):
-            core.process_result(wait_result(results, in_flight.popleft()[0], log, ranks))
+        if plan is not None:
+            core.process_result(wait_result(results, plan, log, ranks))
         if (now := time.monotonic()) - last_beat >= HEARTBEAT_S:
             last_beat = now
             to_launcher.send(Heartbeat("scheduler"))
-            if not in_flight:  # else a step result may be next: wait_result notes answers
-                for answer in results.recv_all():
-                    ranks.take(answer)
+            for answer in results.recv_all():
+                ranks.take(answer)
             plans.send(KeepAlive(ranks.next_seq()))
             if publish is not None:
                 publish()
-
-
-def plan_ahead_after(plan: StepPlan, core: Scheduler) -> bool:
-    """Whether the next plan may be sent while `plan` runs, before its result is back, so
-    the workers start it without waiting for a round trip. Only in steady decoding (every chunk
-    one token, no request waiting): there the round trip is a fair part of a step (0.6-1.9 ms
-    of 18 ms, 16 sequences on 2 CPUs), and the cost small: a request that arrives meanwhile waits one decode step more, a sequence that stops
-    on EOS computes one token in vain. After a prefill step (long: what arrives during it
-    should not wait for another) or with requests waiting (the result may free the memory they
-    need), the next plan waits for the result."""
-    return not core.waiting and all(len(c.new_slots) == 1 for c in plan.chunks)
 
 
 class MetricsPublisher:

@@ -1,11 +1,9 @@
 """Per-sequence state held by the scheduler.
 
 A sequence is WAITING (holds no slots, no lock) or RUNNING (holds KV slots and possibly a
-locked radix node). Invariant while RUNNING: `slots[i]` holds the KV of token i for
-`i < num_computed == len(slots)` (once the plans already sent have run); the first
-`prefix_len` slots belong to the radix tree (the locked `node`'s path), the rest to the
-sequence. With a plan sent ahead of the last result, up to `in_flight` tokens are known to
-the workers but not yet to the scheduler, so `num_computed` may pass `num_tokens`.
+locked radix node). Invariant while RUNNING: `slots[i]` holds the KV of `token_ids[i]` for
+`i < num_computed == len(slots)`; the first `prefix_len` slots belong to the radix tree (the
+locked `node`'s path), the rest to the sequence.
 
 The radix key of a sequence is its token ids with each image's placeholder tokens replaced by
 values derived from the image's content hash (`image_key_values`): the same image gives the
@@ -70,9 +68,6 @@ class Sequence:
     admitted_at: int = -1  # admission counter: the newest running sequences retract first
     retracted: bool = False  # waiting again after a retraction: admitted before the others
     sent: bool = False  # the workers hold it (a NewSequence went out since the last drop)
-    # Tokens sampled by plans sent whose results have not come back: the workers know them,
-    # the scheduler not yet (0 or 1 between steps; 2 while a plan is planned ahead).
-    in_flight: int = 0
     finish_reason: str | None = None
     prompt_key: list[int] = field(init=False, repr=False)  # radix key of prompt_ids
 
@@ -108,13 +103,5 @@ class Sequence:
 
     @property
     def pending(self) -> int:
-        """Tokens the workers know whose KV is not computed yet (1 for a decoding sequence)."""
-        return self.num_tokens + self.in_flight - len(self.slots)
-
-    def ends_in_flight(self, context_length: int) -> bool:
-        """A token already sampled (its result not back yet) is its last: the length limit or
-        the context is reached, so computing it would be wasted."""
-        n = self.in_flight
-        return n > 0 and (
-            len(self.output_ids) + n >= self.max_new_tokens or self.num_tokens + n >= context_length
-        )
+        """Known tokens whose KV is not computed yet (1 for a decoding sequence)."""
+        return self.num_tokens - len(self.slots)

@@ -9,14 +9,6 @@ retracted, up to and including the one asking. A retracted sequence's computed t
 the radix tree (so its re-admission can hit them) and it returns to the front of the waiting
 queue with prompt + outputs so far as input. The oldest running sequence therefore always
 progresses, and each sequence alone fits (checked on arrival): no deadlock.
-
-Planning ahead: `schedule()` may be called again before the last plan's result is back
-(main.py does so in steady decoding, so the workers find their next plan waiting). A sampled
-token not yet back counts as pending (`Sequence.in_flight`): the next plan computes it, as the
-workers know it. A sequence that the in-flight token ends by length is not scheduled again; one
-that it ends by EOS has one token computed in vain, whose result is dropped. Each result is
-matched to the admission that asked for it, so a token for a sequence since finished,
-aborted or retracted is never taken.
 """
 
 from __future__ import annotations
@@ -70,9 +62,6 @@ class Scheduler:
         self.allocator = KVAllocator(num_slots, config.page_size)
         self.cache = RadixCache(config.page_size, disabled=config.disable_radix_cache)
         self.plans = PlanBuilder()
-        # step -> (sequence, its admission number) of each sampling chunk, in plan order
-        self._sampling: list[tuple[Sequence, int]] = []
-        self._in_flight: dict[int, list[tuple[Sequence, int]]] = {}
         self.cross_images = (
             CrossImageSlots(config.cross_image_slots) if config.cross_image_slots else None
         )
@@ -210,10 +199,7 @@ class Scheduler:
         # Memory ran out this step: admitting more would only be retracted again.
         if self.num_retractions == retractions:
             self._admit_waiting(budget)
-        plan = self.plans.build()
-        if plan is not None:
-            self._in_flight[plan.step], self._sampling = self._sampling, []
-        return plan
+        return self.plans.build()
 
     def _schedule_running(self, budget: StepBudget) -> None:
         """Decode every running sequence (oldest first) and continue chunked prefills within
@@ -221,9 +207,6 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            if seq.ends_in_flight(self.config.context_length):
-                i += 1
-                continue
             want = 1 if seq.pending == 1 else budget.prefill_chunk(seq.pending)
             if want > 1 and self.config.whole_images:
                 want = whole_image_chunk(seq.images, seq.num_computed, want)
@@ -235,7 +218,7 @@ class Scheduler:
                     budget.take(len(got))
                 sample = len(got) == seq.pending
                 seq.slots.extend(got)
-                self._add_chunk(seq, got, sample)
+                self.plans.add_chunk(seq, got, sample)
             i += 1
 
     def _grow(self, i: int, want: int) -> list[int] | None:
@@ -320,30 +303,18 @@ class Scheduler:
             seq.cached_tokens = prefix_len
             self.cache_hit_tokens += prefix_len
         budget.take(n)
-        self._add_chunk(seq, got, n == extend)
+        self.plans.add_chunk(seq, got, n == extend)
         return True
-
-    def _add_chunk(self, seq: Sequence, new_slots: list[int], sample: bool) -> None:
-        self.plans.add_chunk(seq, new_slots, sample)
-        if sample:
-            seq.in_flight += 1
-            self._sampling.append((seq, seq.admitted_at))
 
     # ------------------------------------------------------------------ results
 
     def process_result(self, result: StepResult) -> None:
-        """Append each sampled token, check stop conditions, emit one SeqOutput per token.
-        Results come back in the order their plans were built."""
+        """Append each sampled token, check stop conditions, emit one SeqOutput per token."""
         self.images_encoded += result.images_encoded
-        asked = self._in_flight.pop(result.step)
-        if result.keys != [seq.key for seq, _ in asked]:
-            raise RuntimeError(f"step {result.step}: result for {result.keys}, not the plan's")
-        for (seq, admission), token, lp in zip(
-            asked, result.token_ids, result.logprobs, strict=True
-        ):
-            if seq.status is not SeqStatus.RUNNING or seq.admitted_at != admission:
-                continue  # finished, aborted or retracted since the plan went out
-            seq.in_flight -= 1
+        for key, token, lp in zip(result.keys, result.token_ids, result.logprobs, strict=True):
+            seq = self.seqs.get(key)
+            if seq is None or seq.status is not SeqStatus.RUNNING:
+                continue  # aborted since the plan went out
             seq.output_ids.append(token)
             self.generated_tokens += 1
             reason, matched = self._finish_reason(seq, token)
@@ -353,7 +324,7 @@ class Scheduler:
                 self.running.remove(seq)
                 seq.status = SeqStatus.FINISHED
                 seq.finish_reason = reason
-                del self.seqs[seq.key]
+                del self.seqs[key]
 
     def _finish_reason(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
         sp = seq.sampling
@@ -371,9 +342,8 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         """Give up `seq`'s slots: its computed tokens (page-aligned) go into the tree, the
         duplicates of what the tree already held and the partial last page are freed, its
-        lock is dropped, and the workers are told to forget it. A token in flight is not
-        cached: the scheduler does not know it."""
-        n = min(seq.num_computed, seq.num_tokens)
+        lock is dropped, and the workers are told to forget it."""
+        n = seq.num_computed
         aligned = n - n % self.config.page_size
         present = self.cache.insert(seq.cache_key[:aligned], seq.slots[:aligned])
         # Slots [prefix_len, present) duplicate the tree's; [aligned, n) is a partial page.
@@ -385,7 +355,6 @@ class Scheduler:
         seq.node = None
         seq.slots = []
         seq.prefix_len = 0
-        seq.in_flight = 0
         self.plans.drop(seq)
 
     def _retract(self, seq: Sequence) -> None:

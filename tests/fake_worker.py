@@ -10,7 +10,6 @@ an image placeholder counts as (image hash, index in the image), not as its toke
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,25 +105,6 @@ def run_to_idle(sched: Scheduler, worker: FakeWorker, max_steps: int = 500) -> i
     return steps
 
 
-def run_ahead(sched: Scheduler, worker: FakeWorker, max_steps: int = 500, depth: int = 2) -> int:
-    """As run_to_idle, but every plan is built while `depth - 1` earlier plans' results are not
-    back (the scheduler process plans one ahead in steady decoding; here always, the hardest
-    case for the core). The worker runs plans in order, as the real one does. Returns the
-    number of plans."""
-    results: deque[StepResult] = deque()
-    steps = 0
-    while sched.has_work or results:
-        plan = sched.schedule()
-        assert plan is not None or results, "work left but nothing scheduled: deadlock"
-        if plan is not None:
-            results.append(worker.step(plan))
-            steps += 1
-            assert steps <= max_steps, "no progress"
-        if len(results) >= depth or (plan is None and results):
-            sched.process_result(results.popleft())
-    return steps
-
-
 def assert_idle_invariant(sched: Scheduler) -> None:
     """Nothing running: every slot is free or in the tree, and evicting the tree frees all."""
     assert not sched.running and not sched.waiting
@@ -140,8 +120,7 @@ def make(
     num_slots: int = 64, script: dict[str, list[int]] | None = None, **kw: Any
 ) -> tuple[Scheduler, FakeWorker]:
     kw.setdefault("context_length", 64)
-    kw.setdefault("eos_token_ids", (2,))
-    cfg = SchedulerConfig(**kw)
+    cfg = SchedulerConfig(eos_token_ids=(2,), **kw)
     sched = Scheduler(cfg, num_slots)
     return sched, FakeWorker(sched.total_slots, cfg.page_size, script)
 

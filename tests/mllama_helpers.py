@@ -161,6 +161,8 @@ class Prompt:
         )
 
 
+
+
 def free_image_slots(runner: ModelRunner) -> int:
     assert runner.cross is not None
     return len(runner.cross.pool.free)

@@ -22,12 +22,7 @@ def test_cli_env_and_defaults() -> None:
     env = {"FOVEA_PORT": "8123", "FOVEA_DISABLE_RADIX_CACHE": "true", "FOVEA_TP_SIZE": "2"}
     args = parse_args(["--model-path", "m", "--tp-size", "4"], env=env)
     assert isinstance(args, ServerArgs)
-    assert (args.model_path, args.port, args.tp_size, args.disable_radix_cache) == (
-        "m",
-        8123,
-        4,
-        True,
-    )
+    assert (args.model_path, args.port, args.tp_size, args.disable_radix_cache) == ("m", 8123, 4, True)
     assert args.page_size == 1 and args.dtype == "auto"
     assert args.model_name == "m"
 
@@ -41,15 +36,11 @@ def test_cli_bad_env_value_exits(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_codec_roundtrip_with_array_frames() -> None:
     enc, dec = Encoder(), Decoder(ToScheduler)
-    msg = TokenizedRequest(
-        rid="r1", index=2, input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=4)
-    )
+    msg = TokenizedRequest(rid="r1", index=2, input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=4))
     frames = enc.encode(msg)
     assert len(frames) == 1
     assert dec.decode(frames) == msg
-    assert dec.decode(enc.encode(AbortRequest("r1", None, "client"))) == AbortRequest(
-        "r1", None, "client"
-    )
+    assert dec.decode(enc.encode(AbortRequest("r1", None, "client"))) == AbortRequest("r1", None, "client")
 
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
     frames = Encoder().encode({"pixels": arr})

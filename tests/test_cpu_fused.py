@@ -20,7 +20,6 @@ def kernels() -> None:
     if not cpu_kernels.load():
         pytest.fail("the CPU kernels did not build on this machine (see the warning above)")
 
-
 def _torch_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,7 +54,6 @@ def test_prepare_for_cpu_keeps_every_output() -> None:
     )
     for p in model.parameters():
         p.data.normal_()
-
     def run() -> torch.Tensor:
         # 6 rows take the packed layouts, 2 the column-major ones; [2, 3, 32]: a 3-D input
         outs = []

@@ -195,6 +195,8 @@ def text_reference(hf_text: Any, text_prompts: dict[str, Prompt]) -> dict[str, l
     return {name: _generate(hf_text, p) for name, p in text_prompts.items()}
 
 
+
+
 def hf_logits(hf: Any, p: Prompt, **kw: Any) -> torch.Tensor:
     with torch.no_grad():
         return hf(torch.tensor([p.ids]), **{**p.hf_kwargs, **kw}).logits[0]  # type: ignore[no-any-return]

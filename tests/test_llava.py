@@ -116,6 +116,8 @@ def prompts(ref: LlavaReference, processor: LlavaProcessor) -> dict[str, Prompt]
     return {name: Prompt(ref, processor, turns) for name, turns in CASES.items()}
 
 
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_prompt_and_pixels_match_transformers_processor(
     prompts: dict[str, Prompt], ref: LlavaReference, case: str

@@ -194,9 +194,7 @@ def test_engine_generate_with_images(tiny_llava_onevision: Path) -> None:
     ]
     with Engine(
         dtype="float32",  # the reference runs float32
-        model_path=str(tiny_llava_onevision),
-        max_total_tokens=3000,
-        chat_template="chatml-llava",
+        model_path=str(tiny_llava_onevision), max_total_tokens=3000, chat_template="chatml-llava"
     ) as llm:
         outs = llm.generate([ref.render(m) for m in cases], greedy, image_data=images)
         assert [o["output_ids"] for o in outs] == [expected(ref, m)[1] for m in cases]

@@ -130,6 +130,8 @@ def case_inputs(layout: str, case: str) -> tuple[list[dict[str, Any]], list[Imag
     return messages, [IMAGES[layout][n] for n in names]
 
 
+
+
 # ---------------------------------------------------------------- processor
 
 

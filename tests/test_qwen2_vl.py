@@ -169,6 +169,8 @@ def hf_rope_index(hf_model: Any, p: Prompt) -> tuple[torch.Tensor, int]:
     return pos[:, 0], int(delta)
 
 
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_mrope_positions_match_transformers(
     runner: ModelRunner, hf_model: Any, prompts: dict[str, Prompt], case: str
