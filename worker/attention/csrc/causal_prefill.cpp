@@ -68,9 +68,8 @@ void for_key_chunks(int64_t kv_heads, int64_t n, const F& f) {
 template <int W, int C>
 __attribute__((always_inline)) inline void block_matmul(const float* const* a, const float* b,
                                                         int64_t b_stride, int64_t k,
-                                                        vf<W> (&acc)[kRows][C]) {
-  for (auto& row : acc)
-    for (auto& x : row) x = vf<W>{};
+                                                        vf<W> (&out)[kRows][C]) {
+  vf<W> acc[kRows][C] = {};  // local: see block_matmul_bf16
   for (int64_t x = 0; x < k; ++x) {
     const float* bx = b + x * b_stride;
     vf<W> bv[C];
@@ -80,6 +79,8 @@ __attribute__((always_inline)) inline void block_matmul(const float* const* a, c
       for (int c = 0; c < C; ++c) acc[r][c] += ar * bv[c];
     }
   }
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int c = 0; c < C; ++c) out[r][c] = acc[r][c];
 }
 
 // scores[r][j, j + C*W) = scale * q_r . k_j for the block's rows r < rows; kt [head_dim][stride]
@@ -141,10 +142,14 @@ inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
 
 // block_matmul on pairs: acc[r][c] = sum_{x<k} a[r][x] . b[x * b_stride + 16c, + 16), each
 // term a 2-element dot product of bf16 pairs.
+// The sums run in a local array, copied to `out` once at the end: __m512 may alias any type,
+// so sums kept in the caller's array were stored back after every step of x (16 stores beside
+// 16 vdpbf16ps, the scores at half speed).
 template <int C>
 __attribute__((always_inline)) inline void block_matmul_bf16(const uint32_t* const* a,
                                                              const uint32_t* b, int64_t b_stride,
-                                                             int64_t k, __m512 (&acc)[kRows][C]) {
+                                                             int64_t k, __m512 (&out)[kRows][C]) {
+  __m512 acc[kRows][C];
   for (auto& row : acc)
     for (auto& x : row) x = _mm512_setzero_ps();
   for (int64_t x = 0; x < k; ++x) {
@@ -156,6 +161,8 @@ __attribute__((always_inline)) inline void block_matmul_bf16(const uint32_t* con
       for (int c = 0; c < C; ++c) acc[r][c] = dot2(acc[r][c], ar, bv[c]);
     }
   }
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int c = 0; c < C; ++c) out[r][c] = acc[r][c];
 }
 
 // scores[r][j, j + 16C) = scale * q_r . k_j: qp [kRows][head_dim / 2] pairs of each row's q,
