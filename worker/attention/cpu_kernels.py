@@ -31,8 +31,13 @@ log = logging.getLogger(__name__)
 
 NAME = "fovea_cpu_kernels"
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "paged_decode.cpp", CSRC / "fused.cpp", CSRC / "causal_prefill.cpp"]
-HEADERS = [CSRC / "vec.h"]  # hashed into the key, not compiled alone
+SOURCES = [
+    CSRC / "paged_decode.cpp",
+    CSRC / "fused.cpp",
+    CSRC / "causal_prefill.cpp",
+    CSRC / "causal_prefill_bf16.cpp",
+]
+HEADERS = [CSRC / "vec.h", CSRC / "causal_prefill.h"]  # hashed into the key, not compiled alone
 # -ffast-math lets gcc vectorise the softmax's exp through glibc's libmvec and reorder the
 # dot products' sums (rounding order only); -fopenmp makes at::parallel_for parallel.
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
