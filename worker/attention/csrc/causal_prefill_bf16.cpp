@@ -2,8 +2,9 @@
 // blocks, with both matmuls on vdpbf16ps, which takes 16 lanes x 2 bf16 products per
 // instruction (twice an FMA's work, half the bytes). Its operands are bf16 pairs in one 32-bit
 // word, the first element in the low half: keys paired along head_dim, values along positions.
-// The softmax stays float; its weights are rounded to bf16 for the value sums, as torch's flash
-// attention rounds them before its second matmul.
+// The softmax stays float: its weights exp(s - max) are rounded to bf16 for the value sums,
+// as torch's flash attention rounds them before its second matmul, and each output row is
+// divided by the weights' sum at the end.
 #include <ATen/ops/empty.h>
 
 #include <cstring>
@@ -18,12 +19,6 @@
 
 namespace fovea::prefill {
 namespace {
-
-inline uint32_t bf16_bits(float f) {  // round to nearest even; p in [0, 1] is never NaN
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
 
 inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
@@ -155,15 +150,21 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
       for (; j + 64 <= keys; j += 64)
         score_cols_bf16<4>(qrows, rows, kh, stride, j, pairs, sc, srows);
       for (; j < keys; j += 32) score_cols_bf16<2>(qrows, rows, kh, stride, j, pairs, sc, srows);
-      // Softmax each row over its keys, zero the rest up to an even count (whole pairs).
+      // Each row's weights exp(s - max) over its keys, zero past them up to `keys`, rounded
+      // to bf16 pairs 32 at a time; the division by their sum waits for the row's output (64
+      // values, not a pass over every weight).
       const int64_t half = (seen + 1) / 2;
+      float inv_sum[kRows];
       for (int64_t r = 0; r < kRows; ++r) {
         const int64_t len = r < rows ? start + i0 + r + 1 : 0;
-        if (len) fovea::softmax_inplace(srows[r], len);
-        std::fill(srows[r] + len, srows[r] + 2 * half, 0.f);
+        inv_sum[r] = len ? 1.f / fovea::exp_inplace(srows[r], len) : 0.f;
+        std::fill(srows[r] + len, srows[r] + keys, 0.f);
         uint32_t* pr = ppair.data() + r * half_stride;
-        for (int64_t u = 0; u < half; ++u)
-          pr[u] = bf16_bits(srows[r][2 * u]) | bf16_bits(srows[r][2 * u + 1]) << 16;
+        for (int64_t u = 0; u < keys / 2; u += 16) {
+          const __m512 lo = _mm512_loadu_ps(srows[r] + 2 * u);
+          const __m512 hi = _mm512_loadu_ps(srows[r] + 2 * u + 16);
+          _mm512_storeu_si512(pr + u, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
       }
       const uint32_t* vh = vt.get() + h * half_stride * head_dim;
       int64_t col = 0;
@@ -171,8 +172,10 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
         weighted_cols_bf16<4>(prows, vh, half, head_dim, col, orows);
       for (; col < head_dim; col += 16)
         weighted_cols_bf16<1>(prows, vh, half, head_dim, col, orows);
-      for (int64_t r = 0; r < rows; ++r)
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < head_dim; ++c) orows[r][c] *= inv_sum[r];
         fovea::convert(op + ((i0 + r) * heads + head) * head_dim, orows[r], head_dim);
+      }
     }
   });
   return out;

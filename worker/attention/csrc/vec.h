@@ -142,9 +142,9 @@ inline void hsum4(vf<16> a0, vf<16> a1, vf<16> a2, vf<16> a3, float* out) {
   out[3] = e[12];
 }
 
-// s[0, n) -> softmax(s) in place, exact (max-subtracted; the exp loop vectorises through
-// glibc's libmvec under -ffast-math).
-inline void softmax_inplace(float* s, int64_t n) {
+// s[0, n) -> exp(s - max(s)) in place; returns their sum (>= 1). The exp loop vectorises
+// through glibc's libmvec under -ffast-math.
+inline float exp_inplace(float* s, int64_t n) {
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) mx = std::max(mx, s[i]);
   float sum = 0.f;
@@ -152,7 +152,12 @@ inline void softmax_inplace(float* s, int64_t n) {
     s[i] = std::exp(s[i] - mx);
     sum += s[i];
   }
-  const float inv = 1.f / sum;
+  return sum;
+}
+
+// s[0, n) -> softmax(s) in place, exact (max-subtracted).
+inline void softmax_inplace(float* s, int64_t n) {
+  const float inv = 1.f / exp_inplace(s, n);
   for (int64_t i = 0; i < n; ++i) s[i] *= inv;
 }
 
