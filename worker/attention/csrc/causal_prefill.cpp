@@ -174,11 +174,13 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           score_block<fovea::kWide>(qrows, rows, kh, stride, keys, head_dim, sc, srows);
         else
           score_block<8>(qrows, rows, kh, stride, keys, head_dim, sc, srows);
-        // Softmax each row over its keys; zero the rest of the block's keys (and whole rows
-        // past n), so the value sums can run over the block's keys for all rows at once.
+        // Each row's weights exp(s - max) over its keys; zero the rest of the block's keys
+        // (and whole rows past n), so the value sums can run over the block's keys for all
+        // rows at once. The division by the weights' sum waits for the row's output.
+        float inv_sum[kRows];
         for (int64_t r = 0; r < kRows; ++r) {
           const int64_t len = r < rows ? start + i0 + r + 1 : 0;  // keys [0, start + i0 + r]
-          if (len) fovea::softmax_inplace(srows[r], len);
+          inv_sum[r] = len ? 1.f / fovea::exp_inplace(srows[r], len) : 0.f;
           std::fill(srows[r] + len, srows[r] + seen, 0.f);
         }
         const float* vh = vals.get() + h * n * head_dim;
@@ -186,8 +188,10 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           weighted_cols<fovea::kWide>(srows, vh, seen, head_dim, orows);
         else
           weighted_cols<8>(srows, vh, seen, head_dim, orows);
-        for (int64_t r = 0; r < rows; ++r)
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t c = 0; c < head_dim; ++c) orows[r][c] *= inv_sum[r];
           fovea::convert(op + ((i0 + r) * heads + head) * head_dim, orows[r], head_dim);
+        }
       }
     });
   });
