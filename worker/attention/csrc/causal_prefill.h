@@ -39,10 +39,21 @@ void for_key_chunks(int64_t kv_heads, int64_t n, const F& f) {
   });
 }
 
-// Both matmuls of a block: acc[r][c] = sum_{x<k} a[r][x] * b[x * b_stride + c*W, + W) for the
-// block's kRows rows. Each b vector loaded feeds all rows; the 4C accumulators stay in
-// registers (16 with C = 4: enough independent FMA chains to cover the FMA latency on both
-// pipes) when it is inlined, which a call by reference alone did not get (35% slower at 1,050
+// One attention task of heads * blocks (blocks of kRows query rows): its query head, KV head,
+// first query row, row count and the keys any of its rows sees. The order pairs cheap early
+// blocks with costly late ones, so contiguous task ranges (how parallel_for splits) carry
+// similar work.
+struct BlockTask {
+  int64_t head, kv_head, i0, rows, seen;
+};
+
+inline BlockTask block_task(int64_t task, int64_t heads, int64_t group, int64_t blocks,
+                            int64_t q_len, int64_t start) {
+  const int64_t head = task % heads, rank = task / heads;
+  const int64_t blk = rank % 2 == 0 ? rank / 2 : blocks - 1 - rank / 2;
+  const int64_t i0 = blk * kRows, rows = std::min(kRows, q_len - i0);
+  return {head, head / group, i0, rows, start + i0 + rows};
+}
 
 // Both matmuls on vdpbf16ps: q, k and v bf16, head_dim a multiple of 16, an AVX512-BF16 CPU
 // (defined only when built for one). Query i (position keys_at.start + i) attends to keys

@@ -102,10 +102,10 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
         std::memcpy(kh + i * key_stride + t, krow + 2 * i, 4);
     }
     for (int64_t t = t0; t < t1; t += 2) {  // value pair t / 2: keys t and t + 1 (t0 is even)
-      const uint16_t* even = vb + keys_at.row(t) * vs + h * head_dim;
+      const uint16_t* even = vb + at.row(t) * vs + h * head_dim;
       uint32_t* dst = vh + t / 2 * head_dim;
       if (t + 1 < n) {
-        const uint16_t* odd = vb + keys_at.row(t + 1) * vs + h * head_dim;
+        const uint16_t* odd = vb + at.row(t + 1) * vs + h * head_dim;
         for (int64_t c = 0; c < head_dim; ++c)
           dst[c] = even[c] | static_cast<uint32_t>(odd[c]) << 16;
       } else {
@@ -122,15 +122,11 @@ at::Tensor causal_prefill_bf16(const at::Tensor& q, const at::Tensor& k, const a
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<c10::BFloat16>());
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
   const int64_t blocks = (q_len + kRows - 1) / kRows;
-  // Task order as in the float path: cheap early blocks paired with costly late ones.
   at::parallel_for(0, heads * blocks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> scores(kRows * stride), of(kRows * head_dim);
     std::vector<uint32_t> qpair(kRows * pairs), ppair(kRows * half_stride);
     for (int64_t task = lo; task < hi; ++task) {
-      const int64_t head = task % heads, rank = task / heads;
-      const int64_t blk = rank % 2 == 0 ? rank / 2 : blocks - 1 - rank / 2;
-      const int64_t h = head / group, i0 = blk * kRows, rows = std::min(kRows, q_len - i0);
-      const int64_t seen = start + i0 + rows;  // keys any row of the block sees
+      const auto [head, h, i0, rows, seen] = block_task(task, heads, group, blocks, q_len, start);
       const uint32_t* qrows[kRows];
       const uint32_t* prows[kRows];
       float* srows[kRows];
