@@ -90,6 +90,20 @@ async def server_itl_s(base: str, batch: int, prompt_len: int, steps: int) -> fl
     return statistics.median(gap for r in results for gap in r.itl_s[5:])
 
 
+def decode_forward_s(base: str) -> tuple[float, float]:
+    """(sum, count) of the server's decode-step forwards so far (its /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got = {"_sum": 0.0, "_count": 0.0}
+    text = httpx.get(base + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            suffix = s.name.removeprefix("fovea:step_forward_seconds")
+            if suffix in got and s.labels.get("kind") == "decode":
+                got[suffix] = s.value
+    return got["_sum"], got["_count"]
+
+
 def _healthy(base: str) -> bool:
     try:
         return httpx.get(base + "/health", timeout=5).status_code == 200
@@ -105,6 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5, help="bare/server pairs, interleaved")
     p.add_argument("--port", type=int, default=31400)
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="serve with --enable-metrics and also report the mean decode forward inside the "
+        "server (fovea:step_forward_seconds): the rest of the inter-token latency is spent "
+        "between steps. Metrics cost a little per token, so the headline ratio is without.",
+    )
     args = p.parse_args(argv)
     from fovea.server.builtin_models import resolve_model_path
 
@@ -114,11 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fovea.launch_server", "--model-path", path, "--port",
          str(args.port), "--served-model-name", "m", "--max-total-tokens",
-         str(args.batch * (args.prompt_len + args.steps + 16))],
+         str(args.batch * (args.prompt_len + args.steps + 16)),
+         *(["--enable-metrics"] if args.breakdown else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     bare_ms: list[float] = []
     served_ms: list[float] = []
+    forward = [0.0, 0.0]  # decode forwards in the server during the measured rounds: s, count
     try:
         deadline = time.monotonic() + 600
         while not _healthy(base):
@@ -130,8 +153,12 @@ def main(argv: list[str] | None = None) -> None:
         # noisy) moves both sides of a pair alike.
         for _ in range(args.rounds):
             bare_ms.append(bare.median_step_s() * 1e3)
+            before = decode_forward_s(base) if args.breakdown else (0.0, 0.0)
             served = asyncio.run(server_itl_s(base, args.batch, args.prompt_len, args.steps))
             served_ms.append(served * 1e3)
+            if args.breakdown:
+                after = decode_forward_s(base)
+                forward = [forward[i] + after[i] - before[i] for i in (0, 1)]
     finally:
         proc.terminate()
         proc.wait(60)
@@ -144,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         "ratio": round(statistics.median(ratios), 3),
         "ratios": [round(r, 3) for r in ratios],
     }  # fmt: skip
+    if args.breakdown and forward[1]:
+        out["server_forward_ms_mean"] = round(forward[0] / forward[1] * 1e3, 2)
     print(json.dumps(out), flush=True)
 
 

@@ -19,6 +19,8 @@ ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 # Latency buckets (s): from a fast GPU decode step to a long CPU prefill.
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120)
+# One model step (s): finer where decode steps fall.
+_STEP = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Metrics:
     e2e_request_latency: Any
     image_fetch: Any
     image_preprocess: Any
+    step_forward: Any
     process_up: Any
 
 
@@ -94,6 +97,14 @@ def _create() -> Metrics:
         ),
         image_preprocess=Histogram(
             "fovea:image_preprocess_seconds", "Preprocessing one image.", buckets=_LATENCY
+        ),
+        step_forward=Histogram(
+            "fovea:step_forward_seconds",
+            "A step's forward and sampling in the worker (rank 0). kind: decode (one new token "
+            "for each sequence, none new) or prefill (any other step). Against "
+            "inter_token_latency, what a decode step costs outside the model.",
+            ["kind"],
+            buckets=_STEP,
         ),
         process_up=Gauge(
             "fovea:process_up",

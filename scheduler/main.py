@@ -89,7 +89,10 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
         # wake compete for the CPUs, and the worker should have its next plan first.
         flush()
         if plan is not None:
-            core.process_result(wait_result(results, plan, log, ranks))
+            result = wait_result(results, plan, log, ranks)
+            core.process_result(result)
+            if publish is not None:
+                publish.step(plan, result.forward_s)
         if (now := time.monotonic()) - last_beat >= HEARTBEAT_S:
             last_beat = now
             to_launcher.send(Heartbeat("scheduler"))
@@ -116,6 +119,10 @@ class MetricsPublisher:
             "images_received": m.images,
             "images_encoded": m.images_encoded,
         }
+
+    def step(self, plan: StepPlan, forward_s: float) -> None:
+        decode = not plan.new and all(len(c.new_slots) == 1 and c.sample for c in plan.chunks)
+        self.m.step_forward.labels("decode" if decode else "prefill").observe(forward_s)
 
     def __call__(self) -> None:
         core, m = self.core, self.m

@@ -84,3 +84,28 @@ def test_an_error_event_or_status_fails_the_request(base: str) -> None:
 def test_a_stream_without_text_is_a_failure(base: str) -> None:
     r = fetch(base + "/empty")
     assert (r.ok, r.error) == (False, "stream ended without any text")
+
+
+def test_step_overhead_reads_decode_forwards_from_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from fovea.bench import step_overhead
+
+    text = (
+        "# HELP fovea:step_forward_seconds x\n"
+        "# TYPE fovea:step_forward_seconds histogram\n"
+        'fovea:step_forward_seconds_bucket{kind="decode",le="+Inf"} 6.0\n'
+        'fovea:step_forward_seconds_count{kind="decode"} 6.0\n'
+        'fovea:step_forward_seconds_sum{kind="decode"} 0.12\n'
+        'fovea:step_forward_seconds_count{kind="prefill"} 3.0\n'
+        'fovea:step_forward_seconds_sum{kind="prefill"} 0.9\n'
+    )
+    calls: list[str] = []
+
+    def get(url: str, timeout: float) -> httpx.Response:
+        calls.append(url)
+        return httpx.Response(200, text=text)
+
+    monkeypatch.setattr(httpx, "get", get)
+    assert step_overhead.decode_forward_s("http://h:1") == (0.12, 6.0)
+    assert calls == ["http://h:1/metrics"]

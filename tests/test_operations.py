@@ -163,6 +163,10 @@ def test_metrics_count_exactly_and_requests_log_one_line_each(
     assert m["fovea:time_to_first_token_seconds_count"] == 3
     assert m["fovea:e2e_request_latency_seconds_count"] == 3
     assert m["fovea:inter_token_latency_seconds_count"] == 3 + 3  # 3 gaps in each request
+    # Steps: each request's prefill (the warm-up's too), then 3 decode steps each.
+    assert m['fovea:step_forward_seconds_count{kind="prefill"}'] == 3
+    assert m['fovea:step_forward_seconds_count{kind="decode"}'] == 3 + 3
+    assert 0 < m['fovea:step_forward_seconds_sum{kind="decode"}'] < 60
     assert m["fovea:num_running_reqs"] == 0 and m["fovea:num_queue_reqs"] == 0
     assert m["fovea:token_usage"] == 0
     assert m["fovea:cache_hit_rate"] == pytest.approx(2 / 7)
