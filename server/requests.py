@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from fovea.common.ipc import Addresses, AsyncReceiver, Sender
 from fovea.common.messages import (
@@ -57,11 +56,10 @@ class RequestManager:
     def __init__(self, addrs: Addresses, log_requests: bool = False) -> None:
         self.log_requests = log_requests
         self._ctx: zmq.Context[Any] = zmq.Context()
-        self._actx = zmq.asyncio.Context()
         self._to_tokenizer = Sender(self._ctx, addrs.tokenizer_in, bind=False)
         self._to_scheduler = Sender(self._ctx, addrs.scheduler_in, bind=False)
         self._inbox: AsyncReceiver[ToServer] = AsyncReceiver(
-            self._actx, addrs.server_in, ToServer, bind=True
+            self._ctx, addrs.server_in, ToServer, bind=True
         )
         self._inflight: dict[str, _InFlight] = {}
         self._stats: dict[str, asyncio.Future[SchedulerStats]] = {}
@@ -160,4 +158,3 @@ class RequestManager:
         for s in (self._to_tokenizer, self._to_scheduler, self._inbox):
             s.close()
         self._ctx.term()
-        self._actx.term()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -143,3 +146,50 @@ def test_tp_size_counts_a_tower_that_splits_its_heads() -> None:
     # Qwen2-VL's tower keeps its attention whole: its heads do not limit tp.
     qwen = cfg | {"architectures": ["Qwen2VLForConditionalGeneration"]}
     assert tp_size_problem(qwen, 4) is None
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_async_receiver_loses_nothing_around_its_waits(loop: str, tmp_path: Path) -> None:
+    """Queued before the first recv, arriving while the consumer is busy (the FD fires with
+    nobody waiting), and arriving while it waits: every message, in order, no hang."""
+    import asyncio
+    import threading
+
+    import uvloop
+    import zmq
+
+    from fovea.common.ipc import AsyncReceiver, Sender
+
+    addr = f"ipc://{tmp_path}/rx"
+    ctx: zmq.Context[Any] = zmq.Context()
+    rx: AsyncReceiver[ToScheduler] = AsyncReceiver(ctx, addr, ToScheduler, bind=True)
+    tx = Sender(ctx, addr, bind=False)
+    got: list[str] = []
+
+    async def take(n: int) -> None:
+        for _ in range(n):
+            msg = await asyncio.wait_for(rx.recv(), 5)
+            assert isinstance(msg, AbortRequest)
+            got.append(msg.rid)
+
+    async def main() -> None:
+        tx.send(AbortRequest("a"))
+        tx.send(AbortRequest("b"))
+        await take(2)
+        tx.send(AbortRequest("c"))
+        await asyncio.sleep(0.05)  # busy elsewhere: the loop sees the FD with no waiter
+        tx.send(AbortRequest("d"))
+        await asyncio.sleep(0.05)
+        await take(2)
+        later = threading.Timer(0.05, lambda: [tx.send(AbortRequest(r)) for r in "ef"])
+        later.start()
+        await take(2)
+        later.join()
+
+    try:
+        (uvloop.run if loop == "uvloop" else asyncio.run)(main())
+    finally:
+        rx.close()
+        tx.close()
+        ctx.term()
+    assert got == ["a", "b", "c", "d", "e", "f"]

@@ -24,7 +24,6 @@ from typing import Any
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from fovea.common import metrics as fovea_metrics
 from fovea.common.config import ServerArgs
@@ -334,10 +333,10 @@ def _read_config(path: str) -> dict[str, Any]:
 
 async def _serve(args: ServerArgs, addrs: Addresses, service: Tokenizer) -> None:
     service.media = MediaLoader(MediaPolicy.from_args(args))
-    # Sends are synchronous (they never block: no HWM), so only the inbox is an asyncio socket.
+    # Sends are synchronous (they never block: no HWM); only the inbox waits on the loop.
     ctx: zmq.Context[Any] = zmq.Context()
     inbox: AsyncReceiver[ToTokenizer] = AsyncReceiver(
-        zmq.asyncio.Context(), addrs.tokenizer_in, ToTokenizer, bind=True
+        ctx, addrs.tokenizer_in, ToTokenizer, bind=True
     )
     to_server = Sender(ctx, addrs.server_in, bind=False)
     to_scheduler = Sender(ctx, addrs.scheduler_in, bind=False)
