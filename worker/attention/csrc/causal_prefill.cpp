@@ -37,7 +37,7 @@ template <int W, int C>
 __attribute__((always_inline)) inline void block_matmul(const float* const* a, const float* b,
                                                         int64_t b_stride, int64_t k,
                                                         vf<W> (&out)[kRows][C]) {
-  vf<W> acc[kRows][C] = {};  // local, copied out once: see block_matmul_bf16
+  vf<W> acc[kRows][C] = {};  // local, copied out once: why in causal_prefill_bf16.cpp
   for (int64_t x = 0; x < k; ++x) {
     const float* bx = b + x * b_stride;
     vf<W> bv[C];
