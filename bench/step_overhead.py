@@ -19,8 +19,10 @@ from typing import Any
 
 import aiohttp
 import httpx
+import torch
 
 from fovea.bench.serving import Result, send_one
+from fovea.worker.cpu_threads import set_cpu_threads
 from fovea.worker.model_runner import ModelRunner
 
 
@@ -120,6 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="bare/server pairs, interleaved")
     p.add_argument("--port", type=int, default=31400)
     p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="compute threads of both sides (the server's --cpu-threads; 0: its auto choice)",
+    )
+    p.add_argument(
         "--breakdown",
         action="store_true",
         help="serve with --enable-metrics and also report the mean decode forward inside the "
@@ -127,15 +135,23 @@ def main(argv: list[str] | None = None) -> None:
         "between steps. Metrics cost a little per token, so the headline ratio is without.",
     )
     args = p.parse_args(argv)
+    if args.cpu_threads < 0:
+        p.error(f"--cpu-threads must be >= 0, got {args.cpu_threads}")
+    # The first 3 bare steps and 5 gaps of each stream are left out of the medians.
+    for flag, least in (("batch", 1), ("prompt_len", 1), ("steps", 8), ("rounds", 1)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     from fovea.server.builtin_models import resolve_model_path
 
     path = resolve_model_path(args.model)
+    set_cpu_threads(args.cpu_threads)  # what the server's worker picks with the same flag
     bare = BareSteps(path, args.batch, args.prompt_len, args.steps)
     base = f"http://127.0.0.1:{args.port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fovea.launch_server", "--model-path", path, "--port",
          str(args.port), "--served-model-name", "m", "--max-total-tokens",
          str(args.batch * (args.prompt_len + args.steps + 16)),
+         "--cpu-threads", str(args.cpu_threads),
          *(["--enable-metrics"] if args.breakdown else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -166,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     out: dict[str, Any] = {
         "bench": "step_overhead", "model": args.model, "batch": args.batch,
         "prompt_len": args.prompt_len, "rounds": args.rounds,
+        "cpu_threads": torch.get_num_threads(),
         "bare_step_ms": round(statistics.median(bare_ms), 2),
         "server_itl_ms": round(statistics.median(served_ms), 2),
         "ratio": round(statistics.median(ratios), 3),

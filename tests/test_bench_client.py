@@ -109,3 +109,24 @@ def test_step_overhead_reads_decode_forwards_from_metrics(monkeypatch: pytest.Mo
     monkeypatch.setattr(httpx, "get", get)
     assert step_overhead.decode_forward_s("http://h:1") == (0.12, 6.0)
     assert calls == ["http://h:1/metrics"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cpu-threads", "-1"], "--cpu-threads must be >= 0, got -1"),
+        (["--steps", "7"], "--steps must be >= 8, got 7"),
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--prompt-len", "0"], "--prompt-len must be >= 1, got 0"),
+        (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    ],
+)
+def test_step_overhead_refuses_bad_arguments_before_starting_anything(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fovea.bench import step_overhead
+
+    with pytest.raises(SystemExit) as exit_info:
+        step_overhead.main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
