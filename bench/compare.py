@@ -12,8 +12,10 @@ Workloads (issue 9):
   is one run's ratio.
 Each system runs in each mode (peers.py: `default`, `tuned`), one after the other, never
 overlapping; during W1 the server's whole process tree is sampled for resident memory.
-Prints one JSON line per (system, mode, workload), then one with the ratios, and rewrites
-`--results` (a Markdown table) unless `--no-results`.
+With Fovea in `--systems`, step_overhead.py then measures its decode step against the bare
+model step (batch 16) for each of `--overhead-threads`.
+Prints one JSON line per (system, mode, workload) and per overhead run, then one with the
+ratios, and rewrites `--results` (a Markdown table) unless `--no-results`.
 """
 
 from __future__ import annotations
@@ -67,7 +69,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-dir", default="/tmp/fovea-compare")
     p.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     p.add_argument("--no-results", action="store_true", help="do not rewrite --results")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--overhead-threads",
+        default="auto",
+        help="compute-thread counts for step_overhead.py, comma-separated (0: Fovea's auto "
+        "choice); auto: 0, and where auto computes on every CPU also one fewer, so the front "
+        "end has a CPU of its own; none: skip",
+    )
+    args = p.parse_args(argv)
+    try:
+        args.overhead_threads = overhead_threads(args.overhead_threads)
+    except ValueError:
+        p.error(f"--overhead-threads: 'auto', 'none' or counts >= 0, got {args.overhead_threads!r}")
+    return args
+
+
+def overhead_threads(spec: str) -> list[int]:
+    if spec == "none":
+        return []
+    if spec != "auto":
+        counts = [int(x) for x in spec.split(",")]
+        if any(n < 0 for n in counts):
+            raise ValueError(spec)
+        return counts
+    from fovea.worker.cpu_threads import auto_threads, usable_cpus
+
+    cpus = usable_cpus()
+    return [0, cpus - 1] if 1 < cpus == auto_threads(cpus) else [0]
 
 
 def resolve_dtype(name: str) -> str:
@@ -124,6 +152,21 @@ def run_hf(args: argparse.Namespace, model_dir: str) -> list[Row]:
     return rows
 
 
+def run_overhead(args: argparse.Namespace, model_dir: str) -> list[Row]:
+    """step_overhead.py's line for each thread count, with the count asked for
+    (`requested_threads`; 0 is the auto choice) added."""
+    rows = []
+    for n in args.overhead_threads:
+        cmd = [sys.executable, "-m", "fovea.bench.step_overhead", "--model", model_dir,
+               "--batch", "16", "--steps", "128", "--cpu-threads", str(n),
+               "--port", str(args.port)]  # fmt: skip
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1]) | {"requested_threads": n}
+        print(json.dumps(res), flush=True)
+        rows.append(res)
+    return rows
+
+
 def pick(rows: list[Row], system: str, mode: str, workload: str) -> Row | None:
     for r in rows:
         if r["system"] == system and r.get("mode") in (mode, "-") and r["workload"] == workload:
@@ -157,7 +200,9 @@ def ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
     return out
 
 
-def write_results(path: str, rows: list[Row], rat: dict[str, Any], dtype: str) -> None:
+def write_results(
+    path: str, rows: list[Row], rat: dict[str, Any], dtype: str, overhead: list[Row]
+) -> None:
     from fovea.bench.results_md import render
 
     cpu = platform.processor() or platform.machine()
@@ -168,7 +213,7 @@ def write_results(path: str, rows: list[Row], rat: dict[str, Any], dtype: str) -
         pass
     machine = f"{cpu}, {os.cpu_count()} CPUs, {dtype}"
     with open(path, "w") as f:
-        f.write(render(rows, rat, machine, datetime.date.today().isoformat()))
+        f.write(render(rows, rat, machine, datetime.date.today().isoformat(), overhead))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,10 +230,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         for mode in modes:
             rows += run_server(args, system, mode, model_dir)
+    overhead = run_overhead(args, model_dir) if "fovea" in args.systems.split(",") else []
     rat = ratios(rows, modes)
     print(json.dumps({"ratios": rat}), flush=True)
     if not args.no_results:
-        write_results(args.results, rows, rat, args.dtype)
+        write_results(args.results, rows, rat, args.dtype, overhead)
 
 
 if __name__ == "__main__":
