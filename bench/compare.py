@@ -158,7 +158,7 @@ def run_overhead(args: argparse.Namespace, model_dir: str) -> list[Row]:
     rows = []
     for n in args.overhead_threads:
         cmd = [sys.executable, "-m", "fovea.bench.step_overhead", "--model", model_dir,
-               "--batch", "16", "--steps", "128", "--cpu-threads", str(n),
+               "--batch", "16", "--steps", "128", "--rounds", "9", "--cpu-threads", str(n),
                "--port", str(args.port)]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         res = json.loads(out.stdout.strip().splitlines()[-1]) | {"requested_threads": n}
