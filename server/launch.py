@@ -37,6 +37,7 @@ from fovea.common.model_config import (
 )
 from fovea.common.process import configure_logging
 from fovea.server.sd_notify import Notifier
+from fovea.worker.cpu_malloc import worker_preload
 
 log = logging.getLogger("fovea.launcher")
 
@@ -133,9 +134,18 @@ class ProcessGroup:
             ]
             if self.with_http:
                 targets.append(("http", _run_http, common))
+        # A spawned child inherits this process's environment as it is at start().
+        preload = worker_preload(self.args.device, os.environ)
         for role, fn, fn_args in targets:
             proc = spawn.Process(target=fn, args=fn_args, name=f"fovea-{role}")
-            proc.start()
+            if preload and role.startswith("worker"):
+                os.environ["LD_PRELOAD"] = preload
+                try:
+                    proc.start()
+                finally:
+                    del os.environ["LD_PRELOAD"]
+            else:
+                proc.start()
             self.procs[role] = proc
 
     @property

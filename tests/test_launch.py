@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,6 +125,35 @@ def test_front_end_yields_the_cpus_to_a_cpu_worker(tiny_llama: Path, tmp_path: P
         "fovea-scheduler": {base},
         "fovea-tokenizer": {front},
         "fovea-http": {front},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("LD_PRELOAD" in os.environ, reason="the user's LD_PRELOAD is kept as it is")
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="builds a stand-in library with gcc")
+def test_only_a_cpu_worker_is_started_with_the_allocator(tiny_llama: Path, tmp_path: Path) -> None:
+    # A stand-in for tcmalloc: a library that does nothing, so what is checked is only which
+    # processes the launcher preloads it into.
+    lib = tmp_path / "libstandin.so"
+    (tmp_path / "standin.c").write_text("int fovea_standin(void) { return 7; }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(tmp_path / "standin.c")],
+                   check=True)  # fmt: skip
+    srv = Server(
+        tiny_llama, "--device", "cpu", log_path=tmp_path / "log", env={"FOVEA_TCMALLOC": str(lib)}
+    ).wait_ready()
+    try:
+        loaded = {
+            Path(f"/proc/{p}/comm").read_text().strip(): str(lib)
+            in Path(f"/proc/{p}/maps").read_text()
+            for p in role_children(srv.proc.pid)
+        }
+    finally:
+        srv.stop()
+    assert loaded == {
+        "fovea-worker0": True,
+        "fovea-scheduler": False,
+        "fovea-tokenizer": False,
+        "fovea-http": False,
     }
 
 

@@ -1,6 +1,15 @@
-"""glibc malloc settings for a CPU worker: keep freed activation memory for the next step.
+"""The CPU worker's allocator: tcmalloc preloaded where it is installed, else glibc malloc set to
+keep freed activation memory for the next step.
 
-A step's activations are megabytes (a 2,000-token prefill's gate/up rows are 12 MB in bf16, a
+tcmalloc: the launcher starts a worker that will compute on CPU with tcmalloc in LD_PRELOAD
+(as vLLM's CPU build does with its bundled copy), unless the user set LD_PRELOAD
+($FOVEA_TCMALLOC names a library elsewhere; set empty, it keeps glibc). On the
+2-vCPU test machine it made the bare model step 5-7% faster than glibc with the settings
+below (sibling processes, alternated: batch 1 0.93, batch 16 0.948) and a single stream's
+inter-token latency 7% lower (0.928, 10 interleaved rounds); in the HTTP, tokenizer and
+scheduler processes it changed nothing (0.9985), so they keep glibc.
+
+glibc: a step's activations are megabytes (a 2,000-token prefill's gate/up rows are 12 MB in bf16, a
 decode step's float32 logits 6 MB at 32 rows). glibc serves blocks above its mmap threshold
 (dynamic, from 128 KiB) with fresh mappings and unmaps them when freed, and trims the heap's
 free top above twice that: each step then page-faults its activations in again. With the
@@ -17,7 +26,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import logging
+import os
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +37,58 @@ M_TRIM_THRESHOLD = -1  # mallopt parameters, <malloc.h>
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD = 1 << 30
+
+
+TCMALLOC_GLOBS = (  # Debian/Ubuntu (libtcmalloc-minimal4, libgoogle-perftools4), RHEL
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+    "/usr/lib64/libtcmalloc_minimal.so.4",
+    "/usr/lib64/libtcmalloc*.so*",
+)
+
+
+def find_tcmalloc(environ: Mapping[str, str] = os.environ) -> str | None:
+    """$FOVEA_TCMALLOC if set (a library elsewhere, e.g. conda's; empty: none), else the first
+    of TCMALLOC_GLOBS installed."""
+    if "FOVEA_TCMALLOC" in environ:
+        return environ["FOVEA_TCMALLOC"] or None
+    for pattern in TCMALLOC_GLOBS:
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+NVIDIA_CONTROL_NODE = "/dev/nvidiactl"  # present wherever the NVIDIA driver can serve CUDA
+
+
+def computes_on_cpu(device: str, environ: Mapping[str, str]) -> bool:
+    """Whether a worker given `--device device` will compute on CPU, decided without importing
+    torch (the launcher's start-up): CUDA needs the NVIDIA device nodes, and an empty
+    CUDA_VISIBLE_DEVICES hides every GPU. A wrong guess only costs the allocator's speed."""
+    if device != "auto":
+        return device == "cpu"
+    if environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return True
+    return not os.path.exists(NVIDIA_CONTROL_NODE)
+
+
+def worker_preload(device: str, environ: Mapping[str, str]) -> str | None:
+    """The LD_PRELOAD to start a worker with: tcmalloc for a CPU worker where it is installed;
+    None where the user set LD_PRELOAD (theirs is kept as it is) or for a GPU worker."""
+    if "LD_PRELOAD" in environ or not computes_on_cpu(device, environ):
+        return None
+    return find_tcmalloc(environ)
+
+
+def allocator_name() -> str:
+    """"tcmalloc" when this process has it loaded, else "glibc" (for the start-up log line)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "tcmalloc" if "libtcmalloc" in f.read() else "glibc"
+    except OSError:
+        return "glibc"
 
 
 def keep_freed_memory() -> bool:

@@ -27,7 +27,7 @@ from fovea.common.messages import (
 )
 from fovea.common.model_config import ModelInfo
 from fovea.common.process import report_ready, setup_process
-from fovea.worker.cpu_malloc import keep_freed_memory
+from fovea.worker.cpu_malloc import allocator_name, keep_freed_memory
 from fovea.worker.cpu_threads import set_cpu_threads
 from fovea.worker.distributed import destroy_distributed, init_distributed
 from fovea.worker.model_runner import ModelRunner, pick_device
@@ -60,10 +60,10 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
     plans: Receiver[ToWorker] = Receiver(ctx, addrs.worker_plan, ToWorker, bind=False, sub=True)
     results = Sender(ctx, addrs.worker_result, bind=False)
     log.info(
-        "role=worker rank=%d pid=%d device=%s dtype=%s threads=%s kv_pool=%d slots "
+        "role=worker rank=%d pid=%d device=%s dtype=%s threads=%s malloc=%s kv_pool=%d slots "
         "(%.0f MiB, %.0f resident) sockets: sub %s, push %s",
         rank, os.getpid(), runner.device, str(runner.dtype).removeprefix("torch."),
-        threads or "-", runner.num_slots, runner.pool.nbytes() / 2**20,
+        threads or "-", allocator_name(), runner.num_slots, runner.pool.nbytes() / 2**20,
         runner.pool.committed_bytes() / 2**20, addrs.worker_plan,
         addrs.worker_result,
     )  # fmt: skip
