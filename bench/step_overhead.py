@@ -153,9 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "fovea.bench.step_overhead"]
         os.execve(sys.executable, [*cmd, *(sys.argv[1:] if argv is None else argv)], env)
     server_env = dict(os.environ)
-    if server_env.get(_PRELOADED) == server_env.get("LD_PRELOAD"):
-        server_env.pop(_PRELOADED, None)
-        server_env.pop("LD_PRELOAD", None)
+    if _PRELOADED in server_env and server_env[_PRELOADED] == server_env.get("LD_PRELOAD"):
+        del server_env[_PRELOADED], server_env["LD_PRELOAD"]
     from fovea.server.builtin_models import resolve_model_path
 
     path = resolve_model_path(args.model)

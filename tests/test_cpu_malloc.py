@@ -62,8 +62,8 @@ def test_an_8_mib_block_comes_from_the_heap_once_tuned() -> None:
         ("cpu", {"LD_PRELOAD": "/opt/mine.so"}, False, None),  # the user's own: kept as it is
         ("cpu", {"LD_PRELOAD": ""}, False, None),
         ("cpu", {"FOVEA_TCMALLOC": ""}, False, None),  # opted out
-        ("cpu", {"FOVEA_TCMALLOC": "/conda/lib/libtcmalloc.so.4"}, False,
-         "/conda/lib/libtcmalloc.so.4"),
+        ("cpu", {"FOVEA_TCMALLOC": "{tmp}/libtcmalloc.so.4"}, False, "{tmp}/libtcmalloc.so.4"),
+        ("cpu", {"FOVEA_TCMALLOC": "{tmp}/missing.so"}, False, None),  # logged, glibc kept
     ],
 )  # fmt: skip
 def test_which_workers_get_tcmalloc(
@@ -74,6 +74,9 @@ def test_which_workers_get_tcmalloc(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    (tmp_path / "libtcmalloc.so.4").touch()
+    environ = {k: v.format(tmp=tmp_path) for k, v in environ.items()}
+    expected = expected.format(tmp=tmp_path) if expected else None
     node = tmp_path / "nvidiactl"
     if gpu_node:
         node.touch()
@@ -100,3 +103,14 @@ def test_allocator_name_reads_what_the_process_loaded() -> None:
     env["LD_PRELOAD"] = tcmalloc
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "tcmalloc"
+
+
+def test_a_missing_fovea_tcmalloc_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = str(tmp_path / "nope.so")
+    with caplog.at_level("WARNING", logger="fovea.worker.cpu_malloc"):
+        assert cpu_malloc.find_tcmalloc({"FOVEA_TCMALLOC": missing}) is None
+    assert caplog.messages == [
+        f"FOVEA_TCMALLOC={missing} is not a file: the CPU worker keeps glibc malloc"
+    ]

@@ -9,14 +9,14 @@ below (sibling processes, alternated: batch 1 0.93, batch 16 0.948) and a single
 inter-token latency 7% lower (0.928, 10 interleaved rounds); in the HTTP, tokenizer and
 scheduler processes it changed nothing (0.9985), so they keep glibc.
 
-glibc: a step's activations are megabytes (a 2,000-token prefill's gate/up rows are 12 MB in bf16, a
-decode step's float32 logits 6 MB at 32 rows). glibc serves blocks above its mmap threshold
-(dynamic, from 128 KiB) with fresh mappings and unmaps them when freed, and trims the heap's
-free top above twice that: each step then page-faults its activations in again. With the
+glibc: a step's activations are megabytes (a 2,000-token prefill's gate/up rows are 12 MB in
+bf16, a decode step's float32 logits 6 MB at 32 rows). glibc serves blocks above its mmap
+threshold (dynamic, from 128 KiB) with fresh mappings and unmaps them when freed, and trims the
+heap's free top above twice that: each step then page-faults its activations in again. With the
 threshold at glibc's maximum and the trim threshold high, freed blocks stay in the heap. A
 2,000-token bf16 prefill (bare model, 2 threads): 400 -> 316 us a token, as fast as with
-tcmalloc preloaded. Resident memory grows by at most the largest step's activations, which
-the next step of that size needs again.
+tcmalloc preloaded. Resident memory grows by at most the largest step's activations, which the
+next step of that size needs again.
 
 Only glibc is tuned; with another allocator preloaded (tcmalloc) the calls reach glibc's unused
 one and change nothing.
@@ -52,7 +52,11 @@ def find_tcmalloc(environ: Mapping[str, str] = os.environ) -> str | None:
     """$FOVEA_TCMALLOC if set (a library elsewhere, e.g. conda's; empty: none), else the first
     of TCMALLOC_GLOBS installed."""
     if "FOVEA_TCMALLOC" in environ:
-        return environ["FOVEA_TCMALLOC"] or None
+        path = environ["FOVEA_TCMALLOC"]
+        if path and not os.path.isfile(path):
+            log.warning("FOVEA_TCMALLOC=%s is not a file: the CPU worker keeps glibc malloc", path)
+            return None
+        return path or None
     for pattern in TCMALLOC_GLOBS:
         hits = sorted(glob.glob(pattern))
         if hits:
