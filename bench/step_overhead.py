@@ -139,10 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         "between steps. Metrics cost a little per token, so the headline ratio is without.",
     )
     args = p.parse_args(argv)
-    if args.cpu_threads < 0:
-        p.error(f"--cpu-threads must be >= 0, got {args.cpu_threads}")
     # The first 3 bare steps and 5 gaps of each stream are left out of the medians.
-    for flag, least in (("batch", 1), ("prompt_len", 1), ("steps", 8), ("rounds", 1)):
+    least_of = (("cpu_threads", 0), ("batch", 1), ("prompt_len", 1), ("steps", 8), ("rounds", 1))
+    for flag, least in least_of:
         if getattr(args, flag) < least:
             p.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     preload = worker_preload("auto", os.environ)
