@@ -81,6 +81,13 @@ class ServerArgs:
         "prompt take a whole step's budget); -1 disables chunking.",
     )
     max_prefill_tokens: int = _opt(2048, "Token budget of one step (prefill plus decode).")
+    prefill_batch_tokens: int = _opt(
+        0,
+        "A step takes no further prompt once its prompt tokens reach this (the prompt that "
+        "crosses it keeps its whole chunk). 0: auto, 32 on CPU (where each prompt batched "
+        "into a step delays the others' first token by its own compute time), "
+        "--max-prefill-tokens on GPUs.",
+    )
     max_running_requests: int = _opt(128, "Most sequences decoding at once.")
     cpu_threads: int = _opt(
         0,
@@ -245,6 +252,8 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--chunked-prefill-size must be -1 or >= 1, got {a.chunked_prefill_size}"
     if a.max_prefill_tokens < 1:
         return f"--max-prefill-tokens must be >= 1, got {a.max_prefill_tokens}"
+    if a.prefill_batch_tokens < 0:
+        return f"--prefill-batch-tokens must be >= 0, got {a.prefill_batch_tokens}"
     if a.cpu_threads < 0:
         return f"--cpu-threads must be >= 0, got {a.cpu_threads}"
     if a.attention_backend == "cpu_paged" and a.device == "cuda":

@@ -202,6 +202,7 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     rank: int
     num_slots: int  # KV slots in the pool (same on every rank)
     max_seqs: int  # rows in the worker's request table
+    device: str  # torch device type the rank computes on: "cpu", "cuda"
     # Images whose cross-attention K/V the rank can hold at once (Mllama); 0: no such state.
     cross_image_slots: int = 0
 

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import zmq
 
@@ -50,13 +50,16 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
     results: Receiver[FromWorker] = Receiver(ctx, addrs.worker_result, FromWorker, bind=True)
     to_tokenizer = Sender(ctx, addrs.tokenizer_in, bind=False)
     to_server = Sender(ctx, addrs.server_in, bind=False)
-    num_slots, max_seqs, image_slots = handshake(plans, results, args.tp_size, log)
-    core = Scheduler(SchedulerConfig.from_args(args, model, max_seqs, image_slots), num_slots)
+    limits = handshake(plans, results, args.tp_size, log)
+    config = SchedulerConfig.from_args(
+        args, model, limits.max_seqs, limits.device, limits.cross_image_slots
+    )
+    core = Scheduler(config, limits.num_slots)
     log.info(
-        "role=scheduler pid=%d slots=%d page_size=%d max_running=%d image_slots=%d sockets: "
-        "in=%s plan=%s result=%s tokenizer=%s server=%s",
-        os.getpid(), core.total_slots, args.page_size, core.config.max_running_requests,
-        image_slots,
+        "role=scheduler pid=%d slots=%d page_size=%d max_running=%d prefill_batch=%d "
+        "image_slots=%d sockets: in=%s plan=%s result=%s tokenizer=%s server=%s",
+        os.getpid(), core.total_slots, args.page_size, config.max_running_requests,
+        config.prefill_batch_tokens, limits.cross_image_slots,
         addrs.scheduler_in, addrs.worker_plan, addrs.worker_result, addrs.tokenizer_in,
         addrs.server_in,
     )  # fmt: skip
@@ -138,11 +141,19 @@ class MetricsPublisher:
         m.image_cache_hit_rate.set(1 - core.images_encoded / max(1, core.images_received))
 
 
+class RankLimits(NamedTuple):
+    """What every rank can hold (the smallest over the ranks) and computes on."""
+
+    num_slots: int
+    max_seqs: int
+    cross_image_slots: int
+    device: str  # torch device type, the same on every rank
+
+
 def handshake(
     plans: Sender, results: Receiver[FromWorker], tp_size: int, log: logging.Logger
-) -> tuple[int, int, int]:
-    """Ping until every rank answered (PUB/SUB drops what is sent before a subscriber joins).
-    Returns the smallest (num_slots, max_seqs, cross_image_slots) over the ranks."""
+) -> RankLimits:
+    """Ping until every rank answered (PUB/SUB drops what is sent before a subscriber joins)."""
     nonce = int.from_bytes(os.urandom(4), "little")
     ready: dict[int, WorkerReady] = {}
     while len(ready) < tp_size:
@@ -154,10 +165,11 @@ def handshake(
                 fail(msg, log)
             if isinstance(msg, WorkerReady) and msg.nonce == nonce:
                 ready[msg.rank] = msg
-    return (
+    return RankLimits(
         min(r.num_slots for r in ready.values()),
         min(r.max_seqs for r in ready.values()),
         min(r.cross_image_slots for r in ready.values()),
+        ready[0].device,
     )
 
 

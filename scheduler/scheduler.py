@@ -191,8 +191,9 @@ class Scheduler:
     def schedule(self) -> StepPlan | None:
         """Plan the next forward pass; None when there is nothing to compute."""
         decodes = sum(1 for s in self.running if s.pending == 1)
+        cfg = self.config
         budget = StepBudget(
-            self.config.max_prefill_tokens - decodes, self.config.chunked_prefill_size
+            cfg.max_prefill_tokens - decodes, cfg.chunked_prefill_size, cfg.prefill_batch_tokens
         )
         retractions = self.num_retractions
         self._schedule_running(budget)

@@ -40,6 +40,10 @@ def test_help_lists_flags() -> None:
         (["--model-path", "/nonexistent/model"], "/nonexistent/model"),
         (["--model-path", "x", "--tp-size", "0"], "--tp-size must be >= 1"),
         (["--model-path", "x", "--dtype", "int3"], "invalid choice"),
+        (
+            ["--model-path", "x", "--prefill-batch-tokens", "-1"],
+            "--prefill-batch-tokens must be >= 0, got -1",
+        ),
         ([], "--model-path is required"),
     ],
 )

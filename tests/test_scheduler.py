@@ -95,6 +95,36 @@ def test_step_budget_counts_decodes_and_splits_chunks() -> None:
     assert_idle_invariant(sched)
 
 
+def test_prefill_batch_target_stops_taking_prompts() -> None:
+    sched, worker = make(prefill_batch_tokens=4)
+    for rid, tok in (("a", 5), ("b", 6), ("c", 7)):
+        sched.handle(req(rid, [tok] * 3, max_new=2))
+    run_to_idle(sched, worker)
+    assert [p.chunks for p in worker.plans[:2]] == [
+        # a's 3 tokens are under the target, so b comes too and crosses it; c waits.
+        [ScheduledChunk("a#0", [1, 2, 3], True), ScheduledChunk("b#0", [4, 5, 6], True)],
+        [
+            ScheduledChunk("a#0", [7], True),
+            ScheduledChunk("b#0", [8], True),
+            ScheduledChunk("c#0", [9, 10, 11], True),
+        ],
+    ]
+    assert_idle_invariant(sched)
+
+
+def test_prefill_batch_target_holds_a_later_chunk_back() -> None:
+    sched, worker = make(chunked_prefill_size=8, prefill_batch_tokens=4)
+    sched.handle(req("a", [5] * 10, max_new=1))
+    sched.handle(req("b", [3, 3], max_new=1))
+    run_to_idle(sched, worker)
+    assert [p.chunks for p in worker.plans[:2]] == [
+        # a's first chunk crosses the target alone (it keeps all 8 tokens).
+        [ScheduledChunk("a#0", list(range(1, 9)), False)],
+        [ScheduledChunk("a#0", [9, 10], True), ScheduledChunk("b#0", [11, 12], True)],
+    ]
+    assert_idle_invariant(sched)
+
+
 def test_no_chunking_admits_an_oversized_prompt_alone() -> None:
     sched, worker = make(chunked_prefill_size=-1, max_prefill_tokens=4)
     sched.handle(req("a", list(range(40, 50)), max_new=2))

@@ -71,7 +71,7 @@ def test_scheduler_process_round_trip_and_worker_failure() -> None:
             assert isinstance(ping, SyncPing)
             # The pool is the smallest over the ranks.
             slots = 24 if rank == 1 else 32
-            results.send(WorkerReady(nonce=ping.nonce, rank=rank, num_slots=slots, max_seqs=8))
+            results.send(WorkerReady(nonce=ping.nonce, rank=rank, num_slots=slots, max_seqs=8, device="cpu"))
         ready = launcher.recv(timeout_ms=TIMEOUT_MS)
         assert isinstance(ready, ProcessReady)
         assert (ready.role, ready.info) == ("scheduler", {"total_slots": "24"})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fake_worker import assert_idle_invariant, make, run_to_idle
 
-from fovea.common.config import ServerArgs
+from fovea.common.config import ServerArgs, parse_args
 from fovea.common.messages import ImageInput, ScheduledChunk, TokenizedRequest
 from fovea.common.model_config import ModelInfo
 from fovea.common.sampling import SamplingParams
@@ -149,6 +149,22 @@ def test_config_from_args_knows_which_models_need_whole_images() -> None:
             eos_token_ids=[],
         )  # fmt: skip
 
-    gemma = SchedulerConfig.from_args(args, info("Gemma3ForConditionalGeneration"), 8)
-    qwen = SchedulerConfig.from_args(args, info("Qwen2VLForConditionalGeneration"), 8)
+    gemma = SchedulerConfig.from_args(args, info("Gemma3ForConditionalGeneration"), 8, "cuda")
+    qwen = SchedulerConfig.from_args(args, info("Qwen2VLForConditionalGeneration"), 8, "cuda")
     assert gemma.whole_images and not qwen.whole_images
+
+
+def test_config_from_args_prefill_batch_auto_per_device() -> None:
+    model = ModelInfo(
+        path="", architecture="LlamaForCausalLM", model_type="", context_length=64,
+        vocab_size=9, eos_token_ids=[],
+    )  # fmt: skip
+
+    def target(device: str, *flags: str) -> int:
+        args = parse_args(["--model-path", "unused", *flags], env={})
+        return SchedulerConfig.from_args(args, model, 8, device).prefill_batch_tokens
+
+    assert target("cpu") == 32
+    assert target("cuda") == 2048
+    assert target("cuda", "--max-prefill-tokens", "4096") == 4096
+    assert target("cpu", "--prefill-batch-tokens", "300") == 300

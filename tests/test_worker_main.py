@@ -50,7 +50,7 @@ def _start(path: Path, ctx: zmq.Context[Any]) -> tuple[Any, Sender, Receiver[Any
         nonce += 1
         plans.send(SyncPing(nonce))
         answer = results.recv(timeout_ms=200)
-    assert answer == WorkerReady(nonce=answer.nonce, rank=0, num_slots=1000, max_seqs=4)
+    assert answer == WorkerReady(nonce=answer.nonce, rank=0, num_slots=1000, max_seqs=4, device="cpu")
     results.recv_all()  # later pings' answers
     return proc, plans, results, ready
 

@@ -77,6 +77,7 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
             rank=rank,
             num_slots=runner.num_slots,
             max_seqs=runner.max_seqs,
+            device=runner.device.type,
             cross_image_slots=runner.cross_image_slots,
         )
         results.send(ready)
