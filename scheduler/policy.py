@@ -22,9 +22,10 @@ beyond about the cost of reading the weights once (SmolLM2-135M on 2 vCPUs: a 12
 step, 0.42 ms a prompt token, so ~30 tokens), hence CPU_PREFILL_BATCH_TOKENS. Measured
 side by side there (8 clients, 1,050-token prompts): first token p50 of prefix hits (50 new
 tokens) 170 -> 89 ms, of cold prompts 1,450 -> 730 ms (no more steps of one prompt plus
-most of the next); the price is throughput while many prompts arrive at once, as decode
-batches fill one prompt a step (W1, 128 prompts 32 at a time: 0.97 and 1.005 of the tokens/s
-in two runs of 4 alternated pairs).
+most of the next). The price is throughput when prompts arrive together: they join the
+decode batch one a step, so it runs emptier. W1 (128 prompts of 200 tokens, 32 at a time):
+first token p50 1,100 -> 190 ms, tokens/s 0.94-0.98 in 5 alternated pairs (555 steps for
+the same tokens instead of 527); `--prefill-batch-tokens 2048` takes the throughput back.
 
 Models whose image tokens attend to each other in full (Gemma 3) need each image computed in
 one chunk: chunks end before an image rather than inside it, and a prefix hit that ends inside

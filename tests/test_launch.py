@@ -113,7 +113,9 @@ def test_renice_reaches_every_thread() -> None:
 
 
 @pytest.mark.slow
-def test_front_end_yields_the_cpus_to_a_cpu_worker(tiny_llama: Path, tmp_path: Path) -> None:
+def test_a_cpu_worker_sets_the_front_end_nice_and_the_prefill_batch(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
     srv = Server(tiny_llama, log_path=tmp_path / "log").wait_ready()
     try:
         nices = {
@@ -130,6 +132,8 @@ def test_front_end_yields_the_cpus_to_a_cpu_worker(tiny_llama: Path, tmp_path: P
         "fovea-tokenizer": {front},
         "fovea-http": {front},
     }
+    # The scheduler's auto batch target comes from the device the worker reported.
+    assert " prefill_batch=32 " in (tmp_path / "log").read_text()
 
 
 @pytest.mark.slow
