@@ -19,7 +19,7 @@ whole chunk, so a step always takes at least one). A prompt batched with others 
 first token only when all of them are computed. On a GPU that costs little up to thousands
 of tokens (the default is the whole budget); on a CPU a step's time grows with each token
 beyond about the cost of reading the weights once (SmolLM2-135M on 2 vCPUs: a 12 ms decode
-step, 0.42 ms a prompt token, so ~30 tokens), hence CPU_PREFILL_BATCH_TOKENS. Measured
+step, 0.3-0.4 ms a prompt token, so 30-40 tokens), hence CPU_PREFILL_BATCH_TOKENS. Measured
 side by side there (8 clients, 1,050-token prompts): first token p50 of prefix hits (50 new
 tokens) 170 -> 89 ms, of cold prompts 1,450 -> 730 ms (no more steps of one prompt plus
 most of the next). The price is throughput when prompts arrive together: they join the
