@@ -59,7 +59,7 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
         "role=scheduler pid=%d slots=%d page_size=%d max_running=%d prefill_batch=%d "
         "image_slots=%d sockets: in=%s plan=%s result=%s tokenizer=%s server=%s",
         os.getpid(), core.total_slots, args.page_size, config.max_running_requests,
-        config.prefill_batch_tokens, limits.cross_image_slots,
+        config.batch_target, limits.cross_image_slots,
         addrs.scheduler_in, addrs.worker_plan, addrs.worker_result, addrs.tokenizer_in,
         addrs.server_in,
     )  # fmt: skip

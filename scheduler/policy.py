@@ -53,7 +53,7 @@ class SchedulerConfig:
     page_size: int = 1
     max_prefill_tokens: int = 2048
     chunked_prefill_size: int = 2048
-    prefill_batch_tokens: int = 2048
+    prefill_batch_tokens: int | None = None  # None: no target within max_prefill_tokens
     max_running_requests: int = 128
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
@@ -69,7 +69,7 @@ class SchedulerConfig:
         """`max_seqs`: rows in the workers' request table, a hard cap on running sequences;
         `device`: the workers' device type; `cross_image_slots`: the smallest image pool of
         the ranks."""
-        auto_batch = CPU_PREFILL_BATCH_TOKENS if device == "cpu" else args.max_prefill_tokens
+        auto_batch = CPU_PREFILL_BATCH_TOKENS if device == "cpu" else None
         return SchedulerConfig(
             context_length=model.context_length,
             eos_token_ids=tuple(model.eos_token_ids),
@@ -83,6 +83,11 @@ class SchedulerConfig:
             whole_images=images_attend_bidirectionally(model.architecture),
             cross_image_slots=cross_image_slots,
         )
+
+    @property
+    def batch_target(self) -> int:
+        """Prompt tokens after which a step takes no further prompt."""
+        return self.prefill_batch_tokens or self.max_prefill_tokens
 
 
 def admission_order(waiting: list[Sequence], policy: str, cache: RadixCache) -> list[Sequence]:
@@ -106,7 +111,7 @@ def decode_reserve(num_running: int, page_size: int) -> int:
 class StepBudget:
     tokens_left: int  # max_prefill_tokens minus the tokens already scheduled this step
     chunk_cap: int  # chunked_prefill_size; -1: no chunking
-    batch_target: int  # prefill_batch_tokens
+    batch_target: int  # SchedulerConfig.batch_target
     prefill_tokens: int = 0  # prompt tokens scheduled this step (decode tokens not counted)
 
     @property

@@ -193,7 +193,7 @@ class Scheduler:
         decodes = sum(1 for s in self.running if s.pending == 1)
         cfg = self.config
         budget = StepBudget(
-            cfg.max_prefill_tokens - decodes, cfg.chunked_prefill_size, cfg.prefill_batch_tokens
+            cfg.max_prefill_tokens - decodes, cfg.chunked_prefill_size, cfg.batch_target
         )
         retractions = self.num_retractions
         self._schedule_running(budget)

@@ -162,7 +162,7 @@ def test_config_from_args_prefill_batch_auto_per_device() -> None:
 
     def target(device: str, *flags: str) -> int:
         args = parse_args(["--model-path", "unused", *flags], env={})
-        return SchedulerConfig.from_args(args, model, 8, device).prefill_batch_tokens
+        return SchedulerConfig.from_args(args, model, 8, device).batch_target
 
     assert target("cpu") == 32
     assert target("cuda") == 2048
