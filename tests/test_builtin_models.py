@@ -1,5 +1,6 @@
 """resolve_model_path: directories pass through, the SmolLM2 alias converts once (locked, atomic),
-anything else fails with one clear line. The real conversion tests are slow (~40 s)."""
+anything else that is not a hub id (test_model_source.py) fails with one clear line. The real
+conversion tests are slow (~40 s)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from fovea.server import builtin_models
-from fovea.server.builtin_models import ModelPathError, resolve_model_path
+from fovea.server.builtin_models import resolve_model_path
+from fovea.server.model_source import ModelPathError
 
 
 def test_existing_directory_is_returned_unchanged(tmp_path: Path) -> None:
@@ -24,8 +26,8 @@ def test_unknown_alias_names_the_builtin(tmp_path: Path) -> None:
     with pytest.raises(ModelPathError) as e:
         resolve_model_path(missing)
     assert str(e.value) == (
-        f"model path {missing!r} is not a directory and not a built-in alias "
-        "(SmolLM2-135M-Instruct)"
+        f"model path {missing!r} is neither a directory, a built-in alias "
+        "(SmolLM2-135M-Instruct) nor a hub id (org/name)"
     )
 
 
