@@ -216,6 +216,10 @@ class StepResult(msgspec.Struct, tag=True, gc=False):
     logprobs: list[TokenLogprobs | None]
     forward_s: float
     images_encoded: int = 0  # vision-encoder runs this step (cache misses)
+    # Per chunk of a sequence computing prompt logprobs, by key: the entries of the prompt
+    # positions after those it computed: a chunk of tokens [start, end) gives the entries of
+    # prompt tokens start+1 .. min(end, num_prompt - 1), in order (possibly none).
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
 
 
 class WorkerAlive(msgspec.Struct, tag=True):
@@ -245,6 +249,9 @@ class SeqOutput(msgspec.Struct, array_like=True, gc=False):
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    # SamplingParams.prompt_logprobs, on a sequence's first output only: entry i for prompt
+    # token i (entry 0 None), length == prompt_tokens.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class TokenBatch(msgspec.Struct, tag=True, gc=False):
@@ -278,6 +285,9 @@ class TextDelta(msgspec.Struct, array_like=True, gc=False):
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    # SamplingParams.prompt_logprobs, on the first delta of each index (the same list for
+    # every index): entry i for prompt token i (entry 0 None), length == prompt_tokens.
+    prompt_logprobs: list[TextLogprob | None] | None = None
 
 
 class DeltaBatch(msgspec.Struct, tag=True, gc=False):

@@ -39,6 +39,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     repetition_penalty: float = 1.0
     logprobs: bool = False
     top_logprobs: int = 0
+    # Also the logprob (and top `top_logprobs`) of each prompt token i >= 1 given tokens < i.
+    prompt_logprobs: bool = False
     skip_special_tokens: bool = True
     n: int = 1
     logit_bias: dict[int, float] = {}  # token id -> added to its logit before sampling

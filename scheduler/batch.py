@@ -37,7 +37,7 @@ class PlanBuilder:
                     key=seq.key,
                     input_ids=seq.token_ids,
                     num_prompt_tokens=len(seq.prompt_ids),
-                    sampling=seq.sampling,
+                    sampling=seq.worker_sampling,
                     prefix_slots=seq.slots[: seq.prefix_len],
                     images=seq.images,
                 )

@@ -96,7 +96,7 @@ def admission_order(waiting: list[Sequence], policy: str, cache: RadixCache) -> 
     retracted = [s for s in waiting if s.retracted]
     fresh = sorted((s for s in waiting if not s.retracted), key=lambda s: s.arrival)
     if policy == "lpm" and len(waiting) >= LPM_MIN_WAITING and not cache.disabled:
-        hit = {s.key: len(cache.match_prefix(s.cache_key[:-1])[0]) for s in fresh}
+        hit = {s.key: len(cache.match_prefix(s.match_key)[0]) for s in fresh}
         fresh.sort(key=lambda s: -hit[s.key])  # stable: ties stay in arrival order
     return retracted + fresh
 

@@ -8,6 +8,13 @@ locked `node`'s path), the rest to the sequence.
 The radix key of a sequence is its token ids with each image's placeholder tokens replaced by
 values derived from the image's content hash (`image_key_values`): the same image gives the
 same key, so a prefix hit can cover it; a different image with the same text cannot.
+
+Prompt logprobs (SamplingParams.prompt_logprobs): until its first output token, a sequence
+collects `prompt_logprobs` (entry i for prompt token i, entry 0 None) chunk by chunk from the
+workers. Invariant while RUNNING, once a step's result is in: len(prompt_logprobs) ==
+min(num_computed + 1, len(prompt_ids)). A prefix hit skips the logits of its positions, so it
+may cover only positions whose entries are known (`match_key`): none at the first admission;
+after a retraction, up to what was collected (the rest is cut off and recomputed).
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from fovea.common.messages import ImageInput, seq_key
+import msgspec
+
+from fovea.common.messages import ImageInput, TokenLogprobs, seq_key
 from fovea.common.sampling import SamplingParams
 from fovea.scheduler.radix_cache import RadixNode
 
@@ -69,6 +78,8 @@ class Sequence:
     retracted: bool = False  # waiting again after a retraction: admitted before the others
     sent: bool = False  # the workers hold it (a NewSequence went out since the last drop)
     finish_reason: str | None = None
+    # Collected while `computing_prompt_logprobs`; handed to the first output, then emptied.
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list, repr=False)
     prompt_key: list[int] = field(init=False, repr=False)  # radix key of prompt_ids
 
     def __post_init__(self) -> None:
@@ -92,6 +103,34 @@ class Sequence:
     def cache_key(self) -> list[int]:
         """The radix key of `token_ids` (image placeholders replaced by hash values)."""
         return self.prompt_key + self.output_ids
+
+    @property
+    def computing_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are wanted and not yet delivered (no output token yet)."""
+        return self.sampling.prompt_logprobs and not self.output_ids
+
+    @property
+    def match_key(self) -> list[int]:
+        """What a prefix hit may cover: all but the last known token (whose logits give the
+        next one); while computing prompt logprobs, only positions whose entries are known."""
+        if self.computing_prompt_logprobs:
+            return self.cache_key[: max(0, len(self.prompt_logprobs) - 1)]
+        return self.cache_key[:-1]
+
+    def take_prompt_logprobs(self) -> list[TokenLogprobs | None] | None:
+        """For the first output: the collected prompt logprobs (None when not computing them);
+        the sequence keeps none."""
+        entries = self.prompt_logprobs if self.computing_prompt_logprobs else None
+        self.prompt_logprobs = []
+        return entries
+
+    @property
+    def worker_sampling(self) -> SamplingParams:
+        """The params the workers get: prompt_logprobs off once they were delivered (a
+        re-admission after a retraction must not compute them again)."""
+        if self.sampling.prompt_logprobs and not self.computing_prompt_logprobs:
+            return msgspec.structs.replace(self.sampling, prompt_logprobs=False)
+        return self.sampling
 
     @property
     def num_tokens(self) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ from fovea.common.messages import (
     TokenLogprobs,
     ToScheduler,
 )
+from fovea.scheduler.abort_memory import ABORT_MEMORY_S, AbortMemory
 from fovea.scheduler.batch import PlanBuilder
 from fovea.scheduler.cross_images import CrossImageSlots, salted_key
 from fovea.scheduler.kv_allocator import KVAllocator
@@ -47,8 +47,7 @@ from fovea.scheduler.request import SeqStatus, Sequence
 
 log = logging.getLogger("fovea.scheduler")
 
-ABORT_MEMORY_S = 60.0  # how long an abort for a not-yet-seen request is remembered
-ABORT_MEMORY_MAX = 10_000
+__all__ = ["ABORT_MEMORY_S", "Scheduler"]
 
 
 class Scheduler:
@@ -71,8 +70,7 @@ class Scheduler:
         # Outboxes, emptied by the process loop after each round.
         self.outputs: list[SeqOutput] = []  # -> tokenizer service, one TokenBatch per round
         self.to_server: list[RequestError | SchedulerStats] = []
-        self._clock = clock
-        self._aborted: OrderedDict[tuple[str, int | None], float] = OrderedDict()
+        self._aborted = AbortMemory(clock)  # aborts of sequences not seen yet
         self._arrivals = 0
         self._admissions = 0
         self.num_retractions = 0
@@ -101,7 +99,7 @@ class Scheduler:
     # ------------------------------------------------------------------ messages in
 
     def add_request(self, req: TokenizedRequest) -> None:
-        if self._was_aborted(req.rid, req.index):
+        if self._aborted.holds(req.rid, req.index):
             n = len(req.input_ids)
             self.outputs.append(SeqOutput(req.rid, req.index, [], None, "abort", None, n, 0, 0))
             return
@@ -152,7 +150,7 @@ class Scheduler:
         ]
         if msg.reason != "stop" and (not targets or msg.index is None):
             # Sequences of this rid may still be on their way from the tokenizer.
-            self._remember_abort(msg.rid, msg.index)
+            self._aborted.remember(msg.rid, msg.index)
         for seq in targets:
             if seq.status is SeqStatus.RUNNING:
                 self._release(seq)
@@ -257,7 +255,7 @@ class Scheduler:
         if self.cross_images is not None and not self.cross_images.fits(seq):
             return False  # its images' cross-attention state waits for free image slots
         # At least the last known token is computed, to get the logits of the next one.
-        prefix_slots, node = self.cache.match_prefix(seq.cache_key[:-1])
+        prefix_slots, node = self.cache.match_prefix(seq.match_key)
         whole = self.config.whole_images and bool(seq.images)
         if whole:  # a hit ending inside an image is cut back to the image's start
             cut = whole_image_prefix(seq.images, len(prefix_slots), alloc.page_size)
@@ -300,6 +298,8 @@ class Scheduler:
         seq.admitted_at = self._admissions
         self._admissions += 1
         seq.retracted = False
+        if seq.computing_prompt_logprobs:  # entries past the hit are computed again
+            seq.prompt_logprobs = (seq.prompt_logprobs or [None])[: prefix_len + 1]
         if seq.cached_tokens is None:
             seq.cached_tokens = prefix_len
             self.cache_hit_tokens += prefix_len
@@ -310,16 +310,21 @@ class Scheduler:
     # ------------------------------------------------------------------ results
 
     def process_result(self, result: StepResult) -> None:
-        """Append each sampled token, check stop conditions, emit one SeqOutput per token."""
+        """Append each sampled token, check stop conditions, emit one SeqOutput per token;
+        the first output of a sequence computing prompt logprobs carries them all."""
         self.images_encoded += result.images_encoded
+        for key, entries in result.prompt_logprobs.items():
+            if (seq := self.seqs.get(key)) is not None and seq.computing_prompt_logprobs:
+                seq.prompt_logprobs.extend(entries)  # running: retractions wait for results
         for key, token, lp in zip(result.keys, result.token_ids, result.logprobs, strict=True):
             seq = self.seqs.get(key)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue  # aborted since the plan went out
+            prompt_lps = seq.take_prompt_logprobs()
             seq.output_ids.append(token)
             self.generated_tokens += 1
             reason, matched = self._finish_reason(seq, token)
-            self.outputs.append(self._output(seq, [token], lp, reason, matched))
+            self.outputs.append(self._output(seq, [token], lp, reason, matched, prompt_lps))
             if reason is not None:
                 self._release(seq)
                 self.running.remove(seq)
@@ -379,6 +384,7 @@ class Scheduler:
         lp: TokenLogprobs | None,
         reason: str | None,
         matched: int | None,
+        prompt_lps: list[TokenLogprobs | None] | None = None,
     ) -> SeqOutput:
         return SeqOutput(
             seq.rid,
@@ -390,25 +396,9 @@ class Scheduler:
             len(seq.prompt_ids),
             seq.cached_tokens or 0,
             len(seq.output_ids),
+            prompt_lps,
         )
 
     def _reject(self, rid: str, message: str) -> None:
         log.warning("%s", message)
         self.to_server.append(RequestError(rid=rid, message=message, status=400))
-
-    def _remember_abort(self, rid: str, index: int | None) -> None:
-        now = self._clock()
-        while self._aborted and (
-            next(iter(self._aborted.values())) <= now or len(self._aborted) >= ABORT_MEMORY_MAX
-        ):
-            self._aborted.popitem(last=False)
-        self._aborted[(rid, index)] = now + ABORT_MEMORY_S
-        self._aborted.move_to_end((rid, index))
-
-    def _was_aborted(self, rid: str, index: int) -> bool:
-        now = self._clock()
-        for k in ((rid, None), (rid, index)):
-            expiry = self._aborted.get(k)
-            if expiry is not None and expiry > now:
-                return True
-        return False

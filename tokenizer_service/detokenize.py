@@ -6,7 +6,9 @@ against its stop strings. Invariants:
 - no emitted text ends in a partial UTF-8 character (no U+FFFD for a char split across byte-level
   tokens); a partial char is emitted only by the final flush of a finished sequence;
 - no emitted text contains a stop string, and text that ends with a proper prefix of a stop
-  string is held back until it either completes the stop (then dropped) or cannot any more.
+  string is held back until it either completes the stop (then dropped) or cannot any more;
+- prompt logprobs (SamplingParams.prompt_logprobs) arrive on each index's first SeqOutput and
+  leave on its first TextDelta; the list converted for the first index is sent for every index.
 """
 
 from __future__ import annotations
@@ -102,21 +104,27 @@ def held_back_length(text: str, stops: list[str]) -> int:
 
 
 class _Seq:
-    __slots__ = ("decoder", "logprobs", "token_ids", "unsent")
+    __slots__ = ("decoder", "logprobs", "prompt_logprobs", "token_ids", "unsent")
 
     def __init__(self, decoder: IncrementalDecoder, want_logprobs: bool) -> None:
         self.decoder = decoder
         self.unsent = ""  # decoded text not yet emitted (held back, or new this step)
         self.token_ids: list[int] = []  # tokens not yet reported in a delta
         self.logprobs: list[TextLogprob] | None = [] if want_logprobs else None
+        # Received, not yet sent: goes out on the sequence's next (first) delta.
+        self.prompt_logprobs: list[TextLogprob | None] | None = None
 
 
 class _Request:
-    __slots__ = ("sampling", "seqs")
+    __slots__ = ("prompt_ids", "prompt_logprobs", "sampling", "seqs")
 
-    def __init__(self, sampling: SamplingParams, seqs: dict[int, _Seq]) -> None:
+    def __init__(
+        self, sampling: SamplingParams, seqs: dict[int, _Seq], prompt_ids: list[int] | None
+    ) -> None:
         self.sampling = sampling
         self.seqs = seqs  # live sequences only: removed when they finish
+        self.prompt_ids = prompt_ids  # kept only when prompt logprobs are wanted
+        self.prompt_logprobs: list[TextLogprob | None] | None = None  # converted once
 
 
 class Detokenized(NamedTuple):
@@ -143,7 +151,8 @@ class Detokenizer:
             i: _Seq(IncrementalDecoder(decode, context), sampling.logprobs)
             for i in range(sampling.n)
         }
-        self._requests[rid] = _Request(sampling, seqs)
+        kept = prompt_ids if sampling.prompt_logprobs else None
+        self._requests[rid] = _Request(sampling, seqs, kept)
 
     def drop(self, rid: str) -> None:
         self._requests.pop(rid, None)
@@ -180,6 +189,8 @@ class Detokenizer:
         p = req.sampling
         ids = out.new_token_ids
         base = out.completion_tokens - len(ids)  # tokens generated before this output
+        if out.prompt_logprobs is not None:
+            seq.prompt_logprobs = self._prompt_logprobs(req, out.prompt_logprobs)
         # A stop token (eos / stop_token_ids) finishes the sequence but is not part of its text.
         num_text = (
             len(ids) - 1
@@ -221,6 +232,7 @@ class Detokenizer:
         logprobs = seq.logprobs
         if logprobs is not None:
             seq.logprobs = []
+        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
         return TextDelta(
             rid=out.rid,
             index=out.index,
@@ -232,7 +244,22 @@ class Detokenizer:
             prompt_tokens=out.prompt_tokens,
             cached_tokens=out.cached_tokens,
             completion_tokens=completion_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
+
+    def _prompt_logprobs(
+        self, req: _Request, entries: list[TokenLogprobs | None]
+    ) -> list[TextLogprob | None]:
+        """The request's prompt logprobs as text: entry i for prompt token i. Converted from
+        the first index's entries; every index gets that list."""
+        if req.prompt_logprobs is None:
+            if req.prompt_ids is None:
+                raise ValueError("prompt logprobs for a request that did not ask for them")
+            req.prompt_logprobs = [
+                None if lp is None else self._text_logprob(token_id, lp)
+                for token_id, lp in zip(req.prompt_ids, entries, strict=True)
+            ]
+        return req.prompt_logprobs
 
     def _token_str(self, token_id: int) -> str:
         text = self._token_text.get(token_id)

@@ -28,6 +28,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -43,6 +44,7 @@ from fovea.worker.cross_attention import CrossAttentionState
 from fovea.worker.kv_pool import KVPool, plan_num_slots
 from fovea.worker.loader import load_model
 from fovea.worker.mm_cache import EmbeddingCache
+from fovea.worker.prompt_logprobs import PromptSpan, prompt_logprobs, prompt_span
 from fovea.worker.sampler import Sampler, SamplingRow
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,15 @@ class _Seq:
     images: list[ImageInput]
     mrope: torch.Tensor | None = None  # [3, num_prompt] M-RoPE positions of the prompt
     mrope_delta: int = 0
+
+
+class _Computed(NamedTuple):
+    """One forward over a plan's chunks."""
+
+    hidden: torch.Tensor | None  # [T, hidden] of every token of the step; None: no chunks
+    sample_idx: list[int]  # rows of the chunks with sample=True, plan order
+    sample_keys: list[str]
+    prompt_spans: list[PromptSpan]  # rows whose next prompt token's logprob is wanted
 
 
 def wants_cpu_kernels(args: ServerArgs, device: torch.device) -> bool:
@@ -207,9 +218,16 @@ class ModelRunner:
             self._admit(new)
         t0 = time.perf_counter()
         encoded = self.images_encoded
-        logits, sample_keys = self.forward(plan)
+        out = self._compute(plan)
+        sample_keys = out.sample_keys
         tokens, logprobs = self.sampler.sample(
-            logits, [self.seqs[k].row_sampling for k in sample_keys]
+            self._sample_logits(out), [self.seqs[k].row_sampling for k in sample_keys]
+        )
+        # After the sampled rows, so that every rank runs the LM head's gathers in one order.
+        prompt_lps = (
+            prompt_logprobs(self.model.compute_logits, out.hidden, out.prompt_spans, self.rank == 0)
+            if out.prompt_spans and out.hidden is not None
+            else {}
         )
         for key, token in zip(sample_keys, tokens, strict=True):
             seq = self.seqs[key]
@@ -222,6 +240,7 @@ class ModelRunner:
             logprobs,
             time.perf_counter() - t0,
             self.images_encoded - encoded,
+            prompt_lps,
         )
 
     @torch.inference_mode()
@@ -231,9 +250,25 @@ class ModelRunner:
         """Compute every chunk of `plan` (sequences already admitted). Returns float32 logits
         [n_sample, vocab] for the chunks with sample=True (plan order) and their keys; with
         every_token (tests), logits [T, vocab] for every token of the batch instead."""
-        vocab = self.model.config.vocab_size
+        out = self._compute(plan)
+        if every_token and out.hidden is not None:
+            return self.model.compute_logits(out.hidden), out.sample_keys
+        return self._sample_logits(out), out.sample_keys
+
+    def _sample_logits(self, out: _Computed) -> torch.Tensor:
+        """float32 logits [n_sample, vocab] of the rows to sample; the LM head runs on those
+        rows only."""
+        if not out.sample_idx or out.hidden is None:
+            vocab = self.model.config.vocab_size
+            return torch.empty(0, vocab, dtype=torch.float32, device=self.device)
+        picked = out.hidden[torch.tensor(out.sample_idx, device=self.device)]  # [n, hidden]
+        logits: torch.Tensor = self.model.compute_logits(picked)
+        return logits
+
+    def _compute(self, plan: StepPlan) -> _Computed:
+        """Run the model over every chunk of `plan` (sequences already admitted)."""
         if not plan.chunks:
-            return torch.empty(0, vocab, dtype=torch.float32, device=self.device), []
+            return _Computed(None, [], [], [])
         ids: list[int] = []
         index: list[int] = []  # each token's index in its sequence
         positions: list[torch.Tensor] = []  # M-RoPE only: [3, n] per chunk
@@ -242,6 +277,7 @@ class ModelRunner:
         layouts: list[ChunkLayout] = []
         sample_idx: list[int] = []
         sample_keys: list[str] = []
+        spans: list[PromptSpan] = []
         # (image, first embedding row used, batch row it goes to, rows) per image overlap
         overlaps: list[tuple[ImageInput, int, int, int]] = []
         for chunk in plan.chunks:
@@ -255,7 +291,7 @@ class ModelRunner:
                 raise RuntimeError(f"{chunk.key}: sample=True before the last known token")
             if start + n > self.context_length:
                 raise RuntimeError(f"{chunk.key}: exceeds context length {self.context_length}")
-            spans: list[tuple[int, int]] = []  # images attended in full (bidirectional)
+            full: list[tuple[int, int]] = []  # images attended in full (bidirectional)
             for img in seq.images if self.cross is None else ():
                 lo, hi = max(start, img.offset), min(start + n, img.offset + img.num_tokens)
                 if lo < hi:
@@ -263,10 +299,16 @@ class ModelRunner:
                     if self.bidirectional_images:
                         if hi - lo != img.num_tokens:
                             raise RuntimeError(f"{chunk.key}: image split across chunks")
-                        spans.append((lo, hi))
+                        full.append((lo, hi))
             if seq.mrope is not None:
                 positions.append(self._mrope_slice(seq, start, n))
-            layouts.append(ChunkLayout(seq.row, len(ids), n, start, tuple(spans)))
+            layouts.append(ChunkLayout(seq.row, len(ids), n, start, tuple(full)))
+            span = prompt_span(
+                chunk.key, seq.row_sampling.params, seq.token_ids, seq.num_prompt, start, n,
+                len(ids),
+            )  # fmt: skip
+            if span is not None:
+                spans.append(span)
             ids.extend(seq.token_ids[start : start + n])
             index.extend(range(start, start + n))
             slots.extend(chunk.new_slots)
@@ -293,12 +335,7 @@ class ModelRunner:
             hidden = self.model(ids_t, pos_t, self.attn, input_embeds=embeds)
         else:
             hidden = self.model(ids_t, pos_t, self.attn)
-        if every_token:
-            return self.model.compute_logits(hidden), sample_keys
-        if not sample_idx:
-            return hidden.new_empty(0, vocab, dtype=torch.float32), []
-        picked = hidden[torch.tensor(sample_idx, device=dev)]  # [n_sample, hidden]
-        return self.model.compute_logits(picked), sample_keys
+        return _Computed(hidden, sample_idx, sample_keys, spans)
 
     # ------------------------------------------------------------------ vision inputs
 
