@@ -52,6 +52,8 @@ class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
     input_ids: list[int] | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    # The last (assistant) message stays open: the model continues its text.
+    continue_final_message: bool = False
     # Extra variables for the chat template (e.g. enable_thinking).
     chat_template_kwargs: dict[str, Any] = {}
     images: list[ImageRef] = []
@@ -98,6 +100,8 @@ class AbortRequest(msgspec.Struct, tag=True):
 
 class StatsRequest(msgspec.Struct, tag=True):
     query_id: str
+    # Also empty the prefix cache first, if no request runs or waits (/flush_cache).
+    flush_cache: bool = False
 
 
 # ---------------------------------------------------------------- scheduler -> server
@@ -124,6 +128,7 @@ class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     # Invariant with nothing running: free_image_slots == image_slots.
     image_slots: int = 0
     free_image_slots: int = 0
+    flushed: bool = False  # the StatsRequest asked to flush the cache, and it was emptied
 
 
 class RequestError(msgspec.Struct, tag=True, kw_only=True):
@@ -286,8 +291,9 @@ class TextDelta(msgspec.Struct, array_like=True, gc=False):
     cached_tokens: int
     completion_tokens: int
     # SamplingParams.prompt_logprobs, on the first delta of each index (the same list for
-    # every index): entry i for prompt token i (entry 0 None), length == prompt_tokens.
-    prompt_logprobs: list[TextLogprob | None] | None = None
+    # every index): entry i for prompt token i, length == prompt_tokens. Entry 0 has its
+    # token's text and id but no logprob (nan) and no alternatives: nothing precedes it.
+    prompt_logprobs: list[TextLogprob] | None = None
 
 
 class DeltaBatch(msgspec.Struct, tag=True, gc=False):

@@ -164,9 +164,17 @@ class Scheduler:
                 self.outputs.append(self._output(seq, [], None, "abort", None))
 
     def stats(self, msg: StatsRequest) -> None:
+        flushed = False
+        # SGLang's /flush_cache rule: only when nothing runs or waits, so no sequence holds a
+        # lock in the tree and every cached slot is evictable.
+        if msg.flush_cache and not self.running and not self.waiting:
+            self.allocator.free(self.cache.evict(self.cache.evictable_size))
+            flushed = self.cache.total_size == 0
+            log.info("flush_cache: prefix cache emptied (%d slots free)", self.allocator.available)
         self.to_server.append(
             SchedulerStats(
                 query_id=msg.query_id,
+                flushed=flushed,
                 total_slots=self.total_slots,
                 free_slots=self.allocator.available,
                 tree_slots=self.cache.total_size,

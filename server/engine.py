@@ -25,8 +25,9 @@ from fovea.common.messages import GenerateRequest, TextDelta
 from fovea.common.sampling import SamplingParams, validate_sampling
 from fovea.server.launch import ChildDied, ProcessGroup, prepare
 from fovea.server.openai_protocol import native_sampling
+from fovea.server.request_build import images_per_prompt, prompt_request
 from fovea.server.requests import RequestFailed, RequestManager
-from fovea.server.responses import NativeRenderer, images_per_prompt, prompt_request
+from fovea.server.responses import NativeRenderer
 
 T = TypeVar("T")
 Prompt = str | list[int]
@@ -121,7 +122,7 @@ class Engine:
 
         async def run_all() -> list[Any]:
             return await asyncio.gather(
-                *(NativeRenderer(r.rid).collect(self._mgr.generate(r)) for r in reqs)
+                *(NativeRenderer([r.rid], r.sampling).collect(self._mgr.generate(r)) for r in reqs)
             )
 
         outs = self._wrap(lambda: self._call(run_all()))
@@ -140,7 +141,7 @@ class Engine:
         if stream:
             return self._stream(req)
         fut = asyncio.run_coroutine_threadsafe(
-            NativeRenderer(req.rid).collect(self._mgr.generate(req)), self._loop
+            NativeRenderer([req.rid], req.sampling).collect(self._mgr.generate(req)), self._loop
         )
         try:
             return await asyncio.wrap_future(fut)
@@ -148,7 +149,7 @@ class Engine:
             raise ValueError(e.message) from e
 
     async def _stream(self, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
-        render = NativeRenderer(req.rid)
+        render = NativeRenderer([req.rid], req.sampling)
         deltas = self._mgr.generate(req)  # an async generator: it has aclose()
 
         async def next_delta() -> TextDelta:

@@ -1,6 +1,6 @@
 """ASGI middlewares that refuse a request before any route sees it: a missing or wrong API key
 (401), a body over `--max-request-bytes` (413), any new request while the server drains (503).
-All answer with OpenAI error objects.
+All answer with OpenAI error objects. JSONBody makes every body JSON, whatever its Content-Type.
 
 They are plain ASGI callables rather than Starlette `BaseHTTPMiddleware`s: the body limit has to
 sit between the socket and the route's `receive`, which a `call_next` middleware cannot do, and
@@ -14,7 +14,7 @@ import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 
-from fovea.server import responses as R
+from fovea.server import responses
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -54,13 +54,13 @@ class ApiKeyAuth:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
             await self.app(scope, receive, send)
             return
-        body = R.error_body(
+        body = responses.error_body(
             401,
             "missing or invalid API key: send the header 'Authorization: Bearer <API key>'",
             code="invalid_api_key",
         )
         body["error"]["type"] = "invalid_request_error"  # what OpenAI sends with a 401
-        await R.json(body, 401)(scope, receive, send)
+        await responses.json(body, 401)(scope, receive, send)
 
 
 class Draining(Protocol):
@@ -78,7 +78,7 @@ class RefuseWhileDraining:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.drain.active:
-            refusal = R.error(503, "the server is shutting down; retry on another replica")
+            refusal = responses.error(503, "the server is shutting down; retry on another replica")
             await refusal(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -95,7 +95,7 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     def _refuse(self) -> Any:
-        return R.error(
+        return responses.error(
             413,
             f"request body is larger than the {self.max_bytes}-byte limit (--max-request-bytes)",
         )
@@ -138,3 +138,25 @@ def _replay(body: Message, receive: Receive) -> Receive:
         return await receive()
 
     return replayed
+
+
+_JSON = b"application/json"
+
+
+class JSONBody:
+    """Every route that takes a body takes JSON, so a body is parsed as JSON whatever its
+    Content-Type says, as SGLang does: `curl -d '{...}'` sends
+    application/x-www-form-urlencoded, other clients text/plain or nothing. A body that is not
+    JSON then gets FastAPI's json_invalid error, answered as 400 "invalid JSON" with the
+    position (responses.describe_validation)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            kind = (_header(scope, b"content-type") or b"").split(b";")[0].strip().lower()
+            if kind != _JSON and not kind.endswith(b"+json"):
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", _JSON)]}
+        await self.app(scope, receive, send)

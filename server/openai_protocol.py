@@ -1,6 +1,6 @@
 """OpenAI request schemas (pydantic, validated by FastAPI) and their mapping to SamplingParams.
 
-Responses are built as plain dicts in app.py and encoded with msgspec: faster than pydantic
+Responses are built as plain dicts in responses.py and encoded with msgspec: faster than pydantic
 response models on the hot streaming path.
 """
 
@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from fovea.common.messages import ChatMessage
@@ -87,6 +88,9 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessageParam(BaseModel):
+    # Extra keys are kept, so that unsupported_fields can name them (a 400, not silence).
+    model_config = ConfigDict(extra="allow")
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -102,12 +106,15 @@ class ChatMessageParam(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    # Every chunk carries the usage so far (vLLM's and SGLang's extension).
+    continuous_usage_stats: bool = False
 
 
 class _SamplingFields(BaseModel):
     """Fields shared by chat and completions (OpenAI's plus the common vLLM/SGLang extras)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # Extra keys are kept, so that unsupported_fields can name them (a 400, not silence).
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     temperature: float | None = _bounded(None, "temperature")
@@ -128,7 +135,11 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Accepted and ignored (IGNORED_FIELDS): they change nothing in the output.
     user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
 
     def _sampling(
         self, max_tokens: int | None, logprobs: bool, top_logprobs: int
@@ -159,6 +170,10 @@ class _SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageParam] = Field(min_length=1)
@@ -167,7 +182,11 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
+    # The last (assistant) message is left open and the model continues it.
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # Only {"type": "text"} (the default) is served; the others are refused by name.
+    response_format: dict[str, Any] | None = None
 
     def sampling(self) -> SamplingParams:
         limit = (
@@ -182,10 +201,13 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = _bounded(16, "max_tokens")  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = Field(False, json_schema_extra={"enum": [False]})  # not supported
+    echo: bool = False  # the prompt leads each choice's text (and its logprobs, if asked)
 
     def sampling(self) -> SamplingParams:
-        return self._sampling(self.max_tokens, self.logprobs is not None, self.logprobs or 0)
+        sampling = self._sampling(self.max_tokens, self.logprobs is not None, self.logprobs or 0)
+        if self.echo and self.logprobs is not None:
+            sampling = msgspec.structs.replace(sampling, prompt_logprobs=True)
+        return sampling
 
 
 class GenerateReqInput(BaseModel):
@@ -193,7 +215,7 @@ class GenerateReqInput(BaseModel):
 
     # The schema says what the route checks: exactly one of text and input_ids (non-null).
     model_config = ConfigDict(
-        extra="ignore",
+        extra="allow",  # kept, so that unsupported_field names them
         json_schema_extra={
             "oneOf": [
                 {"required": [key], "properties": {key: {"not": {"type": "null"}}}}
@@ -212,8 +234,19 @@ class GenerateReqInput(BaseModel):
         default_factory=dict, json_schema_extra=lambda schema: _native_sampling_schema(schema)
     )
     stream: bool = False
+    rid: str | None = Field(None, min_length=1, max_length=256)
     return_logprob: bool = False
+    # Prompt tokens from this position on get logprobs (-1: none, only the output's).
+    logprob_start_len: int = Field(-1, ge=-1)
     top_logprobs_num: int = Field(0, json_schema_extra={"minimum": 0, "maximum": MAX_TOP_LOGPROBS})
+    return_text_in_logprobs: bool = False
+
+    @property
+    def is_batch(self) -> bool:
+        """A list of texts (or of token-id lists) is a batch, even of one prompt."""
+        if isinstance(self.text, list):
+            return True
+        return bool(self.input_ids) and isinstance(self.input_ids[0], list)  # type: ignore[index]
 
 
 _NATIVE_KEYS = {
@@ -241,7 +274,6 @@ _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 def _native_sampling_schema(schema: dict[str, Any]) -> None:
     """Fill in sampling_params' JSON schema from SamplingParams' own fields."""
-    import msgspec
 
     fields = msgspec.json.schema(SamplingParams)["$defs"]["SamplingParams"]["properties"]
     props = {k: v for k, v in fields.items() if k in _NATIVE_KEYS}
@@ -251,8 +283,15 @@ def _native_sampling_schema(schema: dict[str, Any]) -> None:
     schema.update(type="object", properties=props, additionalProperties=False)
 
 
-def native_sampling(params: dict[str, Any], logprobs: bool, top_logprobs: int) -> SamplingParams:
-    """SGLang's sampling_params dict -> SamplingParams; unknown keys raise KeyError(name)."""
+# SGLang's /generate default output length (OpenAI's routes have their own).
+NATIVE_MAX_NEW_TOKENS = 128
+
+
+def native_sampling(
+    params: dict[str, Any], logprobs: bool, top_logprobs: int, prompt_logprobs: bool = False
+) -> SamplingParams:
+    """SGLang's sampling_params dict -> SamplingParams; unknown keys raise KeyError(name).
+    max_new_tokens defaults to SGLang's 128; null means up to the context length."""
     unknown = sorted(set(params) - _NATIVE_KEYS)
     if unknown:
         raise KeyError(unknown[0])
@@ -265,9 +304,9 @@ def native_sampling(params: dict[str, Any], logprobs: bool, top_logprobs: int) -
         p["logit_bias"] = _int_keys(p["logit_bias"])
     import msgspec
 
-    return msgspec.convert(
-        {**p, "logprobs": logprobs, "top_logprobs": top_logprobs}, SamplingParams
-    )
+    p.setdefault("max_new_tokens", NATIVE_MAX_NEW_TOKENS)
+    extra = {"logprobs": logprobs, "top_logprobs": top_logprobs, "prompt_logprobs": prompt_logprobs}
+    return msgspec.convert({**p, **extra}, SamplingParams)
 
 
 def _int_keys(bias: dict[Any, Any]) -> dict[Any, Any]:
@@ -277,6 +316,37 @@ def _int_keys(bias: dict[Any, Any]) -> dict[Any, Any]:
         return {int(k): v for k, v in bias.items()}
     except (TypeError, ValueError):
         return bias
+
+
+# Fields that change nothing in what the model computes, accepted and ignored as OpenAI's own
+# server stores or bills by them. Every other field Fovea does not implement is a 400 naming it.
+IGNORED_FIELDS = ("metadata", "service_tier", "store", "user")
+# Keys an assistant message returned by the openai client carries when it is sent back as
+# history: accepted while empty (null, [] or ""), refused by name otherwise.
+_EMPTY_MESSAGE_KEYS = frozenset(
+    {"annotations", "audio", "function_call", "reasoning_content", "refusal", "tool_calls"}
+)
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == [] or value == ""
+
+
+def unsupported_field(body: _SamplingFields | GenerateReqInput) -> str | None:
+    """The first request field Fovea does not implement (a dotted path), or None. A field sent
+    as null asks for nothing and passes."""
+    for key, value in (body.model_extra or {}).items():
+        if value is not None:
+            return key
+    if isinstance(body, ChatCompletionRequest):
+        fmt = body.response_format
+        if fmt is not None and fmt.get("type", "text") != "text":
+            return f"response_format.type={fmt.get('type')!r}"
+        for i, m in enumerate(body.messages):
+            for key, value in (m.model_extra or {}).items():
+                if not (key in _EMPTY_MESSAGE_KEYS and _empty(value)):
+                    return f"messages.{i}.{key}"
+    return None
 
 
 def new_id(prefix: str) -> str:

@@ -142,11 +142,13 @@ class RequestManager:
         for rid, req in self._inflight.items():
             req.queue.put_nowait(RequestError(rid=rid, message=message, status=503))
 
-    async def stats(self, timeout: float = 10.0) -> SchedulerStats:
+    async def stats(self, timeout: float = 10.0, flush_cache: bool = False) -> SchedulerStats:
+        """The scheduler's state; with `flush_cache`, after it emptied its prefix cache (if
+        nothing ran or waited: `flushed` says whether it did)."""
         qid = uuid.uuid4().hex
         fut: asyncio.Future[SchedulerStats] = asyncio.get_running_loop().create_future()
         self._stats[qid] = fut
-        self._to_scheduler.send(StatsRequest(qid))
+        self._to_scheduler.send(StatsRequest(qid, flush_cache))
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:

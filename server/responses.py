@@ -10,7 +10,7 @@ import msgspec
 from fastapi.responses import Response
 
 from fovea.common.config import ServerArgs
-from fovea.common.messages import GenerateRequest, ImageRef, TextDelta, TextLogprob
+from fovea.common.messages import TextDelta, TextLogprob, TopLogprob
 from fovea.common.model_config import ModelInfo
 from fovea.common.sampling import SamplingParams
 from fovea.server.requests import RequestFailed
@@ -49,7 +49,11 @@ def describe_validation(errors: Sequence[Any]) -> tuple[str, str | None]:
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
-        return "request body is not valid JSON", None
+        reason = (first.get("ctx") or {}).get("error", "not JSON")
+        where = f" at position {loc[0]}" if loc else ""
+        return f"invalid JSON in the request body{where}: {reason}", None
+    if first.get("type") == "missing" and not loc:
+        return "the request body is empty: a JSON object is needed", None
     param = ".".join(loc) or None
     msgs = "; ".join(
         f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
@@ -58,68 +62,11 @@ def describe_validation(errors: Sequence[Any]) -> tuple[str, str | None]:
     return msgs or "invalid request", param
 
 
-def split_prompts(prompt: Any) -> list[str | list[int]]:
-    """OpenAI's prompt forms -> a list of prompts, each text or token ids."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    if not prompt:
-        return [""]
-    return list(prompt)
-
-
-def prompt_request(
-    rid: str,
-    prompt: str | list[int],
-    sampling: SamplingParams,
-    images: list[ImageRef] | None = None,
-) -> GenerateRequest:
-    text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
-    return GenerateRequest(
-        rid=rid,
-        sampling=sampling,
-        text=text,
-        input_ids=ids,
-        images=images or [],
-        arrival_time=time.time(),
-    )
-
-
-def images_per_prompt(image_data: Any, n_prompts: int) -> list[list[ImageRef]]:
-    """SGLang's `image_data` aligned with the prompts: for one prompt an image or a list of
-    images; for several, a list with one entry (None, an image or a list) per prompt. An
-    image is a URL / data URI / path string, or the file's bytes. ValueError if misshapen."""
-
-    def refs(entry: Any) -> list[ImageRef]:
-        items = entry if isinstance(entry, list) else [] if entry is None else [entry]
-        out = []
-        for item in items:
-            if isinstance(item, str):
-                out.append(ImageRef(url=item))
-            elif isinstance(item, bytes | bytearray):
-                out.append(ImageRef(data=bytes(item)))
-            else:
-                raise ValueError(
-                    f"an image must be a URL, data URI, path or bytes, not {type(item).__name__}"
-                )
-        return out
-
-    if image_data is None:
-        return [[] for _ in range(n_prompts)]
-    if n_prompts == 1:
-        return [refs(image_data)]
-    if not isinstance(image_data, list) or len(image_data) != n_prompts:
-        raise ValueError(
-            f"image_data must be a list with one entry for each of the {n_prompts} prompts"
-        )
-    return [refs(entry) for entry in image_data]
-
-
 class _Choice:
-    __slots__ = ("finish", "logprobs", "matched", "text", "tokens")
+    __slots__ = ("finish", "logprobs", "matched", "prompt_logprobs", "text", "tokens")
 
     def __init__(self) -> None:
+        self.prompt_logprobs: list[TextLogprob] | None = None
         self.text: list[str] = []
         self.tokens: list[int] = []
         self.logprobs: list[TextLogprob] = []
@@ -147,37 +94,53 @@ def sse_event(obj: Any) -> bytes:
 
 
 class Renderer:
-    """Collects or streams one request's deltas. Subclasses format the bodies."""
+    """Collects or streams one request's deltas. Subclasses format the bodies.
+
+    A request may hold several prompts (merged by request_build.merge_streams): choice index
+    = prompt * n + sample, and the usage sums the prompts'."""
 
     chunk_object = ""  # the OpenAI "object" of this endpoint's stream chunks
 
-    def __init__(self, rid: str, model: str, sampling: SamplingParams, include_usage: bool) -> None:
+    def __init__(
+        self,
+        rid: str,
+        model: str,
+        sampling: SamplingParams,
+        include_usage: bool,
+        *,
+        n_prompts: int = 1,
+        continuous_usage: bool = False,
+    ) -> None:
         self.rid, self.model, self.sampling = rid, model, sampling
-        self.include_usage = include_usage
+        self.include_usage, self.continuous_usage = include_usage, continuous_usage
+        self.n_prompts = n_prompts
         self.created = int(time.time())
-        self.prompt_tokens = 0
-        self.cached_tokens = 0
-        self.completion: dict[int, int] = {}
+        self.prompt: dict[int, int] = {}  # prompt number -> its tokens
+        self.cached: dict[int, int] = {}
+        self.completion: dict[int, int] = {}  # choice index -> its tokens so far
 
     def _account(self, d: TextDelta) -> None:
-        self.prompt_tokens = d.prompt_tokens
-        self.cached_tokens = max(self.cached_tokens, d.cached_tokens)
+        p = d.index // self.sampling.n
+        self.prompt[p] = d.prompt_tokens
+        self.cached[p] = max(self.cached.get(p, 0), d.cached_tokens)
         self.completion[d.index] = d.completion_tokens
 
     def usage(self) -> dict[str, Any]:
-        done = sum(self.completion.values())
+        prompt, done = sum(self.prompt.values()), sum(self.completion.values())
         return {
-            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens": prompt,
             "completion_tokens": done,
-            "total_tokens": self.prompt_tokens + done,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "total_tokens": prompt + done,
+            "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())},
         }
 
     async def collect(self, deltas: AsyncIterator[TextDelta]) -> Any:
-        choices = [_Choice() for _ in range(self.sampling.n)]
+        choices = [_Choice() for _ in range(self.sampling.n * self.n_prompts)]
         async for d in deltas:
             self._account(d)
             c = choices[d.index]
+            if d.prompt_logprobs is not None:
+                c.prompt_logprobs = d.prompt_logprobs
             c.text.append(d.text)
             c.tokens.extend(d.token_ids)
             if d.logprobs:
@@ -191,6 +154,8 @@ class Renderer:
             async for d in deltas:
                 self._account(d)
                 for chunk in self.chunks(d):
+                    if self.continuous_usage:
+                        chunk["usage"] = self.usage()
                     yield sse_event(chunk)
             if self.include_usage:
                 yield sse_event(self.usage_chunk())
@@ -241,7 +206,12 @@ class ChatRenderer(Renderer):
             choices=[
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": "".join(c.text)},
+                    "message": {
+                        "role": "assistant",
+                        "content": "".join(c.text),
+                        "reasoning_content": None,
+                        "tool_calls": None,
+                    },
                     "logprobs": _chat_logprobs(c.logprobs) if self.sampling.logprobs else None,
                     "finish_reason": c.finish,
                     "matched_stop": c.matched,
@@ -253,115 +223,145 @@ class ChatRenderer(Renderer):
 
     def _chunk(self, index: int, delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None, **extra}
-        return self.envelope(
-            "chat.completion.chunk",
-            choices=[choice],
-        )
+        return self.envelope("chat.completion.chunk", choices=[choice])
 
     def chunks(self, d: TextDelta) -> list[dict[str, Any]]:
         out = []
         if d.index not in self._started:
             self._started.add(d.index)
-            out.append(self._chunk(d.index, {"role": "assistant", "content": ""}))
+            first = {"role": "assistant", "content": "", "reasoning_content": None}
+            out.append(self._chunk(d.index, first))
         if d.text or d.logprobs:
             lp = _chat_logprobs(d.logprobs) if d.logprobs and self.sampling.logprobs else None
-            out.append(self._chunk(d.index, {"content": d.text}, logprobs=lp))
+            delta = {"content": d.text, "reasoning_content": None}
+            out.append(self._chunk(d.index, delta, logprobs=lp))
         if d.finish_reason is not None:
             out.append(
-                self._chunk(d.index, {}, finish_reason=d.finish_reason, matched_stop=d.matched_stop)
+                self._chunk(
+                    d.index,
+                    {"reasoning_content": None},
+                    finish_reason=d.finish_reason,
+                    matched_stop=d.matched_stop,
+                )
             )
         return out
 
 
-def _completion_logprobs(lps: list[TextLogprob], start: int = 0) -> dict[str, Any]:
+def _completion_logprobs(lps: Sequence[TextLogprob], start: int = 0) -> dict[str, Any]:
+    """OpenAI's legacy shape. A prompt's first token (echo) has no logprob: nan -> null."""
     offsets, pos = [], start
     for x in lps:
         offsets.append(pos)
         pos += len(x.token)
+    known = [x.logprob == x.logprob for x in lps]  # nan != nan
     return {
         "tokens": [x.token for x in lps],
-        "token_logprobs": [x.logprob for x in lps],
-        "top_logprobs": [{t.token: t.logprob for t in x.top} for x in lps],
+        "token_logprobs": [x.logprob if k else None for x, k in zip(lps, known, strict=True)],
+        "top_logprobs": [
+            {t.token: t.logprob for t in x.top} if k else None
+            for x, k in zip(lps, known, strict=True)
+        ],
         "text_offset": offsets,
     }
 
 
 class CompletionRenderer(Renderer):
+    """Legacy completions. With `echo`, each choice starts with its prompt: `prompts[p]`, or
+    for a prompt given as token ids the prompt tokens' texts (from the prompt logprobs)."""
+
     chunk_object = "text_completion"
 
+    def __init__(self, *a: Any, echo: list[str | None] | None = None, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.echo = echo
+        self._echoed: set[int] = set()
+
+    def _prompt_part(self, index: int, lps: list[TextLogprob] | None) -> str:
+        if self.echo is None:
+            return ""
+        text = self.echo[index // self.sampling.n]
+        if text is None:
+            text = "".join(x.token for x in lps or [])
+        return text
+
     def body(self, choices: list[_Choice]) -> dict[str, Any]:
-        return self.envelope(
-            "text_completion",
-            choices=[
-                {
-                    "index": i,
-                    "text": "".join(c.text),
-                    "logprobs": _completion_logprobs(c.logprobs)
-                    if self.sampling.logprobs
-                    else None,
-                    "finish_reason": c.finish,
-                    "matched_stop": c.matched,
-                }
-                for i, c in enumerate(choices)
-            ],
-            usage=self.usage(),
-        )
+        out = []
+        for i, c in enumerate(choices):
+            prompt = self._prompt_part(i, c.prompt_logprobs)
+            lp = None
+            if self.sampling.logprobs:
+                lps = [*(c.prompt_logprobs or []), *c.logprobs] if self.echo else c.logprobs
+                lp = _completion_logprobs(lps)
+            choice = {"index": i, "text": prompt + "".join(c.text), "logprobs": lp}
+            out.append({**choice, "finish_reason": c.finish, "matched_stop": c.matched})
+        return self.envelope("text_completion", choices=out, usage=self.usage())
 
     def chunks(self, d: TextDelta) -> list[dict[str, Any]]:
-        if not d.text and d.finish_reason is None and not d.logprobs:
+        text, lps = d.text, list(d.logprobs or [])
+        if self.echo is not None and d.index not in self._echoed:
+            self._echoed.add(d.index)
+            text = self._prompt_part(d.index, d.prompt_logprobs) + text
+            lps = [*(d.prompt_logprobs or []), *lps]
+        if not text and d.finish_reason is None and not lps:
             return []
-        lp = _completion_logprobs(d.logprobs) if d.logprobs and self.sampling.logprobs else None
         choice = {
             "index": d.index,
-            "text": d.text,
-            "logprobs": lp,
+            "text": text,
+            "logprobs": _completion_logprobs(lps) if lps and self.sampling.logprobs else None,
             "finish_reason": d.finish_reason,
         }
         if d.finish_reason is not None:
             choice["matched_stop"] = d.matched_stop
-        return [
-            self.envelope(
-                "text_completion",
-                choices=[choice],
-            )
-        ]
+        return [self.envelope("text_completion", choices=[choice])]
 
 
-def merge_completions(rid: str, model: str, bodies: list[dict[str, Any]], n: int) -> dict[str, Any]:
-    """Several prompts in one /v1/completions request: choice index = prompt * n + sample."""
-    choices = []
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    cached = 0
-    for p, b in enumerate(bodies):
-        for c in b["choices"]:
-            choices.append({**c, "index": p * n + c["index"]})
-        for k in usage:
-            usage[k] += b["usage"][k]
-        cached += b["usage"]["prompt_tokens_details"]["cached_tokens"]
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": {**usage, "prompt_tokens_details": {"cached_tokens": cached}},
-    }
+def _native_logprob(x: TextLogprob | TopLogprob, text: bool) -> list[Any]:
+    """SGLang's entry: [logprob, token id, token text or null]; a prompt's first token has no
+    logprob (nan on the wire, null here)."""
+    value = x.logprob if x.logprob == x.logprob else None
+    return [value, x.token_id, x.token if text else None]
 
 
 class NativeRenderer(Renderer):
-    """SGLang's /generate: cumulative text; a list when n > 1."""
+    """SGLang's /generate: cumulative text and ids, meta_info; one dict for one prompt (not
+    given as a list) and n = 1, else a list in choice order (prompt * n + sample).
 
-    def __init__(self, rid: str) -> None:
-        super().__init__(rid, "", SamplingParams(), False)
+    With `return_logprob`: meta_info's output_token_logprobs (and output_top_logprobs when
+    `top_logprobs_num` > 0), and input_token_logprobs for the prompt tokens from
+    `logprob_start_len` on (-1: none), so that prompt_tokens == start + len(input entries)."""
+
+    def __init__(
+        self,
+        rids: list[str],
+        sampling: SamplingParams,
+        *,
+        batch: bool = False,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        return_text_in_logprobs: bool = False,
+    ) -> None:
+        super().__init__(rids[0], "", sampling, False, n_prompts=len(rids))
+        self.rids = rids
+        self.many = batch or len(rids) * sampling.n > 1
+        self.return_logprob, self.start = return_logprob, logprob_start_len
+        self.with_text = return_text_in_logprobs
         self._text: dict[int, str] = {}
         self._ids: dict[int, list[int]] = {}
+        self._out_lps: dict[int, list[TextLogprob]] = {}
+        self._in_lps: dict[int, list[TextLogprob]] = {}
+        self.started = time.monotonic()
 
     async def collect(self, deltas: AsyncIterator[TextDelta]) -> Any:
         outs: dict[int, dict[str, Any]] = {}
         async for d in deltas:
             outs[d.index] = self._accumulate(d)
         items = [outs[i] for i in sorted(outs)]
-        return items[0] if len(items) == 1 else items
+        return items if self.many else items[0]
+
+    def _id(self, index: int) -> str:
+        rid = self.rids[index // self.sampling.n]
+        sample = index % self.sampling.n
+        return rid if sample == 0 else f"{rid}#{sample}"
 
     def _accumulate(self, d: TextDelta) -> dict[str, Any]:
         text = self._text.get(d.index, "") + d.text
@@ -373,33 +373,56 @@ class NativeRenderer(Renderer):
             reason = {"type": "length", "length": d.completion_tokens}
         elif d.finish_reason is not None:
             reason = {"type": d.finish_reason, "matched": d.matched_stop}
-        meta = {
-            "id": f"{self.rid}" if d.index == 0 else f"{self.rid}#{d.index}",
+        meta: dict[str, Any] = {
+            "id": self._id(d.index),
             "finish_reason": reason,
             "prompt_tokens": d.prompt_tokens,
             "completion_tokens": d.completion_tokens,
             "cached_tokens": d.cached_tokens,
         }
-        return {"text": text, "output_ids": list(ids), "index": d.index, "meta_info": meta}
+        if d.finish_reason is not None:
+            meta["e2e_latency"] = time.monotonic() - self.started
+        if self.return_logprob:
+            self._logprobs(d, meta)
+        out = {"text": text, "output_ids": list(ids), "meta_info": meta}
+        if self.many:
+            out["index"] = d.index
+        return out
+
+    def _logprobs(self, d: TextDelta, meta: dict[str, Any]) -> None:
+        outs = self._out_lps.setdefault(d.index, [])
+        outs.extend(d.logprobs or [])
+        if d.prompt_logprobs is not None and self.start >= 0:
+            self._in_lps[d.index] = list(d.prompt_logprobs[self.start :])
+        ins = self._in_lps.get(d.index, [])
+        meta["input_token_logprobs"] = [_native_logprob(x, self.with_text) for x in ins]
+        meta["output_token_logprobs"] = [_native_logprob(x, self.with_text) for x in outs]
+        if self.sampling.top_logprobs > 0:
+            meta["input_top_logprobs"] = [self._top(x) for x in ins]
+            meta["output_top_logprobs"] = [self._top(x) for x in outs]
+
+    def _top(self, x: TextLogprob) -> list[list[Any]] | None:
+        if x.logprob != x.logprob:  # a prompt's first token: nothing before it
+            return None
+        return [_native_logprob(t, self.with_text) for t in x.top]
 
     def chunks(self, d: TextDelta) -> list[dict[str, Any]]:
         return [self._accumulate(d)]
 
 
-def model_list(args: ServerArgs, model: ModelInfo) -> dict[str, Any]:
+def model_card(args: ServerArgs, model: ModelInfo) -> dict[str, Any]:
     return {
-        "object": "list",
-        "data": [
-            {
-                "id": args.model_name,
-                "object": "model",
-                "created": int(time.time()),
-                "owned_by": "fovea",
-                "root": args.model_path,
-                "max_model_len": model.context_length,
-            }
-        ],
+        "id": args.model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "fovea",
+        "root": args.model_path,
+        "max_model_len": model.context_length,
     }
+
+
+def model_list(args: ServerArgs, model: ModelInfo) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(args, model)]}
 
 
 def model_info(args: ServerArgs, model: ModelInfo) -> dict[str, Any]:

@@ -86,8 +86,10 @@ UNDECODABLE = "image could not be decoded"
 
 BAD: dict[str, Bad] = {
     # --- the body itself
-    "malformed_json": Bad(CHAT, b'{"messages": [', 400, "request body is not valid JSON"),
-    "empty_body": Bad(CHAT, b"", 400, "body: Field required"),
+    "malformed_json": Bad(
+        CHAT, b'{"messages": [', 400, "invalid JSON in the request body at position 14: "
+    ),
+    "empty_body": Bad(CHAT, b"", 400, "the request body is empty: a JSON object is needed"),
     "body_is_a_list": Bad(CHAT, b"[1, 2]", 400, "valid dictionary or object"),
     "nested_100k_deep": Bad(CHAT, b"[" * 100_000 + b"]" * 100_000, 400, "error parsing the body"),
     "lone_surrogate": Bad(
@@ -260,16 +262,33 @@ BAD: dict[str, Bad] = {
         COMPLETIONS, {"prompt": [1, 100_000]}, 400,
         "token id 100000 is out of range: the vocabulary has", "prompt",
     ),
-    "completions_echo": Bad(
-        COMPLETIONS, {"prompt": "hi", "echo": True}, 400, "echo is not supported", "echo"
+    "completions_suffix": Bad(
+        COMPLETIONS, {"prompt": "hi", "suffix": "end"}, 400,
+        "unsupported parameter: suffix (Fovea does not implement it", "suffix",
     ),
     "completions_logprobs_over_5": Bad(
         COMPLETIONS, {"prompt": "hi", "logprobs": 6}, 400,
         "logprobs: Input should be less than or equal to 5",
     ),
-    "completions_stream_of_two_prompts": Bad(
-        COMPLETIONS, {"prompt": ["a", "b"], "stream": True}, 400,
-        "streaming supports one prompt per request",
+    # --- fields Fovea does not implement: named, never silently ignored
+    "chat_tools": Bad(
+        CHAT, chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+        "unsupported parameter: tools (Fovea does not implement it; fields accepted and "
+        "ignored: metadata, service_tier, store, user)", "tools",
+    ),
+    "chat_response_format_json_schema": Bad(
+        CHAT, chat("hi", response_format={"type": "json_schema"}), 400,
+        "unsupported parameter: response_format.type='json_schema'", "response_format.type",
+    ),
+    "chat_history_tool_calls": Bad(
+        CHAT,
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "x"}]}]},
+        400, "unsupported parameter: messages.0.tool_calls", "messages.0.tool_calls",
+    ),
+    "chat_continue_final_message_after_user": Bad(
+        CHAT, chat("hi", continue_final_message=True), 400,
+        "continue_final_message needs the last message to be the assistant's",
+        "continue_final_message",
     ),
     # --- /generate
     "generate_text_and_input_ids": Bad(

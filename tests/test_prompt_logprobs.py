@@ -9,6 +9,7 @@ real processes of the offline Engine (tokenizer service -> scheduler -> worker -
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +286,8 @@ def test_engine_text_deltas(tiny_llama: Path, hf_llama: Any) -> None:
             assert all(d.prompt_logprobs is None for d in mine[1:])
             lists.append(mine[0].prompt_logprobs)
     first = lists[0]
-    assert first is not None and len(first) == len(PROMPT) and first[0] is None
+    assert first is not None and len(first) == len(PROMPT)
+    assert (first[0].token_id, first[0].top, math.isnan(first[0].logprob)) == (PROMPT[0], [], True)
     for i in range(1, len(PROMPT)):
         e = first[i]
         assert isinstance(e, TextLogprob)
@@ -317,7 +319,7 @@ def test_detokenizer_puts_the_list_on_each_index_first_delta(tiny_llama: Path) -
     by_index = {i: [d for d in deltas if d.index == i] for i in range(2)}
     for i in range(2):
         lp = by_index[i][0].prompt_logprobs
-        assert lp is not None and lp[0] is None
+        assert lp is not None and math.isnan(lp[0].logprob) and lp[0].top == []
         assert [(e.token_id, e.token, e.logprob) for e in lp[1:] if e is not None] == [
             (41, text([41]), -1.5),
             (42, text([42]), -2.0),

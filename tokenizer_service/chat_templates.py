@@ -23,7 +23,14 @@ from fovea.tokenizer_service.builtin_templates import BUILTIN_TEMPLATES
 
 # apply_chat_template arguments that chat_template_kwargs may not override.
 _RESERVED_KWARGS = frozenset(
-    {"conversation", "messages", "chat_template", "tokenize", "add_generation_prompt"}
+    {
+        "conversation",
+        "messages",
+        "chat_template",
+        "tokenize",
+        "add_generation_prompt",
+        "continue_final_message",
+    }
 )
 _IMAGE_PART_TYPES = frozenset({"image_url", "image", "input_image"})
 
@@ -150,6 +157,8 @@ class ChatRenderer:
         messages: list[ChatMessage],
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        *,
+        continue_final_message: bool = False,
     ) -> str:
         if not self.available:
             names = ", ".join(sorted(BUILTIN_TEMPLATES))
@@ -170,6 +179,7 @@ class ChatRenderer:
                 chat_template=self.template,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
                 **kwargs,
             )
         except jinja2.TemplateError as e:

@@ -9,11 +9,13 @@ against its stop strings. Invariants:
   string is held back until it either completes the stop (then dropped) or cannot any more;
 - prompt logprobs (SamplingParams.prompt_logprobs) arrive on each index's first SeqOutput and
   leave on its first TextDelta; the list converted for the first index is sent for every index.
+  The first prompt token has no logprob: its entry carries its text and id, logprob nan.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -112,7 +114,7 @@ class _Seq:
         self.token_ids: list[int] = []  # tokens not yet reported in a delta
         self.logprobs: list[TextLogprob] | None = [] if want_logprobs else None
         # Received, not yet sent: goes out on the sequence's next (first) delta.
-        self.prompt_logprobs: list[TextLogprob | None] | None = None
+        self.prompt_logprobs: list[TextLogprob] | None = None
 
 
 class _Request:
@@ -124,7 +126,7 @@ class _Request:
         self.sampling = sampling
         self.seqs = seqs  # live sequences only: removed when they finish
         self.prompt_ids = prompt_ids  # kept only when prompt logprobs are wanted
-        self.prompt_logprobs: list[TextLogprob | None] | None = None  # converted once
+        self.prompt_logprobs: list[TextLogprob] | None = None  # converted once
 
 
 class Detokenized(NamedTuple):
@@ -249,14 +251,17 @@ class Detokenizer:
 
     def _prompt_logprobs(
         self, req: _Request, entries: list[TokenLogprobs | None]
-    ) -> list[TextLogprob | None]:
-        """The request's prompt logprobs as text: entry i for prompt token i. Converted from
+    ) -> list[TextLogprob]:
+        """The request's prompt logprobs as text: entry i for prompt token i (entry 0: nan, no
+        alternatives). Converted from
         the first index's entries; every index gets that list."""
         if req.prompt_logprobs is None:
             if req.prompt_ids is None:
                 raise ValueError("prompt logprobs for a request that did not ask for them")
             req.prompt_logprobs = [
-                None if lp is None else self._text_logprob(token_id, lp)
+                TextLogprob(self._token_str(token_id), token_id, math.nan, [])
+                if lp is None
+                else self._text_logprob(token_id, lp)
                 for token_id, lp in zip(req.prompt_ids, entries, strict=True)
             ]
         return req.prompt_logprobs

@@ -259,7 +259,10 @@ class Tokenizer:
             )
         if req.messages is not None:
             text = self.chat.render(
-                req.messages, req.add_generation_prompt, req.chat_template_kwargs
+                req.messages,
+                req.add_generation_prompt,
+                req.chat_template_kwargs,
+                continue_final_message=req.continue_final_message,
             )
             # The template already carries BOS where the model wants it.
             ids = list(self.hf.encode(text, add_special_tokens=False))
