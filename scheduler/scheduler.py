@@ -44,6 +44,7 @@ from fovea.scheduler.policy import (
 )
 from fovea.scheduler.radix_cache import RadixCache
 from fovea.scheduler.request import SeqStatus, Sequence
+from fovea.scheduler.stats import flush_cache, snapshot
 
 log = logging.getLogger("fovea.scheduler")
 
@@ -164,33 +165,8 @@ class Scheduler:
                 self.outputs.append(self._output(seq, [], None, "abort", None))
 
     def stats(self, msg: StatsRequest) -> None:
-        flushed = False
-        # SGLang's /flush_cache rule: only when nothing runs or waits, so no sequence holds a
-        # lock in the tree and every cached slot is evictable.
-        if msg.flush_cache and not self.running and not self.waiting:
-            self.allocator.free(self.cache.evict(self.cache.evictable_size))
-            flushed = self.cache.total_size == 0
-            log.info("flush_cache: prefix cache emptied (%d slots free)", self.allocator.available)
-        self.to_server.append(
-            SchedulerStats(
-                query_id=msg.query_id,
-                flushed=flushed,
-                total_slots=self.total_slots,
-                free_slots=self.allocator.available,
-                tree_slots=self.cache.total_size,
-                evictable_slots=self.cache.evictable_size,
-                running=len(self.running),
-                waiting=len(self.waiting),
-                steps=self.plans.step,
-                cache_hit_tokens=self.cache_hit_tokens,
-                prompt_tokens=self.prompt_tokens,
-                generated_tokens=self.generated_tokens,
-                images_encoded=self.images_encoded,
-                retractions=self.num_retractions,
-                image_slots=self.cross_images.capacity if self.cross_images else 0,
-                free_image_slots=self.cross_images.free if self.cross_images else 0,
-            )
-        )
+        flushed = msg.flush_cache and flush_cache(self)
+        self.to_server.append(snapshot(self, msg.query_id, flushed))
 
     # ------------------------------------------------------------------ one step
 

@@ -24,10 +24,10 @@ from fovea.common.config import ServerArgs, check_args
 from fovea.common.messages import GenerateRequest, TextDelta
 from fovea.common.sampling import SamplingParams, validate_sampling
 from fovea.server.launch import ChildDied, ProcessGroup, prepare
+from fovea.server.native_responses import NativeRenderer
 from fovea.server.openai_protocol import native_sampling
 from fovea.server.request_build import images_per_prompt, prompt_request
 from fovea.server.requests import RequestFailed, RequestManager
-from fovea.server.responses import NativeRenderer
 
 T = TypeVar("T")
 Prompt = str | list[int]

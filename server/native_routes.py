@@ -15,6 +15,7 @@ from fovea.common.messages import GenerateRequest
 from fovea.common.sampling import SamplingParams
 from fovea.server import responses
 from fovea.server.context import Ctx
+from fovea.server.native_responses import NativeRenderer
 from fovea.server.openai_protocol import (
     GenerateReqInput,
     native_sampling,
@@ -74,7 +75,7 @@ async def generate(body: GenerateReqInput, request: Request, ctx: Ctx) -> Respon
     field = unsupported_field(body)
     if field is not None:
         raise APIError(400, f"unsupported parameter: {field} (Fovea does not implement it)", field)
-    render = responses.NativeRenderer(
+    render = NativeRenderer(
         rids,
         sampling,
         batch=body.is_batch,
@@ -107,7 +108,7 @@ async def health(ctx: Ctx) -> Response:
 async def health_generate(ctx: Ctx) -> Response:
     sampling = SamplingParams(max_new_tokens=1, temperature=0.0)
     req = GenerateRequest(rid=new_id("health"), sampling=sampling, input_ids=[0])
-    render = responses.NativeRenderer([req.rid], sampling)
+    render = NativeRenderer([req.rid], sampling)
     try:
         await asyncio.wait_for(render.collect(ctx.manager.generate(req)), 60)
     except (RequestFailed, TimeoutError) as e:
