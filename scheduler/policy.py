@@ -9,23 +9,15 @@ Budget: one step computes at most `max_prefill_tokens` tokens, decode tokens inc
 sequence's prefill chunk is capped at `chunked_prefill_size` (-1: no chunking, and a prompt
 larger than the whole budget is still taken when it is the step's only prefill, otherwise it
 could never run). Running sequences are served in order, so by default (cap = budget) the
-oldest prompt finishes first: 8 prompts of 1,050 tokens arriving together got their first
-token at p50 1.7 s, against 2.7 s with a cap of 512, under which every step was four
-512-token slices of four prompts.
+oldest prompt finishes first.
 
 Batch target: a step takes no further prompt once its prompt tokens reach
 `prefill_batch_tokens` (decode tokens do not count; the prompt that crosses it keeps its
 whole chunk, so a step always takes at least one). A prompt batched with others gets its
-first token only when all of them are computed. On a GPU that costs little up to thousands
-of tokens (the default is the whole budget); on a CPU a step's time grows with each token
-beyond about the cost of reading the weights once (SmolLM2-135M on 2 vCPUs: a 12 ms decode
-step, 0.3-0.4 ms a prompt token, so 30-40 tokens), hence CPU_PREFILL_BATCH_TOKENS. Measured
-side by side there (8 clients, 1,050-token prompts): first token p50 of prefix hits (50 new
-tokens) 170 -> 89 ms, of cold prompts 1,450 -> 730 ms (no more steps of one prompt plus
-most of the next). The price is throughput when prompts arrive together: they join the
-decode batch one a step, so it runs emptier. W1 (128 prompts of 200 tokens, 32 at a time):
-first token p50 1,100 -> 190 ms, tokens/s 0.94-0.98 in 5 alternated pairs (555 steps for
-the same tokens instead of 527); `--prefill-batch-tokens 2048` takes the throughput back.
+first token only when all of them are computed: cheap on a GPU (the default is the whole
+budget), not on a CPU, where a step's time grows with each token beyond the cost of one
+weight read, hence CPU_PREFILL_BATCH_TOKENS (measurements and its throughput price:
+docs/cpu.md).
 
 Models whose image tokens attend to each other in full (Gemma 3) need each image computed in
 one chunk: chunks end before an image rather than inside it, and a prefix hit that ends inside

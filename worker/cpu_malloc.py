@@ -2,24 +2,15 @@
 keep freed activation memory for the next step.
 
 tcmalloc: the launcher starts a worker that will compute on CPU with tcmalloc in LD_PRELOAD
-(as vLLM's CPU build does with its bundled copy), unless the user set LD_PRELOAD
-($FOVEA_TCMALLOC names a library elsewhere; set empty, it keeps glibc). On the
-2-vCPU test machine it made the bare model step 5-7% faster than glibc with the settings
-below (sibling processes, alternated: batch 1 0.93, batch 16 0.948) and a single stream's
-inter-token latency 7% lower (0.928, 10 interleaved rounds); in the HTTP, tokenizer and
-scheduler processes it changed nothing (0.9985), so they keep glibc.
+(as vLLM's CPU build does), unless the user set LD_PRELOAD ($FOVEA_TCMALLOC names a library
+elsewhere; set empty, it keeps glibc): 5-7% faster model steps. The other processes keep glibc.
 
-glibc: a step's activations are megabytes (a 2,000-token prefill's gate/up rows are 12 MB in
-bf16, a decode step's float32 logits 6 MB at 32 rows). glibc serves blocks above its mmap
-threshold (dynamic, from 128 KiB) with fresh mappings and unmaps them when freed, and trims the
-heap's free top above twice that: each step then page-faults its activations in again. With the
-threshold at glibc's maximum and the trim threshold high, freed blocks stay in the heap. A
-2,000-token bf16 prefill (bare model, 2 threads): 400 -> 316 us a token, as fast as with
-tcmalloc preloaded. Resident memory grows by at most the largest step's activations, which the
-next step of that size needs again.
-
-Only glibc is tuned; with another allocator preloaded (tcmalloc) the calls reach glibc's unused
-one and change nothing.
+glibc: a step's activations are megabytes; above glibc's mmap threshold they are fresh mappings
+unmapped when freed (and the heap top is trimmed), so each step would page-fault them in again.
+With both thresholds raised, freed blocks stay in the heap, as fast as tcmalloc. Resident memory
+grows by at most the largest step's activations, which the next step of that size needs again.
+Only glibc is tuned; with another allocator preloaded the calls change nothing.
+Measurements: docs/cpu.md.
 """
 
 from __future__ import annotations

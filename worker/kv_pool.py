@@ -4,14 +4,11 @@ Slot convention (the scheduler relies on it): slots 0..page_size-1 are a scratch
 handed out; attention reads padding from slot 0 and masks it. Usable slots are
 page_size..num_slots+page_size-1, so each tensor has num_slots + page_size rows.
 
-On CPU the pool's memory is committed (first written) ahead of use, in bulk. A row left for
-the step that stores its K/V costs one page fault per 4 KiB of each of the 2 x layers tensors,
-scattered: inside a server on a VM those took ~12 us each (14 of a 200-token SmolLM2
-prefill's ~80 ms; W1 ran 8% faster with the pool committed first), while zeroing fresh memory
-in bulk costs ~2.4 us a page. The scheduler hands out the lowest free slots first, so the
-low rows are the ones used first: start-up commits the first COMMIT_AT_START_BYTES of rows
-(~1 s on that VM), and a step that reaches above the committed rows commits up to
-COMMIT_AHEAD_ROWS past its highest slot.
+On CPU the pool's memory is committed (first written) ahead of use, in bulk: a row left for
+the step that stores its K/V costs page faults scattered over 2 x layers tensors, several times
+dearer than zeroing in bulk (docs/cpu.md). The scheduler hands out the lowest free slots first,
+so start-up commits the first COMMIT_AT_START_BYTES of rows and a step that reaches above the
+committed rows commits up to COMMIT_AHEAD_ROWS past its highest slot.
 """
 
 from __future__ import annotations
