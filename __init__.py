@@ -9,13 +9,13 @@ __all__ = ["Engine", "SamplingParams"]
 
 if TYPE_CHECKING:
     from fovea.common.sampling import SamplingParams
-    from fovea.server.engine import Engine
+    from fovea.launcher.engine import Engine
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import fovea` stays cheap for the processes that never need the Engine.
     if name == "Engine":
-        from fovea.server.engine import Engine
+        from fovea.launcher.engine import Engine
 
         return Engine
     if name == "SamplingParams":

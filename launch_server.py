@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fovea.server.launch import main
+from fovea.launcher.launch import main
 
 if __name__ == "__main__":
     main()

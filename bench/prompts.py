@@ -24,7 +24,7 @@ class Prompt:
 
 def resolve_model_dir(name_or_path: str) -> str:
     """A local directory as is; Fovea's built-in alias (SmolLM2-135M-Instruct) to its cache."""
-    from fovea.server.builtin_models import resolve_model_path
+    from fovea.launcher.builtin_models import resolve_model_path
 
     return str(resolve_model_path(name_or_path))
 

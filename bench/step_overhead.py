@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     server_env = dict(os.environ)
     if _PRELOADED in server_env and server_env[_PRELOADED] == server_env.get("LD_PRELOAD"):
         del server_env[_PRELOADED], server_env["LD_PRELOAD"]
-    from fovea.server.builtin_models import resolve_model_path
+    from fovea.launcher.builtin_models import resolve_model_path
 
     path = resolve_model_path(args.model)
     keep_freed_memory()  # the rest of the worker's set-up: its glibc settings, its threads

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fovea.server import builtin_models
-from fovea.server.builtin_models import resolve_model_path
-from fovea.server.model_source import ModelPathError
+from fovea.launcher import builtin_models
+from fovea.launcher.builtin_models import resolve_model_path
+from fovea.launcher.model_source import ModelPathError
 
 
 def test_existing_directory_is_returned_unchanged(tmp_path: Path) -> None:

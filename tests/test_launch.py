@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from server_harness import Server, child_pids, role_children, wait_gone
 
-from fovea.server.launch import renice
+from fovea.launcher.launch import renice
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -192,7 +192,7 @@ def test_a_signal_whose_exception_was_swallowed_still_stops_the_launcher(
 ) -> None:
     """A handler's exception raised inside a C destructor is lost (pyzmq prints "Exception
     ignored"); the launcher's loops find the signal in the record and stop anyway."""
-    from fovea.server import launch
+    from fovea.launcher import launch
 
     monkeypatch.setattr(launch, "_signalled", [])
     launch.raise_if_signalled()  # nothing received: no stop

@@ -1,4 +1,4 @@
-"""Hub ids as model paths (server/model_source.py). A stand-in hub served here over HTTP
+"""Hub ids as model paths (launcher/model_source.py). A stand-in hub served here over HTTP
 (HF_ENDPOINT) answers the four requests snapshot_download makes, so huggingface_hub's own download
 code lays out a real cache; a second resolution with HF_HUB_OFFLINE=1 must find it there without
 a request. Bad paths through the real CLI: one line on stderr, exit code 2.
@@ -22,7 +22,7 @@ import pytest
 from stand_in_hub import StandInHub
 
 from fovea.common.config import ServerArgs
-from fovea.server.launch import prepare
+from fovea.launcher.launch import prepare
 
 MAIN = hashlib.sha1(b"main").hexdigest()
 V1 = hashlib.sha1(b"v1").hexdigest()
@@ -95,8 +95,8 @@ def _env(hf_home: Path, endpoint: str | None = None, offline: bool = False) -> d
 # Each (path, revision, kind) resolved in one subprocess: the snapshot directory or the error.
 _RESOLVE = """
 import json, sys
-from fovea.server.builtin_models import resolve_model_path
-from fovea.server.model_source import MODEL, TOKENIZER, ModelPathError
+from fovea.launcher.builtin_models import resolve_model_path
+from fovea.launcher.model_source import MODEL, TOKENIZER, ModelPathError
 out = []
 for path, revision, kind in json.loads(sys.argv[1]):
     try:

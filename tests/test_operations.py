@@ -18,7 +18,7 @@ import httpx
 import pytest
 from server_harness import Server, role_children
 
-from fovea.server.sd_notify import Notifier
+from fovea.launcher.sd_notify import Notifier
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    from fovea.server.builtin_models import resolve_model_path
+    from fovea.launcher.builtin_models import resolve_model_path
 
     return Path(resolve_model_path("SmolLM2-135M-Instruct"))
 

@@ -36,7 +36,7 @@ from fovea.common.model_config import (
     tp_size_problem,
 )
 from fovea.common.process import configure_logging
-from fovea.server.sd_notify import Notifier
+from fovea.launcher.sd_notify import Notifier
 from fovea.worker.cpu_malloc import worker_preload
 
 log = logging.getLogger("fovea.launcher")
@@ -221,8 +221,8 @@ def prepare(args: ServerArgs) -> tuple[ServerArgs, ModelInfo]:
     """Resolve the model and tokenizer paths (a built-in alias, a hub id) to local directories,
     which the children read, and read the model's config. Raises ValueError subclasses with
     one-line messages."""
-    from fovea.server.builtin_models import resolve_model_path
-    from fovea.server.model_source import TOKENIZER
+    from fovea.launcher.builtin_models import resolve_model_path
+    from fovea.launcher.model_source import TOKENIZER
     from fovea.worker.models.registry import check_architecture
 
     path = resolve_model_path(args.model_path, args.revision, args.download_dir)

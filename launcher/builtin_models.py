@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fovea.common.cache_dir import cache_dir
-from fovea.server.model_source import MODEL, ModelPathError, PathKind, is_hub_id, resolve_hub_id
+from fovea.launcher.model_source import MODEL, ModelPathError, PathKind, is_hub_id, resolve_hub_id
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 _ALIASES = {SMOLLM2: SMOLLM2, "HuggingFaceTB/SmolLM2-135M-Instruct": SMOLLM2}

@@ -23,7 +23,7 @@ import msgspec
 from fovea.common.config import ServerArgs, check_args
 from fovea.common.messages import GenerateRequest, TextDelta
 from fovea.common.sampling import SamplingParams, validate_sampling
-from fovea.server.launch import ChildDied, ProcessGroup, prepare
+from fovea.launcher.launch import ChildDied, ProcessGroup, prepare
 from fovea.server.native_responses import NativeRenderer
 from fovea.server.openai_protocol import native_sampling
 from fovea.server.request_build import images_per_prompt, prompt_request
