@@ -80,9 +80,9 @@ def _run_http(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
 
 
 def _run_tokenizer(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
-    from fovea.tokenizer_service.tokenize import run_tokenizer
+    from fovea.tokenizer_service.main import run_tokenizer_service
 
-    run_tokenizer(args, addrs, model)
+    run_tokenizer_service(args, addrs, model)
 
 
 def _run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:

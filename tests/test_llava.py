@@ -25,7 +25,7 @@ from fovea.common.messages import ImageInput, NewSequence, ScheduledChunk, StepP
 from fovea.common.model_config import read_model_info
 from fovea.tokenizer_service.processors import load_processor
 from fovea.tokenizer_service.processors.llava import BASE_ONLY, LlavaProcessor
-from fovea.tokenizer_service.tokenize import image_hash
+from fovea.tokenizer_service.tokenizer import image_hash
 from fovea.worker.loader import WeightLoadError
 from fovea.worker.model_runner import ModelRunner
 

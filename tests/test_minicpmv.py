@@ -31,7 +31,7 @@ from fovea.common.model_config import ModelConfigError, read_model_info
 from fovea.tokenizer_service.chat_templates import ChatRenderer
 from fovea.tokenizer_service.processors import load_processor
 from fovea.tokenizer_service.processors.minicpmv import SlicedImageProcessor
-from fovea.tokenizer_service.tokenize import image_inputs
+from fovea.tokenizer_service.tokenizer import image_inputs
 from fovea.worker.model_runner import ModelRunner
 
 LAYOUTS = ["2.6", "4.6"]

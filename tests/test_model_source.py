@@ -203,7 +203,7 @@ def test_offline_resolves_from_the_cache_without_a_request(
 def test_prepare_reads_the_cached_checkpoint(
     downloaded: list[str], hf_home: Path, tiny_llama: Path
 ) -> None:
-    from fovea.tokenizer_service.tokenize import load_hf_tokenizer
+    from fovea.tokenizer_service.tokenizer import load_hf_tokenizer
 
     args, model = prepare(
         ServerArgs(

@@ -1,4 +1,4 @@
-"""The tokenizer service's request side (tokenizer_service/tokenize.py, chat_templates.py):
+"""The tokenizer service's request side (tokenizer_service/tokenizer.py, chat_templates.py):
 chat rendering, prompt checks with their exact OpenAI-style errors, max_new_tokens resolution,
 and the process wired to real sockets."""
 
@@ -33,7 +33,7 @@ from fovea.tokenizer_service.chat_templates import (
     ChatTemplateError,
     load_chat_template,
 )
-from fovea.tokenizer_service.tokenize import Outbox, Tokenizer
+from fovea.tokenizer_service.tokenizer import Outbox, Tokenizer
 
 CONVERSATION = [
     ChatMessage("system", "You are terse."),
@@ -359,12 +359,12 @@ def test_stop_string_round_trip_through_the_manager(hf: Any) -> None:
 
 
 def test_process_over_sockets(tok_dir: Path) -> None:
-    """run_tokenizer in its own process: ready report, tokenize, detokenize, stop-string abort."""
+    """The service as a process (main.py): ready report, tokenize, detokenize, stop-string abort."""
     import zmq
 
     from fovea.common.ipc import Addresses, Receiver, Sender
     from fovea.common.messages import ToLauncher, ToScheduler, ToServer
-    from fovea.tokenizer_service.tokenize import run_tokenizer
+    from fovea.tokenizer_service.main import run_tokenizer_service
 
     addrs = Addresses.local()
     ctx: zmq.Context[Any] = zmq.Context()
@@ -373,7 +373,7 @@ def test_process_over_sockets(tok_dir: Path) -> None:
     scheduler: Receiver[Any] = Receiver(ctx, addrs.scheduler_in, ToScheduler, bind=True)
     args = ServerArgs(model_path=str(tok_dir), log_level="warning")
     proc = mp.get_context("spawn").Process(
-        target=run_tokenizer, args=(args, addrs, model_info(str(tok_dir))), daemon=True
+        target=run_tokenizer_service, args=(args, addrs, model_info(str(tok_dir))), daemon=True
     )
     proc.start()
     try:

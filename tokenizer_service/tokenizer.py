@@ -1,33 +1,27 @@
-"""The tokenizer service: turns GenerateRequests into TokenizedRequests and the scheduler's
-TokenBatches into DeltaBatches, in one process, so a request's stop strings are registered before
+"""The tokenizer service's manager: turns GenerateRequests into TokenizedRequests and the
+scheduler's TokenBatches into DeltaBatches, so a request's stop strings are registered before
 its first tokens can arrive.
 
 A request with images is rendered and checked first (a bad prompt fails before any fetch), then
 its images are fetched concurrently and decoded and preprocessed off the event loop, so a slow
 image URL delays only its own request. Text requests are handled inline.
 
-`Tokenizer` is the socket-free manager (tests drive it directly); `run_tokenizer` is the process.
+`Tokenizer` is socket-free (tests drive it directly); the process around it is
+tokenizer_service/main.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import os
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import zmq
 
 from fovea.common import metrics as fovea_metrics
-from fovea.common.config import ServerArgs
-from fovea.common.ipc import Addresses, AsyncReceiver, Sender
 from fovea.common.messages import (
     AbortRequest,
     DeltaBatch,
@@ -37,19 +31,12 @@ from fovea.common.messages import (
     RequestError,
     TokenBatch,
     TokenizedRequest,
-    ToTokenizer,
 )
 from fovea.common.model_config import ModelInfo
-from fovea.common.process import report_ready, setup_process
-from fovea.tokenizer_service.chat_templates import (
-    ChatRenderer,
-    ChatRenderError,
-    ChatTemplateError,
-    image_refs,
-)
+from fovea.tokenizer_service.chat_templates import ChatRenderer, ChatRenderError, image_refs
 from fovea.tokenizer_service.detokenize import Detokenizer
-from fovea.tokenizer_service.media import MediaError, MediaLoader, MediaPolicy
-from fovea.tokenizer_service.processors import ImageProcessor, ProcessedImage, load_processor
+from fovea.tokenizer_service.media import MediaError, MediaLoader
+from fovea.tokenizer_service.processors import ImageProcessor, ProcessedImage
 
 log = logging.getLogger("fovea.tokenizer")
 
@@ -306,73 +293,3 @@ class Tokenizer:
                 "max_tokens",
             )
         return max_new_tokens
-
-
-def run_tokenizer(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
-    log = setup_process("tokenizer", args.log_level, args.log_format)
-    hf = load_hf_tokenizer(args.tokenizer_path or model.path)
-    processor = load_processor(model.path, _read_config(model.path))
-    try:
-        chat = ChatRenderer(hf, args.chat_template, model_takes_images=processor is not None)
-    except ChatTemplateError as e:
-        log.error("%s", e)  # one line; the launcher sees this child exit and stops the server
-        sys.exit(2)
-    if not chat.available:
-        log.warning("the model has no chat template: chat requests will be refused")
-    if processor is not None and chat.image_refusal:
-        log.warning("%s", chat.image_refusal)
-    asyncio.run(_serve(args, addrs, Tokenizer(hf, model, chat, processor)))
-
-
-def _read_config(path: str) -> dict[str, Any]:
-    """config.json of the model (the launcher already checked it); {} without one."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            cfg: dict[str, Any] = json.load(f)
-    except FileNotFoundError:
-        return {}
-    return cfg
-
-
-async def _serve(args: ServerArgs, addrs: Addresses, service: Tokenizer) -> None:
-    service.media = MediaLoader(MediaPolicy.from_args(args))
-    # Sends are synchronous (they never block: no HWM); only the inbox waits on the loop.
-    ctx: zmq.Context[Any] = zmq.Context()
-    inbox: AsyncReceiver[ToTokenizer] = AsyncReceiver(
-        ctx, addrs.tokenizer_in, ToTokenizer, bind=True
-    )
-    to_server = Sender(ctx, addrs.server_in, bind=False)
-    to_scheduler = Sender(ctx, addrs.scheduler_in, bind=False)
-    log.info(
-        "role=tokenizer pid=%d sockets: pull %s, push %s (server), push %s (scheduler)",
-        os.getpid(), addrs.tokenizer_in, addrs.server_in, addrs.scheduler_in,
-    )  # fmt: skip
-    report_ready(ctx, addrs, "tokenizer")
-
-    def send(box: Outbox) -> None:
-        # Scheduler first: a stop-string abort should free KV before the client hears "done".
-        for m in box.to_scheduler:
-            to_scheduler.send(m)
-        for r in box.to_server:
-            to_server.send(r)
-
-    async def with_images(req: GenerateRequest) -> None:
-        send(await service.handle_generate_async(req))
-
-    pending: set[asyncio.Task[None]] = set()  # image requests in flight (kept referenced)
-    handlers: dict[type, Callable[[Any], Outbox]] = {
-        GenerateRequest: service.handle_generate,
-        TokenBatch: service.handle_tokens,
-    }
-    while True:
-        try:
-            msg = await inbox.recv()
-        except msgspec.DecodeError as e:  # a malformed message: drop it, keep serving
-            log.error("dropped an undecodable message: %s", e)
-            continue
-        if isinstance(msg, GenerateRequest) and service.has_images(msg):
-            task = asyncio.create_task(with_images(msg))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            continue
-        send(handlers[type(msg)](msg))
