@@ -9,10 +9,10 @@ from typing import Any
 
 import msgspec
 
-from fovea.common.deepseek_vl2_config import DeepseekVL2ConfigError, check_deepseek_vl2
-from fovea.common.llava_config import LlavaConfigError, check_llava
-from fovea.common.minicpmv_config import MiniCPMVConfigError, check_minicpmv
-from fovea.common.mllama_config import MllamaConfigError, check_mllama
+from fovea.common.families.deepseek_vl2 import DeepseekVL2ConfigError, check_deepseek_vl2
+from fovea.common.families.llava import LlavaConfigError, check_llava
+from fovea.common.families.minicpmv import MiniCPMVConfigError, check_minicpmv
+from fovea.common.families.mllama import MllamaConfigError, check_mllama
 
 
 class ModelConfigError(ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fovea.common.deepseek_vl2_config import DeepseekV2TextConfig
+from fovea.common.families.deepseek_vl2 import DeepseekV2TextConfig
 from fovea.worker.attention.base import ChunkLayout
 from fovea.worker.attention.torch_native import TorchNativeBackend
 from fovea.worker.kv_pool import KVPool

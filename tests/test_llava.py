@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_original_llava
 from worker_driver import GREEDY, Driver, greedy, make_runner, prefill_logits
 
-from fovea.common.llava_config import anyres_feature_shape, llava_spec, unpadded_shape
+from fovea.common.families.llava import anyres_feature_shape, llava_spec, unpadded_shape
 from fovea.common.messages import ImageInput, NewSequence, ScheduledChunk, StepPlan
 from fovea.common.model_config import read_model_info
 from fovea.tokenizer_service.processors import load_processor

@@ -16,13 +16,13 @@ from llava_helpers import LlavaReference, random_image
 from PIL import Image
 from tiny_models import make_original_llava
 
-from fovea.common.llava_config import (
+from fovea.common.families.llava import (
     LlavaConfigError,
     llava_spec,
     parse_pinpoints,
     select_best_resolution,
 )
-from fovea.common.llava_defaults import KNOWN_TOWERS
+from fovea.common.families.llava_defaults import KNOWN_TOWERS
 from fovea.common.messages import ChatMessage
 from fovea.common.model_config import ModelConfigError, read_model_info
 from fovea.tokenizer_service.chat_templates import ChatRenderer

@@ -21,7 +21,7 @@ import numpy as np
 import PIL.Image
 from PIL import ImageOps
 
-from fovea.common.deepseek_vl2_config import (
+from fovea.common.families.deepseek_vl2 import (
     DeepseekVL2Spec,
     ProcessorSettings,
     deepseek_vl2_spec,

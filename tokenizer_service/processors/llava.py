@@ -1,7 +1,7 @@
 """LLaVA image preprocessing, equal to transformers' PIL-backend image processors
 (`LlavaImageProcessorPil`, `LlavaNextImageProcessorPil`, `LlavaOnevisionImageProcessorPil`) and
 the placeholder counts of their processors; the same steps for original-layout checkpoints,
-configured from the tower (common/llava_config.py) when preprocessor_config.json is absent.
+configured from the tower (common/families/llava.py) when preprocessor_config.json is absent.
 
 One tile (LLaVA-1.5): optionally pad to a square with the mean colour, resize (shortest edge,
 or to height x width), centre-crop, rescale, normalize -> pixel_values [1, C, S, S].
@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from fovea.common.llava_config import (
+from fovea.common.families.llava import (
     LlavaSpec,
     image_token_count,
     llava_spec,
     resolve_image_token_id,
     select_best_resolution,
 )
-from fovea.common.llava_defaults import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from fovea.common.families.llava_defaults import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from fovea.tokenizer_service.processors.base import (
     CHANNELS,
     PIXEL_KEYS,
@@ -102,7 +102,7 @@ def pad_to_square(pixels: np.ndarray, background: tuple[int, ...]) -> np.ndarray
 
 class LlavaProcessor(ImageProcessor):
     """`image_token_id` is the `<image>` token; each image's count of it comes from
-    `image_token_count` (common/llava_config.py)."""
+    `image_token_count` (common/families/llava.py)."""
 
     def __init__(
         self,

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from fovea.common.minicpmv_config import processor_settings
+from fovea.common.families.minicpmv import processor_settings
 from fovea.tokenizer_service.processors.base import (
     CHANNELS,
     ImageProcessor,

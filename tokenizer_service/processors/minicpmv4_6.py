@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from fovea.common.minicpmv_config import read_json
+from fovea.common.families.minicpmv import read_json
 from fovea.tokenizer_service.processors.base import (
     PIXEL_KEYS,
     ProcessedImage,

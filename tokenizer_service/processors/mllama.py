@@ -1,6 +1,6 @@
 """Llama 3.2 Vision (Mllama) image preprocessing, equal to transformers'
 `MllamaImageProcessorPil` bit for bit: the image is resized (uint8, PIL, bilinear by default)
-to fit the best canvas of whole tiles (common/mllama_config.py), padded with zeros at the
+to fit the best canvas of whole tiles (common/families/mllama.py), padded with zeros at the
 bottom and right to that canvas, rescaled and normalized (a per-channel lookup table with
 transformers' dtype steps; the padding is normalized too, as there) and cut into tiles in
 row-major order.
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from fovea.common.mllama_config import (
+from fovea.common.families.mllama import (
     MllamaConfigError,
     MllamaGeometry,
     fit_to_canvas,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fovea.common.deepseek_vl2_config import DeepseekV2TextConfig
+from fovea.common.families.deepseek_vl2 import DeepseekV2TextConfig
 from fovea.worker.distributed import all_reduce, tp_rank, tp_size
 from fovea.worker.layers.linear import (
     Loaded,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fovea.common.deepseek_vl2_config import DeepseekV2TextConfig
+from fovea.common.families.deepseek_vl2 import DeepseekV2TextConfig
 from fovea.worker.attention.base import AttentionBackend
 from fovea.worker.distributed import tp_size
 from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fovea.common.deepseek_vl2_config import DeepseekVL2Spec, deepseek_vl2_spec
+from fovea.common.families.deepseek_vl2 import DeepseekVL2Spec, deepseek_vl2_spec
 from fovea.common.messages import ImageInput
 from fovea.worker.layers.linear import (
     Loaded,

@@ -1,7 +1,7 @@
 """LLaVA: a vision tower (CLIP or SigLIP) whose selected hidden states are projected (an MLP)
 onto the `<image>` placeholder tokens of a Llama / Mistral / Qwen2 decoder on 1-D positions.
 
-One class serves the family, driven by `LlavaSpec` (common/llava_config.py): LLaVA-1.5 (one
+One class serves the family, driven by `LlavaSpec` (common/families/llava.py): LLaVA-1.5 (one
 tile per image), LLaVA-NeXT / 1.6 and Llama3-LLaVA-NeXT (anyres tiles, unpadded, a newline per
 row: llava_next.py), LLaVA-OneVision (SigLIP, anyres_max, several images one padded tile each),
 in both checkpoint layouts:
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fovea.common.llava_config import LlavaSpec, llava_spec
+from fovea.common.families.llava import LlavaSpec, llava_spec
 from fovea.common.messages import ImageInput
 from fovea.worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from fovea.worker.models.clip import LAYER_TENSORS, ClipVisionConfig, ClipVisionTower

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fovea.common.llava_config import (
+from fovea.common.families.llava import (
     LlavaSpec,
     anyres_max_shape,
     select_best_resolution,

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fovea.common.families.minicpmv import RESAMPLER_HEAD_DIM
 from fovea.common.messages import ImageInput
-from fovea.common.minicpmv_config import RESAMPLER_HEAD_DIM
 from fovea.worker.models.clip import LAYER_TENSORS
 from fovea.worker.models.llava import _SIGLIP_HEAD
 from fovea.worker.models.qwen2 import Qwen2ForCausalLM

@@ -1,6 +1,6 @@
 """MiniCPM-V 4.6 (`MiniCPMV4_6ForConditionalGeneration`, transformers' native class): a navit
 SigLIP tower with a window-attention merger after layer `insert_layer_id`, an MLP merger and
-a Llama-family decoder (see common/minicpmv_config.py for why Qwen3.5 is not served).
+a Llama-family decoder (see common/families/minicpmv.py for why Qwen3.5 is not served).
 
 Per view (an ImageInput: pixel_values [C, P, L*P], grid [h, w] patches, as in 2.6):
 - embeddings: the patch Conv2d plus position embeddings at the patches' fractional

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fovea.common.mllama_config import MllamaGeometry
+from fovea.common.families.mllama import MllamaGeometry
 from fovea.worker.distributed import tp_size
 from fovea.worker.layers.linear import QKVParallelLinear, RowParallelLinear
 from fovea.worker.models.siglip import ACTIVATIONS, SiglipMLP, SiglipVisionConfig

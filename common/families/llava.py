@@ -6,7 +6,7 @@ llava_next, llava_onevision: nested `text_config` / `vision_config`) and the ori
 (`LlavaLlamaForCausalLM`, `LlavaQwenForCausalLM`, `LlavaMistralForCausalLM`: a flat language
 model config plus `mm_*` keys, `mm_vision_tower` naming a hub tower). Both become one
 `LlavaSpec`. An original checkpoint's tower config comes from `KNOWN_TOWERS`
-(common/llava_defaults.py); Fovea's escape hatch for a tower not in the table is a
+(common/families/llava_defaults.py); Fovea's escape hatch for a tower not in the table is a
 `mm_vision_tower_config` dict (a transformers vision_config with its `model_type`) in
 config.json, which takes precedence.
 
@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from fovea.common.llava_defaults import (
+from fovea.common.families.llava_defaults import (
     FAMILY_DEFAULTS,
     KNOWN_TOWERS,
     NEXT_PINPOINTS,

@@ -1,4 +1,4 @@
-"""Built-in configuration that LLaVA checkpoints leave out, read by common/llava_config.py:
+"""Built-in configuration that LLaVA checkpoints leave out, read by common/families/llava.py:
 the hub vision towers original checkpoints name (their configs and image processors), and
 transformers' defaults for vision and text configs and for each converted family.
 """
