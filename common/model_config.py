@@ -9,10 +9,8 @@ from typing import Any
 
 import msgspec
 
-from fovea.common.families.deepseek_vl2 import DeepseekVL2ConfigError, check_deepseek_vl2
-from fovea.common.families.llava import LlavaConfigError, check_llava
-from fovea.common.families.minicpmv import MiniCPMVConfigError, check_minicpmv
-from fovea.common.families.mllama import MllamaConfigError, check_mllama
+from fovea.common.architectures import ARCHITECTURES, first_architecture
+from fovea.common.families import FamilyConfigError
 
 
 class ModelConfigError(ValueError):
@@ -59,22 +57,14 @@ def read_model_info(path: str, context_length: int | None = None) -> ModelInfo:
     archs = cfg.get("architectures") or []
     if not archs:
         raise ModelConfigError(f"{cfg_path} names no architectures")
-    try:  # a LLaVA checkpoint's tower and image token, checked before any process starts
-        check_llava(path, cfg)
-    except LlavaConfigError as e:
-        raise ModelConfigError(f"{cfg_path}: {e}") from e
-    try:  # likewise a DeepSeek-VL2 checkpoint's config, processor settings and image token
-        check_deepseek_vl2(path, cfg)
-    except DeepseekVL2ConfigError as e:
-        raise ModelConfigError(f"{cfg_path}: {e}") from e
-    try:  # a MiniCPM-V checkpoint's layout, language model and processor settings
-        check_minicpmv(path, cfg)
-    except MiniCPMVConfigError as e:
-        raise ModelConfigError(f"{cfg_path}: {e}") from e
-    try:  # an Mllama checkpoint's image processor agrees with its vision tower
-        check_mllama(path, cfg)
-    except MllamaConfigError as e:
-        raise ModelConfigError(f"{cfg_path}: {e}") from e
+    row = first_architecture(cfg)
+    if row is not None and row.config_check is not None:
+        # The family's checks (a LLaVA tower and image token, an Mllama processor that agrees
+        # with its tower, ...), before any process starts.
+        try:
+            row.config_check(path, cfg)
+        except FamilyConfigError as e:
+            raise ModelConfigError(f"{cfg_path}: {e}") from e
     text = _text_config(cfg)
     model_max = int(
         text.get("max_position_embeddings") or cfg.get("max_position_embeddings") or 2048
@@ -142,7 +132,7 @@ def _moe_and_tower_splits(cfg: dict[str, Any], text: dict[str, Any]) -> dict[str
         width = int(vision.get("width", 1024))
         out["vision heads"] = int(vision.get("heads", 16))
         out["vision MLP width"] = int(width * float(vision.get("mlp_ratio", 4)))
-    elif vision.get("num_attention_heads") and not _qwen_vl(cfg):
+    elif vision.get("num_attention_heads") and _vision_tp_split(cfg):
         # SigLIP / CLIP / Mllama towers split their heads and MLP like the decoder (Qwen2-VL's
         # tower keeps its attention whole: left out).
         out["vision heads"] = int(vision["num_attention_heads"])
@@ -151,14 +141,13 @@ def _moe_and_tower_splits(cfg: dict[str, Any], text: dict[str, Any]) -> dict[str
     return out
 
 
-def _qwen_vl(cfg: dict[str, Any]) -> bool:
-    return any(str(a).startswith("Qwen2") for a in cfg.get("architectures") or [])
-
-
-# Architectures whose image tokens attend to each other in full during prefill (transformers'
-# token_type_ids mask): the scheduler must keep each image inside one prefill chunk.
-BIDIRECTIONAL_IMAGE_ARCHITECTURES = frozenset({"Gemma3ForConditionalGeneration"})
+def _vision_tp_split(cfg: dict[str, Any]) -> bool:
+    row = first_architecture(cfg)
+    return row is None or row.capabilities.vision_tp_split
 
 
 def images_attend_bidirectionally(architecture: str) -> bool:
-    return architecture in BIDIRECTIONAL_IMAGE_ARCHITECTURES
+    """An image's tokens attend to each other in full during prefill (transformers'
+    token_type_ids mask): the scheduler must keep each image inside one prefill chunk."""
+    row = ARCHITECTURES.get(architecture)
+    return row is not None and row.capabilities.bidirectional_images

@@ -22,13 +22,15 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from fovea.common.families import FamilyConfigError
+
 ARCHITECTURE = "DeepseekVLV2ForCausalLM"
 IMAGE_TOKEN = "<image>"
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 
 
-class DeepseekVL2ConfigError(ValueError):
+class DeepseekVL2ConfigError(FamilyConfigError):
     pass
 
 

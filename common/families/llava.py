@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from fovea.common.families import FamilyConfigError
 from fovea.common.families.llava_defaults import (
     FAMILY_DEFAULTS,
     KNOWN_TOWERS,
@@ -34,7 +35,7 @@ from fovea.common.families.llava_defaults import (
 )
 
 
-class LlavaConfigError(ValueError):
+class LlavaConfigError(FamilyConfigError):
     """A LLaVA config Fovea cannot serve (one line, naming the fix)."""
 
 

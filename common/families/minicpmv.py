@@ -23,6 +23,8 @@ import json
 import os
 from typing import Any
 
+from fovea.common.families import FamilyConfigError
+
 # architecture -> layout
 MINICPMV_ARCHITECTURES = {"MiniCPMV": "2.6", "MiniCPMV4_6ForConditionalGeneration": "4.6"}
 # text_config model types the 4.6 layout is served with (Fovea's Llama-family decoder)
@@ -31,7 +33,7 @@ TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
 RESAMPLER_HEAD_DIM = 128
 
 
-class MiniCPMVConfigError(ValueError):
+class MiniCPMVConfigError(FamilyConfigError):
     """A MiniCPM-V checkpoint Fovea cannot serve (one line, naming the reason)."""
 
 

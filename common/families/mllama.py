@@ -16,10 +16,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from fovea.common.families import FamilyConfigError
+
 MLLAMA_ARCHITECTURE = "MllamaForConditionalGeneration"
 
 
-class MllamaConfigError(ValueError):
+class MllamaConfigError(FamilyConfigError):
     """An Mllama checkpoint Fovea cannot serve (one line, naming the mismatch)."""
 
 
