@@ -74,7 +74,7 @@ def renice(pid: int, nice: int) -> None:
 
 
 def _run_http(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
-    from fovea.server.app import run_http_server
+    from fovea.server.main import run_http_server
 
     run_http_server(args, addrs, model)
 

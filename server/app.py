@@ -1,4 +1,4 @@
-"""The HTTP process: the FastAPI app assembled from its routers, and its entry point.
+"""The HTTP process's FastAPI app, assembled from its routers (the process: server/main.py).
 
 The server never tokenizes: it validates, hands GenerateRequests to the tokenizer service and
 streams back the TextDeltas (server/requests.py). Routes: server/openai_routes.py (OpenAI) and
@@ -9,9 +9,6 @@ when the backend itself is gone).
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,12 +22,10 @@ from fovea.common.ipc import Addresses
 from fovea.common.model_config import ModelInfo
 from fovea.server import native_routes, openai_routes, responses
 from fovea.server.context import ServerContext
-from fovea.server.drain import Drain, DrainingServer, install_drain
+from fovea.server.drain import Drain
 from fovea.server.guards import ApiKeyAuth, BodyLimit, JSONBody, RefuseWhileDraining
 from fovea.server.request_build import APIError
 from fovea.server.requests import RequestFailed, RequestManager
-
-log = logging.getLogger("fovea.server")
 
 
 def create_app(
@@ -81,56 +76,3 @@ def create_app(
     if args.api_key:
         app.add_middleware(ApiKeyAuth, api_key=args.api_key)
     return app
-
-
-def run_http_server(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
-    """Process entry of the HTTP server."""
-    import uvicorn
-
-    from fovea.common.process import report_ready, setup_process
-
-    log = setup_process("http", args.log_level, args.log_format)
-    drain = Drain(args.shutdown_timeout)
-    app = create_app(args, model, addrs, drain)
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level if args.log_level != "info" else "warning",
-        timeout_keep_alive=30,
-        # Our drain already waited for requests in flight (server/drain.py).
-        timeout_graceful_shutdown=2,
-    )
-    server = DrainingServer(config)
-
-    async def serve() -> None:
-        ctx: ServerContext = app.state.ctx
-        install_drain(server, drain, lambda: ctx.inflight, ctx.cut_off)
-        task = asyncio.create_task(server.serve())
-        while not server.started:
-            if task.done():
-                break
-            await asyncio.sleep(0.05)
-        if server.started:
-            import zmq
-
-            log.info(
-                "role=http pid=%d listen=http://%s:%d sockets: in=%s tokenizer=%s scheduler=%s",
-                os.getpid(),
-                args.host,
-                args.port,
-                addrs.server_in,
-                addrs.tokenizer_in,
-                addrs.scheduler_in,
-            )
-            report_ready(zmq.Context.instance(), addrs, "http")
-        await task
-        if not server.started:
-            raise SystemExit(1)
-
-    try:
-        import uvloop
-
-        uvloop.run(serve())
-    except ImportError:
-        asyncio.run(serve())
