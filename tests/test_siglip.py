@@ -12,7 +12,7 @@ from transformers import SiglipVisionConfig as HFSiglipVisionConfig
 from transformers import SiglipVisionModel
 
 from fovea.worker.loader import WeightLoadError, load_weights
-from fovea.worker.models.siglip import SiglipVisionConfig, SiglipVisionTower
+from fovea.worker.models.vision.siglip import SiglipVisionConfig, SiglipVisionTower
 
 HF_CONFIG = dict(
     hidden_size=64,

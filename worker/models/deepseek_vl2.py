@@ -11,7 +11,7 @@ Checkpoint names: `vision.*` in timm's layout (patch_embed.proj, pos_embed [1, P
 blocks.{i}.{norm1, attn.qkv (fused q;k;v rows), attn.proj, norm2, mlp.fc1, mlp.fc2}, norm;
 the attention-pooling head attn_pool.* is unused), `projector.layers.{0,2,..}.*`,
 `image_newline`, `view_seperator`, `language.model.*`, `language.lm_head.*`. They land on
-the shared SigLIP tower (`vision_tower.*`, siglip.py), `projector.*`, and the decoder's
+the shared SigLIP tower (`vision_tower.*`, vision/siglip.py), `projector.*`, and the decoder's
 `model.*` / `lm_head.*`.
 
 Tensor parallel: the tower and decoder split as theirs do; the projector (a few MB) and the
@@ -37,7 +37,7 @@ from fovea.worker.layers.linear import (
     set_weight_loader,
 )
 from fovea.worker.models.deepseek_v2 import DeepseekV2ForCausalLM
-from fovea.worker.models.siglip import SiglipAttention, SiglipVisionConfig, SiglipVisionTower
+from fovea.worker.models.vision.siglip import SiglipAttention, SiglipVisionConfig, SiglipVisionTower
 
 _ATTN_POOL = tuple(
     f"vision.attn_pool.{name}"

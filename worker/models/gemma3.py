@@ -30,7 +30,7 @@ from torch import nn
 
 from fovea.common.messages import ImageInput
 from fovea.worker.models.gemma3_text import Gemma3ForCausalLM, GemmaRMSNorm
-from fovea.worker.models.siglip import SiglipVisionConfig, SiglipVisionTower
+from fovea.worker.models.vision.siglip import SiglipVisionConfig, SiglipVisionTower
 
 
 class Gemma3MultiModalProjector(nn.Module):

@@ -30,10 +30,10 @@ from torch import nn
 from fovea.common.families.llava import LlavaSpec, llava_spec
 from fovea.common.messages import ImageInput
 from fovea.worker.layers.linear import ColumnParallelLinear, RowParallelLinear
-from fovea.worker.models.clip import LAYER_TENSORS, ClipVisionConfig, ClipVisionTower
 from fovea.worker.models.llama import LlamaForCausalLM
 from fovea.worker.models.llava_next import pack_anyres
-from fovea.worker.models.siglip import SiglipVisionConfig, SiglipVisionTower
+from fovea.worker.models.vision.clip import LAYER_TENSORS, ClipVisionConfig, ClipVisionTower
+from fovea.worker.models.vision.siglip import SiglipVisionConfig, SiglipVisionTower
 
 PROJECTOR_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,

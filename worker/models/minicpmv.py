@@ -32,10 +32,10 @@ from torch import nn
 
 from fovea.common.families.minicpmv import RESAMPLER_HEAD_DIM
 from fovea.common.messages import ImageInput
-from fovea.worker.models.clip import LAYER_TENSORS
 from fovea.worker.models.llava import _SIGLIP_HEAD
 from fovea.worker.models.qwen2 import Qwen2ForCausalLM
-from fovea.worker.models.siglip import SiglipVisionConfig, SiglipVisionTower
+from fovea.worker.models.vision.clip import LAYER_TENSORS
+from fovea.worker.models.vision.siglip import SiglipVisionConfig, SiglipVisionTower
 
 # SigLIP's attention-pooling head and position-id buffer, should a checkpoint carry them.
 TOWER_UNUSED = (*(f"vpm{name}" for name in _SIGLIP_HEAD), "vpm.embeddings.position_ids")

@@ -32,7 +32,7 @@ from torch import nn
 from fovea.common.messages import ImageInput
 from fovea.worker.models.llama import LlamaForCausalLM
 from fovea.worker.models.minicpmv import encode_by_size, navit_embed, navit_positions
-from fovea.worker.models.siglip import SiglipAttention, SiglipVisionConfig, SiglipVisionTower
+from fovea.worker.models.vision.siglip import SiglipAttention, SiglipVisionConfig, SiglipVisionTower
 
 
 def fold_2x2(x: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ them (the `<|image|>` token is an ordinary token, one per image, never replaced)
   out and MLP each added with a tanh gate. Which images a token sees, and the MLP row mask of
   tokens before the first image, come from the step's `CrossBatch`. With no image in the
   batch the layers are skipped, as transformers skips them for a text-only request.
-- The vision tower (mllama_vision.py) and `multi_modal_projector` (vision_output_dim ->
+- The vision tower (vision/mllama.py) and `multi_modal_projector` (vision_output_dim ->
   hidden) make, per image, [max_tiles * patches, hidden] states (`encode_images`);
   `cross_kv` projects them to every cross layer's K/V.
 
@@ -46,7 +46,7 @@ from fovea.worker.layers.linear import (
 from fovea.worker.layers.norm import RMSNorm
 from fovea.worker.layers.rotary import RotaryEmbedding
 from fovea.worker.models.llama import DecoderConfig, LlamaDecoderLayer, LlamaMLP
-from fovea.worker.models.mllama_vision import MllamaVisionConfig, MllamaVisionTower
+from fovea.worker.models.vision.mllama import MllamaVisionConfig, MllamaVisionTower
 
 if TYPE_CHECKING:
     from fovea.worker.cross_attention import CrossBatch

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fovea.worker.models.siglip import SiglipEncoder, SiglipVisionConfig
+from fovea.worker.models.vision.siglip import SiglipEncoder, SiglipVisionConfig
 
 # The tensors of one encoder layer, as checkpoints name them (q/k/v unfused).
 LAYER_TENSORS = tuple(

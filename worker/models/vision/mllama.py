@@ -31,7 +31,7 @@ from torch import nn
 from fovea.common.families.mllama import MllamaGeometry
 from fovea.worker.distributed import tp_size
 from fovea.worker.layers.linear import QKVParallelLinear, RowParallelLinear
-from fovea.worker.models.siglip import ACTIVATIONS, SiglipMLP, SiglipVisionConfig
+from fovea.worker.models.vision.siglip import ACTIVATIONS, SiglipMLP, SiglipVisionConfig
 
 
 @dataclass(frozen=True)
