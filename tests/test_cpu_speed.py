@@ -13,10 +13,10 @@ from fovea.worker.layers import cpu_layout
 from fovea.worker.layers.cpu_layout import (
     CpuWeights,
     column_major,
-    prepare_for_cpu,
 )
 from fovea.worker.layers.embedding import ParallelLMHead
 from fovea.worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+from fovea.worker.loader import prepare_for_cpu
 
 
 def test_column_major_is_the_same_matrix_stored_transposed() -> None:

@@ -25,8 +25,9 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from fovea.worker.layers.cpu_layout import prepare_for_cpu
-from fovea.worker.layers.linear import default_weight_loader
+from fovea.worker.layers.cpu_layout import CpuWeights, column_major
+from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from fovea.worker.layers.linear import _ParallelLinear, default_weight_loader
 from fovea.worker.models.registry import model_class
 
 log = logging.getLogger("fovea.loader")
@@ -121,6 +122,28 @@ def load_weights(model: nn.Module, path: str) -> None:
     missing = sorted(f"{p}[{s}]" if s is not None else p for p, s in expected - filled)
     if missing:
         raise WeightLoadError(f"checkpoint {path!r} lacks weights: {', '.join(missing)}")
+
+
+def prepare_for_cpu(model: nn.Module) -> None:
+    """Give every tensor-parallel linear layer and LM head its CPU layouts (CpuWeights,
+    worker/layers/cpu_layout.py). Call after the weights are loaded (loaders write the
+    row-major layout)."""
+    # A head tied to the input embedding must leave that weight row-major (embedding lookups
+    # read rows); an untied head's own weight is re-laid in place, so its column-major layout
+    # costs no copy.
+    embeddings = {
+        m.weight.data_ptr()
+        for m in model.modules()
+        if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
+    }
+    for m in model.modules():
+        if isinstance(m, _ParallelLinear):
+            m.weight.data = column_major(m.weight.data)
+            m.cpu_weights = CpuWeights(m.weight.data)
+        elif isinstance(m, ParallelLMHead):
+            if m.weight.data_ptr() not in embeddings:
+                m.weight.data = column_major(m.weight.data)
+            m.cpu_weights = CpuWeights(m.weight.data)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fovea.worker.cpu_threads import cpu_flags
 
@@ -71,27 +70,3 @@ class CpuWeights:
             )
             return out.view(*x.shape[:-1], out.shape[-1])
         return F.linear(x, self.col, bias)
-
-
-def prepare_for_cpu(model: nn.Module) -> None:
-    """Give every tensor-parallel linear layer and LM head its CPU layouts (CpuWeights). Call
-    after the weights are loaded (loaders write the row-major layout)."""
-    from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-    from fovea.worker.layers.linear import _ParallelLinear
-
-    # A head tied to the input embedding must leave that weight row-major (embedding lookups
-    # read rows); an untied head's own weight is re-laid in place, so its column-major layout
-    # costs no copy.
-    embeddings = {
-        m.weight.data_ptr()
-        for m in model.modules()
-        if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
-    }
-    for m in model.modules():
-        if isinstance(m, _ParallelLinear):
-            m.weight.data = column_major(m.weight.data)
-            m.cpu_weights = CpuWeights(m.weight.data)
-        elif isinstance(m, ParallelLMHead):
-            if m.weight.data_ptr() not in embeddings:
-                m.weight.data = column_major(m.weight.data)
-            m.cpu_weights = CpuWeights(m.weight.data)

@@ -52,7 +52,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """logits = h Wᵀ over this rank's vocabulary slice, gathered to the full vocabulary.
     Tied embeddings: the model points `weight` at the embedding's parameter."""
 
-    cpu_weights: CpuWeights | None = None  # set by cpu_layout.prepare_for_cpu
+    cpu_weights: CpuWeights | None = None  # set by loader.prepare_for_cpu
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.cpu_weights is not None:

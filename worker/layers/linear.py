@@ -64,7 +64,7 @@ def divide(n: int, d: int, what: str) -> int:
 
 
 class _ParallelLinear(nn.Module):
-    cpu_weights: CpuWeights | None = None  # set by cpu_layout.prepare_for_cpu
+    cpu_weights: CpuWeights | None = None  # set by loader.prepare_for_cpu
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
