@@ -81,7 +81,7 @@ class NativeRenderer(Renderer):
             meta["e2e_latency"] = time.monotonic() - self.started
         if self.return_logprob:
             self._logprobs(d, meta)
-        out = {"text": text, "output_ids": list(ids), "meta_info": meta}
+        out: dict[str, Any] = {"text": text, "output_ids": list(ids), "meta_info": meta}
         if self.many:
             out["index"] = d.index
         return out
