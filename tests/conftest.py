@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-# Test helper modules (tiny_models, server_harness) import as top-level names.
-sys.path.insert(0, str(Path(__file__).parent))
+# Test helper modules (tests/fixtures: tiny_models, server_harness) import as top-level names.
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 
 # Servers the tests start compare greedy tokens with float32 references; on a CPU with native
 # bf16 `--dtype auto` would serve bfloat16 and diverge. (A test's own --dtype still wins.)

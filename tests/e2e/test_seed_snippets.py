@@ -3,10 +3,10 @@ it: its launch command on the hub id meta-llama/Llama-3.2-11B-Vision-Instruct, r
 a Hugging Face cache, and its four client snippets (curl, requests, the openai client with one
 image, with two images), each copied here as it stands in the seed.
 
-The repo id holds the tiny random Mllama checkpoint (tests/tiny_mllama.py). huggingface_hub's
-own snapshot_download lays out the cache under a temporary HF_HOME, from the stand-in hub
-(tests/stand_in_hub.py, HF_ENDPOINT); the hub is then shut down and the server started with
-HF_HUB_OFFLINE=1 and that HF_HOME:
+The repo id holds the tiny random Mllama checkpoint (tests/fixtures/tiny_mllama.py).
+huggingface_hub's own snapshot_download lays out the cache under a temporary HF_HOME, from the
+stand-in hub (tests/fixtures/stand_in_hub.py, HF_ENDPOINT); the hub is then shut down and the
+server started with HF_HUB_OFFLINE=1 and that HF_HOME:
 
     python -m fovea.launch_server --model-path meta-llama/Llama-3.2-11B-Vision-Instruct \
         --chat-template=llama_3_vision --port <free port> --allow-private-media-urls

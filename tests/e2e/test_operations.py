@@ -22,7 +22,7 @@ from fovea.launcher.sd_notify import Notifier
 
 pytestmark = pytest.mark.slow
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 class FakeSystemd:

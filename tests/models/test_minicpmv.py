@@ -1,7 +1,7 @@
 """MiniCPM-V in both served layouts against their references on tiny checkpoints: 2.6 (the
 hub's remote-code layout; reference: SiglipVisionModel + Qwen2ForCausalLM + the published
-resampler, slicing and prompt code written plainly in tests/minicpmv_reference.py) and the
-native 4.6 (reference: transformers' MiniCPMV4_6ForConditionalGeneration and processor).
+resampler, slicing and prompt code written plainly in tests/fixtures/minicpmv_reference.py) and
+the native 4.6 (reference: transformers' MiniCPMV4_6ForConditionalGeneration and processor).
 
 Asserted: the processor's views (pixel values bit for bit, patch grids, slice grid) and
 expanded prompt ids equal the reference processor's for several image sizes, sliced ones

@@ -1,8 +1,8 @@
 """launch_server on the tiny MiniCPM-V checkpoints, one server per layout (2.6 with the
 built-in minicpmv template; 4.6 with its checkpoint's own chat_template.jinja, as a file),
 prefill chunks of 24 tokens, driven by the openai client with images as data URIs: greedy
-outputs equal the reference's (tests/minicpmv_reference.py) for text only, one sliced image
-and two images; the same image again is a prefix hit that encodes none of its views."""
+outputs equal the reference's (tests/fixtures/minicpmv_reference.py) for text only, one sliced
+image and two images; the same image again is a prefix hit that encodes none of its views."""
 
 from __future__ import annotations
 
