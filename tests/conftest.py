@@ -1,13 +1,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-# Test helper modules (tests/fixtures: tiny_models, server_harness) import as top-level names.
-sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 
 # Servers the tests start compare greedy tokens with float32 references; on a CPU with native
 # bf16 `--dtype auto` would serve bfloat16 and diverge. (A test's own --dtype still wins.)
