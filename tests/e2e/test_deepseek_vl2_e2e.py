@@ -17,7 +17,7 @@ import pytest
 import vision_helpers
 from deepseek_vl2_reference import Reference, format_conversation
 from PIL import Image
-from server_harness import Server, served
+from server_harness import Server, serve_module
 from vision_helpers import N_NEW, ImageHost, png
 
 pytestmark = pytest.mark.slow
@@ -26,25 +26,12 @@ MODEL = "tiny-deepseek-vl2"
 
 
 @pytest.fixture(scope="module")
-def host() -> Iterator[ImageHost]:
-    h = ImageHost()
-    yield h
-    h.httpd.shutdown()
-
-
-@pytest.fixture(scope="module")
 def server(tiny_deepseek_vl2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(
+    yield from serve_module(
         tiny_deepseek_vl2, "--chat-template", "deepseek-vl2", "--allow-private-media-urls",
         "--served-model-name", MODEL, "--max-total-tokens", "4000", "--tp-size", "2",
-        log_path=tmp_path_factory.mktemp("logs") / "server.log",
-    ).wait_ready()  # fmt: skip
-    yield from served(srv)
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return server.openai_client()
+        logs=tmp_path_factory,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

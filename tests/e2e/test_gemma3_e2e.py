@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from server_harness import Server, served
+from server_harness import Server, serve_module
 from vision_helpers import N_NEW, ImageHost, image_part, png, text_part
 
 pytestmark = pytest.mark.slow
@@ -85,30 +85,15 @@ class GemmaReference:
         return [int(t) for t in out[0, len(ids) :]]
 
 
-@pytest.fixture(scope="module")
-def host() -> Iterator[ImageHost]:
-    h = ImageHost()
-    yield h
-    h.httpd.shutdown()
-
-
-def start(model_dir: Path, log: Path) -> Server:
-    return Server(
-        model_dir, "--chat-template", "gemma-it", "--allow-private-media-urls",
-        "--served-model-name", "tiny-gemma", "--max-total-tokens", "4000",
-        "--chunked-prefill-size", "20", log_path=log,
-    ).wait_ready()  # fmt: skip
+FLAGS = (
+    "--chat-template", "gemma-it", "--allow-private-media-urls", "--served-model-name",
+    "tiny-gemma", "--max-total-tokens", "4000", "--chunked-prefill-size", "20",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def server(tiny_gemma3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start(tiny_gemma3, tmp_path_factory.mktemp("logs") / "server.log")
-    yield from served(srv)
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return server.openai_client()
+    yield from serve_module(tiny_gemma3, *FLAGS, logs=tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +180,7 @@ def test_same_image_hits_the_prefix_cache(
 
 def test_text_only_model(tiny_gemma3_text: Path, tmp_path: Path) -> None:
     ref = GemmaReference(tiny_gemma3_text)
-    srv = start(tiny_gemma3_text, tmp_path / "server.log")
+    srv = Server(tiny_gemma3_text, *FLAGS, log_path=tmp_path / "server.log").wait_ready()
     try:
         client = openai.OpenAI(base_url=srv.base + "/v1", api_key="none", max_retries=0)
         messages = [{"role": "user", "content": LONG}]

@@ -33,7 +33,7 @@ from hostile_cases import (
     data_uri,
     with_image,
 )
-from server_harness import Server
+from server_harness import Server, serve_module
 
 pytestmark = pytest.mark.slow
 
@@ -43,31 +43,25 @@ API_KEY = "fovea-test-key-7f3a9c"
 # ---------------------------------------------------------------------------- servers
 
 
-def _serve(model: Path, log: Path, *flags: str) -> Iterator[Server]:
-    srv = Server(
-        model, "--chat-template", "qwen2-vl", "--served-model-name", "tiny-vl",
-        "--context-length", str(CONTEXT), "--media-fetch-timeout", "1", *flags, log_path=log,
-    )  # fmt: skip
-    try:
-        yield srv.wait_ready()
-    finally:
-        assert srv.stop() == 0, srv.log_tail()
+FLAGS = (
+    "--chat-template", "qwen2-vl", "--served-model-name", "tiny-vl",
+    "--context-length", str(CONTEXT), "--media-fetch-timeout", "1",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def server(tiny_qwen2_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("hostile") / "server.log"
-    yield from _serve(
-        tiny_qwen2_vl, log, "--max-images-per-request", "4", "--max-request-bytes", str(MAX_BODY)
-    )
+    yield from serve_module(
+        tiny_qwen2_vl, *FLAGS, "--max-images-per-request", "4",
+        "--max-request-bytes", str(MAX_BODY), logs=tmp_path_factory,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def keyed(tiny_qwen2_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("keyed") / "server.log"
-    yield from _serve(
-        tiny_qwen2_vl, log, "--allow-private-media-urls", "--api-key", API_KEY,
-        "--log-level", "debug", "--enable-metrics",
+    yield from serve_module(
+        tiny_qwen2_vl, *FLAGS, "--allow-private-media-urls", "--api-key", API_KEY,
+        "--log-level", "debug", "--enable-metrics", logs=tmp_path_factory,
     )  # fmt: skip
 
 

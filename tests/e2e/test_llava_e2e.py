@@ -20,18 +20,11 @@ import openai
 import pytest
 from llava_helpers import N_NEW, LlavaReference
 from PIL import Image
-from server_harness import Server, served
+from server_harness import Server, serve_module
 from tiny_models import LLAVA_KINDS, make_original_llava
 from vision_helpers import ImageHost, image_part, png, text_part
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def host() -> Iterator[ImageHost]:
-    h = ImageHost()
-    yield h
-    h.httpd.shutdown()
 
 
 @pytest.fixture(scope="module", params=list(LLAVA_KINDS))
@@ -48,17 +41,10 @@ def model_dir(kind: str, request: pytest.FixtureRequest) -> Path:
 def server(
     model_dir: Path, kind: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = Server(
+    yield from serve_module(
         model_dir, "--chat-template", LLAVA_KINDS[kind][1], "--allow-private-media-urls",
-        "--served-model-name", "tiny-llava", "--max-total-tokens", "4000", log_path=log,
+        "--served-model-name", "tiny-llava", "--max-total-tokens", "4000", logs=tmp_path_factory,
     )  # fmt: skip
-    yield from served(srv)
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return server.openai_client()
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +180,9 @@ def test_engine_generate_with_images(tiny_llava_onevision: Path) -> None:
     ]
     with Engine(
         dtype="float32",  # the reference runs float32
-        model_path=str(tiny_llava_onevision), max_total_tokens=3000, chat_template="chatml-llava"
+        model_path=str(tiny_llava_onevision),
+        max_total_tokens=3000,
+        chat_template="chatml-llava",
     ) as llm:
         outs = llm.generate([ref.render(m) for m in cases], greedy, image_data=images)
         assert [o["output_ids"] for o in outs] == [expected(ref, m)[1] for m in cases]

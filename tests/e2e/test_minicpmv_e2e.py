@@ -18,7 +18,7 @@ import pytest
 import vision_helpers
 from minicpmv_reference import N_NEW, MiniCPMV26Reference, MiniCPMV46Reference
 from PIL import Image
-from server_harness import Server, served
+from server_harness import Server, serve_module
 from vision_helpers import text_part
 
 pytestmark = pytest.mark.slow
@@ -56,17 +56,10 @@ def server(
     model_dir: Path, layout: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     template = "minicpmv" if layout == "2.6" else str(model_dir / "chat_template.jinja")
-    srv = Server(
+    yield from serve_module(
         model_dir, "--chat-template", template, "--served-model-name", "tiny-minicpmv",
-        "--max-total-tokens", "4000", "--chunked-prefill-size", "24",
-        log_path=tmp_path_factory.mktemp("logs") / "server.log",
+        "--max-total-tokens", "4000", "--chunked-prefill-size", "24", logs=tmp_path_factory,
     )  # fmt: skip
-    yield from served(srv)
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return server.openai_client()
 
 
 @pytest.fixture(scope="module")

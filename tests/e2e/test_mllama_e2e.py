@@ -20,7 +20,7 @@ import pytest
 import requests
 from mllama_helpers import DATE, MllamaReference
 from PIL import Image
-from server_harness import Server, served
+from server_harness import Server, serve_module
 from vision_helpers import N_NEW, ImageHost, image_part, png, text_part
 
 pytestmark = pytest.mark.slow
@@ -30,26 +30,13 @@ IMAGE_SLOTS = 4  # max(--max-running-requests 4, --max-images-per-request 2)
 
 
 @pytest.fixture(scope="module")
-def host() -> Iterator[ImageHost]:
-    h = ImageHost()
-    yield h
-    h.httpd.shutdown()
-
-
-@pytest.fixture(scope="module")
 def server(tiny_mllama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = Server(
+    yield from serve_module(
         tiny_mllama, "--chat-template", "llama_3_vision", "--allow-private-media-urls",
         "--served-model-name", MODEL, "--max-total-tokens", "160", "--chunked-prefill-size",
-        "8", "--max-running-requests", "4", "--max-images-per-request", "2", log_path=log,
+        "8", "--max-running-requests", "4", "--max-images-per-request", "2",
+        logs=tmp_path_factory,
     )  # fmt: skip
-    yield from served(srv)
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return server.openai_client()
 
 
 @pytest.fixture(scope="module")

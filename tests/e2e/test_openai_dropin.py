@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from server_harness import Server, served
+from server_harness import Server, serve_module
 
 pytestmark = pytest.mark.slow
 
@@ -25,17 +25,10 @@ CHAT, COMPLETIONS, GENERATE = "/v1/chat/completions", "/v1/completions", "/gener
 
 @pytest.fixture(scope="module")
 def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = Server(
+    yield from serve_module(
         tiny_llama, "--served-model-name", MODEL, "--max-total-tokens", "3000",
-        "--chunked-prefill-size", "16", log_path=log,
+        "--chunked-prefill-size", "16", logs=tmp_path_factory,
     )  # fmt: skip
-    yield from served(srv)
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0)
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ import pytest
 import requests
 from openai import OpenAI
 from PIL import Image
-from server_harness import Server, served
+from server_harness import Server, serve_module
 from stand_in_hub import StandInHub
 
 pytestmark = pytest.mark.slow
@@ -291,11 +291,10 @@ def server(snapshot: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     if {"HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"} & set(os.environ):
         env["HF_HUB_CACHE"] = str(hf_home / "hub")  # a cache of the caller's would win
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = Server(
-        REPO, "--chat-template=llama_3_vision", "--allow-private-media-urls", log_path=log, env=env
-    )
-    yield from served(srv)
+    yield from serve_module(
+        REPO, "--chat-template=llama_3_vision", "--allow-private-media-urls",
+        logs=tmp_path_factory, env=env,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_harness import Server, served
+from server_harness import Server, serve_module
 
 pytestmark = pytest.mark.slow
 
@@ -20,17 +20,10 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="module")
 def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = Server(
+    yield from serve_module(
         tiny_llama, "--served-model-name", MODEL, "--max-total-tokens", "3000",
-        "--chunked-prefill-size", "64", log_path=log,
+        "--chunked-prefill-size", "64", logs=tmp_path_factory,
     )  # fmt: skip
-    yield from served(srv)
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +78,10 @@ def test_generate_native_ids_match_transformers(server: Server, hf) -> None:  # 
     tok = hf.tokenizer
     prompt = tok.apply_chat_template(MSG, tokenize=False, add_generation_prompt=True)
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True}}
+    body = {
+        "input_ids": ids,
+        "sampling_params": {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True},
+    }
     out = httpx.post(server.base + "/generate", json=body, timeout=60).json()
     assert out["output_ids"] == hf(MSG, 32)
     assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 32}
@@ -100,7 +96,9 @@ def test_stream_equals_non_stream(client: openai.OpenAI) -> None:
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes == [full.choices[0].finish_reason]
     assert chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
@@ -121,7 +119,9 @@ def test_n_and_seed(client: openai.OpenAI) -> None:
 
 
 def test_stop_string(client: openai.OpenAI) -> None:
-    kw = dict(model=MODEL, messages=MSG, max_tokens=32, temperature=0, extra_body={"ignore_eos": True})
+    kw = dict(
+        model=MODEL, messages=MSG, max_tokens=32, temperature=0, extra_body={"ignore_eos": True}
+    )
     full = client.chat.completions.create(**kw).choices[0].message.content  # type: ignore[call-overload]
     assert full and len(full) > 10
     stop = full[5:8]
@@ -151,16 +151,25 @@ def test_concurrent_requests_match_solo(client: openai.OpenAI) -> None:
 def test_completions_prompt_forms_and_logprobs(client: openai.OpenAI, hf) -> None:  # type: ignore[no-untyped-def]
     tok = hf.tokenizer
     ids = tok("The quick brown")["input_ids"]
-    by_text = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=8, temperature=0)
+    by_text = client.completions.create(
+        model=MODEL, prompt="The quick brown", max_tokens=8, temperature=0
+    )
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
     assert by_text.choices[0].text == by_ids.choices[0].text
-    r = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=4, temperature=0, logprobs=3)
+    r = client.completions.create(
+        model=MODEL, prompt="The quick brown", max_tokens=4, temperature=0, logprobs=3
+    )
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == 4 and len(lp.token_logprobs) == 4
     assert all(len(t) == 3 for t in lp.top_logprobs)
     # Greedy: the chosen token is the most likely one.
-    assert all(max(t.values()) == pytest.approx(c, abs=1e-5) for t, c in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
-    batch = client.completions.create(model=MODEL, prompt=["a b", "c d"], max_tokens=3, temperature=0)
+    assert all(
+        max(t.values()) == pytest.approx(c, abs=1e-5)
+        for t, c in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    )
+    batch = client.completions.create(
+        model=MODEL, prompt=["a b", "c d"], max_tokens=3, temperature=0
+    )
     assert [c.index for c in batch.choices] == [0, 1]
 
 
@@ -174,14 +183,20 @@ BAD_REQUESTS = [
     ("max_tokens 0", {"model": MODEL, "messages": MSG, "max_tokens": 0}, 400),
     ("negative temperature", {"model": MODEL, "messages": MSG, "temperature": -1}, 400),
     ("n zero", {"model": MODEL, "messages": MSG, "n": 0}, 400),
-    ("prompt too long", {"model": MODEL, "messages": [{"role": "user", "content": "fox " * 3000}]}, 400),
+    (
+        "prompt too long",
+        {"model": MODEL, "messages": [{"role": "user", "content": "fox " * 3000}]},
+        400,
+    ),
     ("too many tokens", {"model": MODEL, "messages": MSG, "max_tokens": 5000}, 400),
     ("top_p zero", {"model": MODEL, "messages": MSG, "top_p": 0}, 400),
 ]
 
 
 @pytest.mark.parametrize("name,body,status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-def test_bad_requests(server: Server, client: openai.OpenAI, name: str, body: object, status: int) -> None:
+def test_bad_requests(
+    server: Server, client: openai.OpenAI, name: str, body: object, status: int
+) -> None:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(
         server.base + "/v1/chat/completions", content=content,
@@ -209,7 +224,13 @@ def test_disconnect_mid_stream_frees_slots(server: Server) -> None:
 
 
 def test_disconnect_non_stream_frees_slots(server: Server) -> None:
-    body = {"model": MODEL, "messages": MSG, "max_tokens": 900, "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "messages": MSG,
+        "max_tokens": 900,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     # The client gives up 50 ms into a generation of 900 tokens (hundreds of ms even for the
     # tiny model on a fast CPU): the server sees the disconnect mid-generation.
     with pytest.raises(httpx.ReadTimeout):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_harness import Server, served
+from server_harness import Server, serve_module
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,7 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="module")
 def server(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("logs") / "smollm2.log"
-    srv = Server("SmolLM2-135M-Instruct", "--dtype", "float32", log_path=log)
-    yield from served(srv)
+    yield from serve_module("SmolLM2-135M-Instruct", "--dtype", "float32", logs=tmp_path_factory)
 
 
 def test_greedy_64_tokens_match_transformers(server: Server, smollm2: Path) -> None:

@@ -13,17 +13,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from server_harness import Server, served
+from server_harness import Server, serve_module
 from vision_helpers import N_NEW, SYSTEM, ImageHost, Reference, png, text_part
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def host() -> Iterator[ImageHost]:
-    h = ImageHost()
-    yield h
-    h.httpd.shutdown()
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
@@ -33,17 +26,10 @@ def model_dir(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = Server(
+    yield from serve_module(
         model_dir, "--chat-template", "qwen2-vl", "--allow-private-media-urls", "--enable-metrics",
-        "--served-model-name", "tiny-vl", "--max-total-tokens", "4000", log_path=log,
+        "--served-model-name", "tiny-vl", "--max-total-tokens", "4000", logs=tmp_path_factory,
     )  # fmt: skip
-    yield from served(srv)
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return server.openai_client()
 
 
 @pytest.fixture(scope="module")
