@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from fovea.common.messages import ImageInput
 from fovea.worker.attention.base import ChunkLayout
 from fovea.worker.kv_pool import kv_budget_bytes
 from fovea.worker.mm_cache import EmbeddingCache
+
+if TYPE_CHECKING:
+    from fovea.worker.models.base import CrossAttentionImages
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +165,9 @@ class CrossAttentionState:
     """The runner's cross-attention side: slots per sequence, K/V filled at first sight,
     one `CrossBatch` per step."""
 
-    def __init__(self, model: Any, pool: ImageSlotPool, mm_cache: EmbeddingCache) -> None:
+    def __init__(
+        self, model: CrossAttentionImages, pool: ImageSlotPool, mm_cache: EmbeddingCache
+    ) -> None:
         self.model = model
         self.pool = pool
         self.mm_cache = mm_cache
@@ -172,7 +177,7 @@ class CrossAttentionState:
 
     @staticmethod
     def create(
-        model: Any, *, device: torch.device, dtype: torch.dtype, weight_bytes: int,
+        model: CrossAttentionImages, *, device: torch.device, dtype: torch.dtype, weight_bytes: int,
         cap: int, mem_fraction: float | None, mm_cache: EmbeddingCache,
     ) -> CrossAttentionState:  # fmt: skip
         tokens = model.geometry.tokens_per_image

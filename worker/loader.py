@@ -4,9 +4,11 @@ slices (safe_open + get_slice; the parameter's weight_loader narrows).
 Single file (`model.safetensors`) or sharded (`model.safetensors.index.json`). Any checkpoint
 tensor without a parameter, or a parameter no tensor fills, is an error naming them.
 
-A model declares how checkpoint names become parameter names: `checkpoint_prefixes` (first
-matching (checkpoint prefix, parameter prefix) renames, for layouts that moved submodules), then
-`stacked_params_mapping` (fused projections); `skip_weight_suffixes` names tensors it ignores.
+A model declares how checkpoint names become parameter names (DeclaresWeightNames,
+worker/models/base.py): `checkpoint_prefixes` (first matching (checkpoint prefix, parameter
+prefix) renames, for layouts that moved submodules), then `stacked_params_mapping` (fused
+projections); `skip_weight_suffixes` names tensors it ignores. On CPU the loaded weights then
+take their CPU layouts (`prepare_for_cpu`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from fovea.worker.layers.cpu_layout import CpuWeights, column_major
 from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from fovea.worker.layers.linear import _ParallelLinear, default_weight_loader
+from fovea.worker.models.base import CausalLM, DeclaresWeightNames
 from fovea.worker.models.registry import model_class
 
 log = logging.getLogger("fovea.loader")
@@ -82,10 +85,13 @@ def _progress(items: Iterator[T], total: int, path: str, every_s: float = 10.0) 
 
 def load_weights(model: nn.Module, path: str) -> None:
     params = dict(model.named_parameters())
-    mapping: list[tuple[str, str, Any]] = list(getattr(model, "stacked_params_mapping", []))
-    skip: tuple[str, ...] = getattr(model, "skip_weight_suffixes", ())
-    prefixes: list[tuple[str, str]] = list(getattr(model, "checkpoint_prefixes", []))
-    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    mapping: list[tuple[str, str, Any]] = []
+    skip: tuple[str, ...] = ()
+    prefixes: list[tuple[str, str]] = []
+    if isinstance(model, DeclaresWeightNames):  # else checkpoint names are parameter names
+        mapping, skip = list(model.stacked_params_mapping), model.skip_weight_suffixes
+        prefixes = list(model.checkpoint_prefixes)
+    tied = isinstance(model, CausalLM) and model.config.tie_word_embeddings
     # Every (parameter, shard) that must be filled.
     expected: set[tuple[str, Any]] = set()
     for pname in params:
@@ -156,7 +162,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def load_model(path: str, architecture: str, dtype: torch.dtype, device: torch.device) -> Any:
+def load_model(path: str, architecture: str, dtype: torch.dtype, device: torch.device) -> CausalLM:
     """Build the architecture's model from `path`/config.json on `device` in `dtype` (rotary
     tables stay float32) and fill it from the checkpoint. Returns it in eval mode."""
     with open(os.path.join(path, "config.json")) as f:

@@ -1,25 +1,26 @@
 """Applies StepPlans: keeps per-sequence state from the diffs, runs one forward per step over
 all scheduled chunks, samples the rows that asked for it.
 
-Vision-language models add three optional methods the runner uses when present:
-- `encode_images(images: list[ImageInput]) -> list[Tensor [num_tokens, hidden]]`: the vision
-  tower; outputs are kept by image hash in an EmbeddingCache.
-- `embed_tokens(ids [T]) -> [T, hidden]`, then `forward(..., input_embeds=[T, hidden])`: the
-  rows of image placeholder tokens are replaced by their image's embeddings.
-- `mrope_positions(prompt_ids, images) -> (Tensor [3, L] int64, delta)`: M-RoPE positions of
-  the prompt; a later token i (an output) sits at i + delta on all three axes.
-- `bidirectional_images = True`: an image's tokens attend to each other in full; each chunk
-  passes its images' spans to the attention backend. The scheduler never splits such an
-  image across chunks (an image that is split anyway is an error, not a silent causal pass).
-Any model may also set `layer_windows` (per-layer sliding window, 0 = global) and
-`attention_scale` (the score scale, default head_dim ** -0.5) for the attention backend.
+The model is a `CausalLM` (worker/models/base.py); vision-language models add capabilities,
+each a Protocol the runner checks with isinstance:
+- `EncodesImages`: `encode_images(images) -> [num_tokens, hidden] each` (the vision tower;
+  outputs are kept by image hash in an EmbeddingCache) and `embed_tokens(ids [T])`, whose
+  image placeholder rows are replaced by their image's embeddings before
+  `forward(..., input_embeds=[T, hidden])`.
+- `MRopePositions`: `mrope_positions(prompt_ids, images) -> (Tensor [3, L] int64, delta)`:
+  M-RoPE positions of the prompt; a later token i (an output) sits at i + delta on all axes.
+- Bidirectional images (the architecture table's capability, which the scheduler reads too):
+  an image's tokens attend to each other in full; each chunk passes its images' spans to the
+  attention backend. The scheduler never splits such an image across chunks (an image that
+  is split anyway is an error, not a silent causal pass).
+The model's `layer_windows` (per-layer sliding window, 0 = global) and `attention_scale` (the
+score scale; None: head_dim ** -0.5) go to the attention backend.
 
-A model that reads images through cross-attention layers instead (Mllama) sets
-`cross_attention_images = True`: its placeholder tokens stay token embeddings; the runner
-keeps each sequence's image K/V in an image-slot pool (worker/cross_attention.py: capacity
-`cross_image_slots`, reported to the scheduler) and passes the step's plan to
-`forward(..., cross=CrossBatch | None)`. Its `config.num_layers` counts only the layers that
-take token KV slots.
+A model that reads images through cross-attention layers instead (`CrossAttentionImages`,
+Mllama): its placeholder tokens stay token embeddings; the runner keeps each sequence's image
+K/V in an image-slot pool (worker/cross_attention.py: capacity `cross_image_slots`, reported
+to the scheduler) and passes the step's plan to `forward(..., cross=CrossBatch | None)`. Its
+`config.num_layers` counts only the layers that take token KV slots.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from fovea.common.architectures import architecture
 from fovea.common.config import ServerArgs
 from fovea.common.messages import ImageInput, NewSequence, StepPlan, StepResult
 from fovea.common.model_config import ModelInfo
@@ -44,6 +46,7 @@ from fovea.worker.cross_attention import CrossAttentionState
 from fovea.worker.kv_pool import KVPool, plan_num_slots
 from fovea.worker.loader import load_model
 from fovea.worker.mm_cache import EmbeddingCache
+from fovea.worker.models.base import CrossAttentionImages, EncodesImages, MRopePositions
 from fovea.worker.prompt_logprobs import PromptSpan, prompt_logprobs, prompt_span
 from fovea.worker.sampler import Sampler, SamplingRow
 
@@ -113,7 +116,7 @@ class ModelRunner:
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.mm_cache = EmbeddingCache(args.mm_cache_mb << 20)
         self.cross: CrossAttentionState | None = None
-        if getattr(self.model, "cross_attention_images", False):
+        if isinstance(self.model, CrossAttentionImages):
             # The image pool is sized first; the token KV pool gets the rest of the budget.
             self.cross = CrossAttentionState.create(
                 self.model, device=self.device, dtype=self.dtype, weight_bytes=weight_bytes,
@@ -155,8 +158,8 @@ class ModelRunner:
             self.model.num_heads,
             kv_heads,
             cfg.head_dim,
-            scale=getattr(self.model, "attention_scale", None),
-            layer_windows=getattr(self.model, "layer_windows", None),
+            scale=self.model.attention_scale,
+            layer_windows=self.model.layer_windows,
         )
         self.num_slots = num_slots
         # Images whose cross-attention K/V fit at once (0: the model has no such state).
@@ -170,9 +173,11 @@ class ModelRunner:
         self.free_rows = list(range(self.max_seqs - 1, -1, -1))
         self.seqs: dict[str, _Seq] = {}
         self.sampler = Sampler(cfg.vocab_size, list(model.eos_token_ids), args.random_seed)
-        self.is_multimodal = hasattr(self.model, "encode_images")
-        self.uses_mrope = hasattr(self.model, "mrope_positions")
-        self.bidirectional_images = bool(getattr(self.model, "bidirectional_images", False))
+        # Capabilities (worker/models/base.py); None: the model has none.
+        self.image_encoder = self.model if isinstance(self.model, EncodesImages) else None
+        self.mrope_model = self.model if isinstance(self.model, MRopePositions) else None
+        caps = architecture(model.architecture).capabilities
+        self.bidirectional_images = caps.bidirectional_images
         self.images_encoded = 0  # vision-encoder runs, one per image (tests and stats count them)
 
     # ------------------------------------------------------------------ state from diffs
@@ -196,11 +201,11 @@ class ModelRunner:
         ids = list(new.input_ids)
         sampling = SamplingRow(new.sampling, ids[: new.num_prompt_tokens], [])
         sampling.output_ids = ids[new.num_prompt_tokens :]
-        if new.images and not self.is_multimodal:
+        if new.images and self.image_encoder is None:
             raise RuntimeError(f"{new.key}: images sent to a model that takes none")
         seq = _Seq(row, ids, new.num_prompt_tokens, n_prefix, sampling, list(new.images))
-        if self.uses_mrope:
-            mrope, seq.mrope_delta = self.model.mrope_positions(
+        if self.mrope_model is not None:
+            mrope, seq.mrope_delta = self.mrope_model.mrope_positions(
                 ids[: new.num_prompt_tokens], seq.images
             )
             seq.mrope = mrope.to(self.device)
@@ -329,7 +334,7 @@ class ModelRunner:
         if self.cross is not None:
             self.images_encoded += self.cross.fill_pending()
             cross = self.cross.plan([c.key for c in plan.chunks], layouts, len(ids))
-            hidden = self.model(ids_t, pos_t, self.attn, cross=cross)
+            hidden = self.cross.model(ids_t, pos_t, self.attn, cross=cross)
         elif overlaps:
             embeds = self._merge_image_embeddings(ids_t, overlaps)
             hidden = self.model(ids_t, pos_t, self.attn, input_embeds=embeds)
@@ -363,7 +368,8 @@ class ModelRunner:
             elif img.hash not in todo:
                 todo[img.hash] = img
         if todo:
-            outs = self.model.encode_images(list(todo.values()))
+            assert self.image_encoder is not None  # _admit refused images otherwise
+            outs = self.image_encoder.encode_images(list(todo.values()))
             self.images_encoded += len(todo)
             for (h, img), emb in zip(todo.items(), outs, strict=True):
                 if emb.shape[0] != img.num_tokens:
@@ -380,8 +386,9 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Token embeddings [T, hidden] with each image's placeholder rows replaced by that
         image's embedding rows (only the rows this step computes)."""
-        embeds = self.model.embed_tokens(ids)
+        assert self.image_encoder is not None  # _admit refused images otherwise
+        embeds = self.image_encoder.embed_tokens(ids)
         by_hash = self._image_embeddings([img for img, *_ in overlaps])
         for img, first, at, n in overlaps:
             embeds[at : at + n] = by_hash[img.hash][first : first + n].to(embeds.dtype)
-        return embeds  # type: ignore[no-any-return]
+        return embeds

@@ -34,7 +34,7 @@ from torch import nn
 from fovea.common.families.deepseek_vl2 import DeepseekV2TextConfig
 from fovea.worker.attention.base import AttentionBackend
 from fovea.worker.distributed import tp_size
-from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from fovea.worker.layers.embedding import VocabParallelEmbedding
 from fovea.worker.layers.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
@@ -44,6 +44,7 @@ from fovea.worker.layers.linear import (
 from fovea.worker.layers.moe import DeepseekMoE, GatedMLP
 from fovea.worker.layers.norm import RMSNorm
 from fovea.worker.layers.rotary import apply_rotary, inv_frequencies
+from fovea.worker.models.base import CausalLMBase
 from fovea.worker.models.llama import DecoderStack, PreNormBlock
 
 
@@ -232,35 +233,19 @@ def stacked_params_mapping(cfg: DeepseekV2TextConfig) -> list[tuple[str, str, An
     return out
 
 
-class DeepseekV2ForCausalLM(nn.Module):
+class DeepseekV2ForCausalLM(CausalLMBase):
     """The decoder and LM head (`model.*`, `lm_head.*`) with the runner's geometry."""
+
+    config: DeepseekV2TextConfig
+    model: DeepseekV2Model
 
     def __init__(self, cfg: DeepseekV2TextConfig) -> None:
         super().__init__()
         self.config = cfg
         self.model = DeepseekV2Model(cfg)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.make_lm_head(cfg.vocab_size, cfg.hidden_size, cfg.tie_word_embeddings)
         self.stacked_params_mapping = stacked_params_mapping(cfg)
-        tp = tp_size()
-        self.num_heads = cfg.num_heads // tp  # per rank; the KV pool's geometry below
-        if cfg.use_mla:
+        self.set_kv_geometry(cfg.num_heads, cfg.num_kv_heads)
+        if cfg.use_mla:  # (MHA keeps the default score scale, head_dim ** -0.5)
             self.num_kv_heads = self.num_heads  # decompressed K/V: one per query head
-            self.attention_scale: float | None = softmax_scale(cfg)
-        else:
-            self.num_kv_heads = max(1, cfg.num_kv_heads // tp)
-            self.attention_scale = None  # head_dim ** -0.5
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attn: AttentionBackend,
-        input_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, attn, input_embeds)  # type: ignore[no-any-return]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> [n, vocab] float32."""
-        return self.lm_head(hidden).float()  # type: ignore[no-any-return]
+            self.attention_scale = softmax_scale(cfg)

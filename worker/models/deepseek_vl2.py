@@ -20,7 +20,8 @@ two embeddings are replicated.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from fovea.worker.layers.linear import (
     read_full,
     set_weight_loader,
 )
+from fovea.worker.models.base import EncodesImages
 from fovea.worker.models.deepseek_v2 import DeepseekV2ForCausalLM
 from fovea.worker.models.vision.siglip import SiglipAttention, SiglipVisionConfig, SiglipVisionTower
 
@@ -89,8 +91,8 @@ def _vision_mapping() -> list[tuple[str, str, Any]]:
     ]
 
 
-class DeepseekVLV2ForCausalLM(DeepseekV2ForCausalLM):
-    checkpoint_prefixes: ClassVar[list[tuple[str, str]]] = [
+class DeepseekVLV2ForCausalLM(DeepseekV2ForCausalLM, EncodesImages):
+    checkpoint_prefixes: Sequence[tuple[str, str]] = [
         ("language.model.", "model."),
         ("language.lm_head.", "lm_head."),
         ("vision.patch_embed.proj.", "vision_tower.embeddings.patch_embedding."),

@@ -4,9 +4,9 @@ RMS-normed and projected (`multi_modal_projector`) onto the `<image_soft_token>`
 of the Gemma 3 decoder.
 
 Image tokens attend to each other in full (bidirectionally) during prefill, as in
-transformers: `bidirectional_images` tells the runner to pass each image's span to the
-attention backend, and the scheduler never splits an image across prefill chunks nor starts
-a chunk from a prefix hit that ends inside one (common.model_config names the architecture).
+transformers: the architecture's `bidirectional_images` capability (common/architectures.py)
+tells the runner to pass each image's span to the attention backend, and the scheduler never
+splits an image across prefill chunks nor starts a chunk from a prefix hit that ends inside one.
 
 Parameters: `model.*` (decoder, as Gemma3ForCausalLM), `vision_tower.*` (SigLIP's
 `vision_model.*`), `multi_modal_projector.*`, `lm_head` (tied by default). Checkpoints name
@@ -21,7 +21,8 @@ multimodal class skips it; released Gemma 3 checkpoints set none).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fovea.common.messages import ImageInput
+from fovea.worker.models.base import EncodesImages
 from fovea.worker.models.gemma3_text import Gemma3ForCausalLM, GemmaRMSNorm
 from fovea.worker.models.vision.siglip import SiglipVisionConfig, SiglipVisionTower
 
@@ -59,8 +61,8 @@ class Gemma3MultiModalProjector(nn.Module):
         return torch.matmul(self.mm_soft_emb_norm(pooled), self.mm_input_projection_weight)
 
 
-class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
-    checkpoint_prefixes: ClassVar[list[tuple[str, str]]] = [
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM, EncodesImages):
+    checkpoint_prefixes: Sequence[tuple[str, str]] = [
         ("model.language_model.", "model."),
         ("model.vision_tower.vision_model.", "vision_tower."),
         ("model.vision_tower.", "vision_tower."),
@@ -69,8 +71,6 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
         ("language_model.lm_head.", "lm_head."),
         ("vision_tower.vision_model.", "vision_tower."),
     ]
-    # Tokens of one image attend to each other in full during prefill.
-    bidirectional_images: ClassVar[bool] = True
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__(hf_config)

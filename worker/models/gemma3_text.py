@@ -22,22 +22,23 @@ it is left for when long-context serving needs it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fovea.worker.attention.base import AttentionBackend
-from fovea.worker.distributed import tp_size
-from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from fovea.worker.layers.embedding import VocabParallelEmbedding
 from fovea.worker.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
 from fovea.worker.layers.rotary import apply_rotary
+from fovea.worker.models.base import CausalLMBase
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -258,43 +259,34 @@ class Gemma3TextModel(nn.Module):
         return self.norm(x)  # type: ignore[no-any-return]
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(CausalLMBase):
+    """forward's input_embeds, when given, are already scaled text embeddings (the
+    multimodal class's embed_tokens) with image rows replaced."""
+
     # (fused parameter, checkpoint name, shard id)
-    stacked_params_mapping: ClassVar[list[tuple[str, str, str | int]]] = [
+    stacked_params_mapping: Sequence[tuple[str, str, str | int]] = [
         ("qkv_proj", "q_proj", "q"),
         ("qkv_proj", "k_proj", "k"),
         ("qkv_proj", "v_proj", "v"),
         ("gate_up_proj", "gate_proj", 0),
         ("gate_up_proj", "up_proj", 1),
     ]
+    config: Gemma3TextConfig
+    model: Gemma3TextModel
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__()
         self.config = cfg = Gemma3TextConfig.from_hf(hf_config)
         self.model = Gemma3TextModel(cfg)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         # Tied: the head is the embedding; a checkpoint's copy of it (any prefix) is skipped.
-        self.skip_weight_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+        self.make_lm_head(cfg.vocab_size, cfg.hidden_size, cfg.tie_word_embeddings)
+        self.skip_weight_suffixes = ("rotary_emb.inv_freq",)
         if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
             self.skip_weight_suffixes += ("lm_head.weight",)
-        # The KV pool's geometry on this rank (KV heads replicate when tp > num_kv_heads).
-        self.num_heads = cfg.num_heads // tp_size()
-        self.num_kv_heads = max(1, cfg.num_kv_heads // tp_size())
+        self.set_kv_geometry(cfg.num_heads, cfg.num_kv_heads)
         # For the attention backend: the window of each layer (0: global) and the score scale.
         self.layer_windows = [cfg.sliding_window if t == SLIDING else 0 for t in cfg.layer_types]
         self.attention_scale = cfg.query_pre_attn_scalar**-0.5
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attn: AttentionBackend,
-        input_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids [T], positions [T], optional input_embeds [T, hidden] (already scaled
-        text embeddings, image rows replaced) -> final hidden states [T, hidden]."""
-        return self.model(input_ids, positions, attn, input_embeds)  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] float32, soft-capped when the config says so."""

@@ -6,6 +6,7 @@ Parameter names follow HF's except the fused projections, declared in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -13,9 +14,8 @@ import torch
 from torch import nn
 
 from fovea.worker.attention.base import AttentionBackend
-from fovea.worker.distributed import tp_size
 from fovea.worker.layers import fused_cpu
-from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from fovea.worker.layers.embedding import VocabParallelEmbedding
 from fovea.worker.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -23,6 +23,7 @@ from fovea.worker.layers.linear import (
 )
 from fovea.worker.layers.norm import RMSNorm
 from fovea.worker.layers.rotary import RotaryEmbedding, apply_rotary_inplace, rope_settings
+from fovea.worker.models.base import CausalLMBase
 
 
 @dataclass(frozen=True)
@@ -190,9 +191,9 @@ class LlamaModel(DecoderStack):
         self.rotary = rotary
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLMBase):
     # (fused parameter, checkpoint name, shard id)
-    stacked_params_mapping: ClassVar[list[tuple[str, str, str | int]]] = [
+    stacked_params_mapping: Sequence[tuple[str, str, str | int]] = [
         ("qkv_proj", "q_proj", "q"),
         ("qkv_proj", "k_proj", "k"),
         ("qkv_proj", "v_proj", "v"),
@@ -200,35 +201,18 @@ class LlamaForCausalLM(nn.Module):
         ("gate_up_proj", "up_proj", 1),
     ]
     # Checkpoint tensors that are not parameters here.
-    skip_weight_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+    skip_weight_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
     qkv_bias: ClassVar[bool | None] = None
+    config: DecoderConfig
+    model: LlamaModel
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__()
         self.config = cfg = DecoderConfig.from_hf(hf_config, qkv_bias=self.qkv_bias)
         self.model = LlamaModel(cfg, self.make_rotary(cfg))
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        # The KV pool's geometry on this rank (KV heads replicate when tp > num_kv_heads).
-        self.num_heads = cfg.num_heads // tp_size()
-        self.num_kv_heads = max(1, cfg.num_kv_heads // tp_size())
+        self.make_lm_head(cfg.vocab_size, cfg.hidden_size, cfg.tie_word_embeddings)
+        self.set_kv_geometry(cfg.num_heads, cfg.num_kv_heads)
 
     def make_rotary(self, cfg: DecoderConfig) -> RotaryEmbedding | None:
         """The decoder's rotary; None is the standard 1-D one. Subclasses (M-RoPE) override."""
         return None
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attn: AttentionBackend,
-        input_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids [T], positions [T] (or [3, T] for M-RoPE), optional input_embeds
-        [T, hidden] used instead of the token embeddings -> final hidden states [T, hidden]."""
-        return self.model(input_ids, positions, attn, input_embeds)  # type: ignore[no-any-return]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> [n, vocab] float32."""
-        return self.lm_head(hidden).float()  # type: ignore[no-any-return]

@@ -19,8 +19,8 @@ deepest selected hidden state are built; the checkpoint's others are skipped.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from torch import nn
 from fovea.common.families.llava import LlavaSpec, llava_spec
 from fovea.common.messages import ImageInput
 from fovea.worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+from fovea.worker.models.base import EncodesImages
 from fovea.worker.models.llama import LlamaForCausalLM
 from fovea.worker.models.llava_next import pack_anyres
 from fovea.worker.models.vision.clip import LAYER_TENSORS, ClipVisionConfig, ClipVisionTower
@@ -85,9 +86,9 @@ class LlavaMultiModalProjector(nn.Module):
         return x
 
 
-class LlavaForConditionalGeneration(LlamaForCausalLM):  # type: ignore[misc,unused-ignore]
+class LlavaForConditionalGeneration(LlamaForCausalLM, EncodesImages):  # type: ignore[misc,unused-ignore]
     # First match renames: converted v5 module tree, original layout, converted hub layout.
-    checkpoint_prefixes: ClassVar[list[tuple[str, str]]] = [
+    checkpoint_prefixes: Sequence[tuple[str, str]] = [
         ("model.language_model.", "model."),
         ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
         ("model.vision_tower.vision_model.", "vision_tower."),
@@ -138,7 +139,7 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):  # type: ignore[misc,unus
         tied = ("language_model.lm_head.weight",) if spec.tie_word_embeddings else ()
         # Per instance: which tower weights go unused depends on the config.
         skip = (*LlamaForCausalLM.skip_weight_suffixes, *unused, *tied)
-        self.skip_weight_suffixes = skip  # type: ignore[misc]
+        self.skip_weight_suffixes = skip
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """[T] -> [T, hidden]. A placeholder id past the vocabulary (an `<image>` token added

@@ -21,9 +21,9 @@ Checkpoint names: `llm.model.*` / `llm.lm_head.*` (the decoder, as Qwen2ForCausa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 
 from fovea.common.families.minicpmv import RESAMPLER_HEAD_DIM
 from fovea.common.messages import ImageInput
+from fovea.worker.models.base import EncodesImages
 from fovea.worker.models.llava import _SIGLIP_HEAD
 from fovea.worker.models.qwen2 import Qwen2ForCausalLM
 from fovea.worker.models.vision.clip import LAYER_TENSORS
@@ -165,8 +166,8 @@ class Resampler(nn.Module):
         return self.ln_post(out) @ self.proj  # type: ignore[no-any-return]
 
 
-class MiniCPMV(Qwen2ForCausalLM):  # type: ignore[misc,unused-ignore]
-    checkpoint_prefixes: ClassVar[list[tuple[str, str]]] = [
+class MiniCPMV(Qwen2ForCausalLM, EncodesImages):  # type: ignore[misc,unused-ignore]
+    checkpoint_prefixes: Sequence[tuple[str, str]] = [
         ("llm.model.", "model."),
         ("llm.lm_head.", "lm_head."),
     ]
@@ -186,11 +187,7 @@ class MiniCPMV(Qwen2ForCausalLM):  # type: ignore[misc,unused-ignore]
         # drop_vision_last_layer: a checkpoint that still holds the last layer skips it.
         dropped = [f"vpm.encoder.layers.{depth}.{t}" for t in LAYER_TENSORS]
         skip = (*Qwen2ForCausalLM.skip_weight_suffixes, *TOWER_UNUSED, *dropped)
-        self.skip_weight_suffixes = skip  # type: ignore[misc]
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """[T] -> [T, hidden] (placeholder rows are replaced by the views' features)."""
-        return self.model.embed_tokens(ids)  # type: ignore[no-any-return]
+        self.skip_weight_suffixes = skip
 
     def encode_images(self, images: list[ImageInput]) -> list[torch.Tensor]:
         """Every view -> [query_num, hidden]."""

@@ -23,13 +23,15 @@ Checkpoint names (transformers' module tree): `model.language_model.*` -> `model
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fovea.common.messages import ImageInput
+from fovea.worker.models.base import EncodesImages
 from fovea.worker.models.llama import LlamaForCausalLM
 from fovea.worker.models.minicpmv import encode_by_size, navit_embed, navit_positions
 from fovea.worker.models.vision.siglip import SiglipAttention, SiglipVisionConfig, SiglipVisionTower
@@ -92,8 +94,8 @@ class NavitTower(SiglipVisionTower):
         self.vit_merger = WindowMerger(cfg)
 
 
-class MiniCPMV4_6ForConditionalGeneration(LlamaForCausalLM):  # type: ignore[misc,unused-ignore]
-    checkpoint_prefixes: ClassVar[list[tuple[str, str]]] = [
+class MiniCPMV4_6ForConditionalGeneration(LlamaForCausalLM, EncodesImages):  # type: ignore[misc,unused-ignore]
+    checkpoint_prefixes: Sequence[tuple[str, str]] = [
         ("model.language_model.", "model."),
         ("model.vision_tower.", "vision_tower."),
         ("model.merger.", "merger."),
@@ -116,10 +118,6 @@ class MiniCPMV4_6ForConditionalGeneration(LlamaForCausalLM):  # type: ignore[mis
         if str(hf_config.get("downsample_mode", "16x")) == "4x":
             self.insert = -1
         self.fold = 4 if self.insert >= 0 else 2  # patches per side folded into one token
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """[T] -> [T, hidden] (placeholder rows are replaced by the views' features)."""
-        return self.model.embed_tokens(ids)  # type: ignore[no-any-return]
 
     def encode_images(self, images: list[ImageInput]) -> list[torch.Tensor]:
         """Every view -> [h*w / fold², hidden]."""

@@ -25,7 +25,8 @@ image token is id vocab_size); the head has vocab_size.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from torch import nn
 from fovea.common.messages import ImageInput
 from fovea.worker.attention.base import AttentionBackend
 from fovea.worker.distributed import tp_rank, tp_size
-from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from fovea.worker.layers.embedding import VocabParallelEmbedding
 from fovea.worker.layers.linear import (
     ColumnParallelLinear,
     Loaded,
@@ -45,6 +46,7 @@ from fovea.worker.layers.linear import (
 )
 from fovea.worker.layers.norm import RMSNorm
 from fovea.worker.layers.rotary import RotaryEmbedding
+from fovea.worker.models.base import CausalLMBase, CrossAttentionImages
 from fovea.worker.models.llama import DecoderConfig, LlamaDecoderLayer, LlamaMLP
 from fovea.worker.models.vision.mllama import MllamaVisionConfig, MllamaVisionTower
 
@@ -164,8 +166,11 @@ class MllamaTextModel(nn.Module):
         return out
 
 
-class MllamaForConditionalGeneration(nn.Module):
-    checkpoint_prefixes: ClassVar[list[tuple[str, str]]] = [
+class MllamaForConditionalGeneration(CausalLMBase, CrossAttentionImages):
+    """The runner keeps per-sequence image K/V for the cross-attention layers
+    (worker/cross_attention.py) instead of merging image embeddings into the prompt."""
+
+    checkpoint_prefixes: Sequence[tuple[str, str]] = [
         ("language_model.model.", "model."),
         ("language_model.lm_head.", "lm_head."),
         ("model.language_model.", "model."),
@@ -175,7 +180,7 @@ class MllamaForConditionalGeneration(nn.Module):
     # (fused parameter, checkpoint name, shard id). The cross-attention projections stay
     # separate (q reads text, k/v read image states): their identity entries come first, so
     # the generic q/k/v -> qkv_proj entries never rename them.
-    stacked_params_mapping: ClassVar[list[tuple[str, str, str | int | None]]] = [
+    stacked_params_mapping: Sequence[tuple[str, str, str | int | None]] = [
         ("cross_attn.q_proj", "cross_attn.q_proj", None),
         ("cross_attn.k_proj", "cross_attn.k_proj", None),
         ("cross_attn.v_proj", "cross_attn.v_proj", None),
@@ -185,10 +190,9 @@ class MllamaForConditionalGeneration(nn.Module):
         ("gate_up_proj", "gate_proj", 0),
         ("gate_up_proj", "up_proj", 1),
     ]
-    skip_weight_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
-    # The runner keeps per-sequence image K/V for the cross-attention layers
-    # (worker/cross_attention.py) instead of merging image embeddings into the prompt.
-    cross_attention_images: ClassVar[bool] = True
+    skip_weight_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    config: DecoderConfig
+    model: MllamaTextModel
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__()
@@ -207,15 +211,14 @@ class MllamaForConditionalGeneration(nn.Module):
         # num_layers counts the self-attention layers only: the KV pool's layers.
         self.config = cfg = dataclasses.replace(full, num_layers=full.num_layers - len(cross))
         self.model = MllamaTextModel(cfg, self.cross_layers, full.num_layers)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        self.make_lm_head(cfg.vocab_size, cfg.hidden_size, tied=False)
         if cfg.tie_word_embeddings:
             raise ValueError("Mllama with tied word embeddings is not supported")
         vision = MllamaVisionConfig.from_hf(hf_config)
         self.geometry = vision.geometry
         self.vision_model = MllamaVisionTower(vision)
         self.multi_modal_projector = nn.Linear(vision.output_dim, cfg.hidden_size, bias=True)
-        self.num_heads = cfg.num_heads // tp_size()
-        self.num_kv_heads = max(1, cfg.num_kv_heads // tp_size())
+        self.set_kv_geometry(cfg.num_heads, cfg.num_kv_heads)
 
     @property
     def num_cross_layers(self) -> int:
@@ -233,11 +236,8 @@ class MllamaForConditionalGeneration(nn.Module):
         step's cross-attention plan (None when no sequence in the batch has images)."""
         if input_embeds is not None:
             raise ValueError("Mllama takes token ids; images enter through cross-attention")
-        return self.model(input_ids, positions, attn, cross)  # type: ignore[no-any-return]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> [n, vocab] float32."""
-        return self.lm_head(hidden).float()  # type: ignore[no-any-return]
+        out: torch.Tensor = self.model(input_ids, positions, attn, cross)
+        return out
 
     def encode_images(self, images: list[ImageInput]) -> list[torch.Tensor]:
         """One tower call over all images -> per image [max_tiles * patches, hidden]: the

@@ -10,7 +10,7 @@ the column/row-parallel layers: every rank sees every patch, the row layer all-r
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,6 +29,7 @@ from fovea.worker.layers.linear import (
     set_weight_loader,
 )
 from fovea.worker.layers.rotary import MRotaryEmbedding, RotaryEmbedding, apply_rotary
+from fovea.worker.models.base import EncodesImages, MRopePositions
 from fovea.worker.models.llama import DecoderConfig
 from fovea.worker.models.qwen2 import Qwen2ForCausalLM
 
@@ -256,9 +257,9 @@ def qwen2_vl_vision_config(v: dict[str, Any]) -> VisionConfig:
     )
 
 
-class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):  # type: ignore[misc,unused-ignore]
+class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM, EncodesImages, MRopePositions):  # type: ignore[misc,unused-ignore]
     # transformers v5 names -> ours (the older hub layout needs no renaming).
-    checkpoint_prefixes: ClassVar[list[tuple[str, str]]] = [
+    checkpoint_prefixes: Sequence[tuple[str, str]] = [
         ("model.visual.", "visual."),
         ("model.language_model.", "model."),
     ]
@@ -287,10 +288,6 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):  # type: ignore[misc,un
         return MRotaryEmbedding(
             cfg.head_dim, cfg.max_positions, cfg.rope_theta, cfg.rope_scaling, list(section)
         )
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """[T] -> [T, hidden]."""
-        return self.model.embed_tokens(ids)  # type: ignore[no-any-return]
 
     def encode_images(self, images: list[ImageInput]) -> list[torch.Tensor]:
         """One tower call over all images -> [num_tokens, hidden] each, in the model dtype."""

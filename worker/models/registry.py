@@ -4,7 +4,7 @@ needs no torch."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fovea.common.architectures import (
     UnsupportedArchitecture,
@@ -21,5 +21,10 @@ __all__ = [
 ]
 
 
-def model_class(name: str) -> Any:
-    return architecture(name).model.load()
+if TYPE_CHECKING:
+    from fovea.worker.models.base import CausalLMBase
+
+
+def model_class(name: str) -> type[CausalLMBase]:
+    cls: type[CausalLMBase] = architecture(name).model.load()
+    return cls

@@ -160,12 +160,15 @@ class SiglipVisionTower(nn.Module):
     post-layernorm. A checkpoint's weights of layers not built (a VLM that takes an earlier
     layer's features) must be skipped by the model that owns the tower."""
 
-    # (fused parameter, checkpoint name, shard id): loading the tower on its own.
+    # Loading the tower on its own (worker/models/base.py DeclaresWeightNames): (fused
+    # parameter, checkpoint name, shard id); names need no prefix renamed, none skipped.
     stacked_params_mapping: ClassVar[list[tuple[str, str, str | int]]] = [
         ("qkv_proj", "q_proj", "q"),
         ("qkv_proj", "k_proj", "k"),
         ("qkv_proj", "v_proj", "v"),
     ]
+    checkpoint_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
+    skip_weight_suffixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
