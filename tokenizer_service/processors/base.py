@@ -8,30 +8,19 @@ placeholder per image to that many.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import PIL.Image
 
 from fovea.tokenizer_service.media import to_rgb
 
-# preprocessor_config.json keys every family reads the same way (rescale/normalize/resize
-# switches and values); family-specific keys are read beside these.
-PIXEL_KEYS = (
-    "image_mean",
-    "image_std",
-    "rescale_factor",
-    "do_resize",
-    "do_rescale",
-    "do_normalize",
-    "do_convert_rgb",
-    "resample",
-)
-
-
 CHANNELS = 3
+IMAGENET_STANDARD = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_MEAN and _STD
 
 
 def per_channel(value: float | Sequence[float], name: str) -> list[float]:
@@ -60,6 +49,41 @@ def value_table(
         std = np.array(per_channel(image_std, "image_std"), dtype=np.float32)[:, None]
         x = (x - mean) / std
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PixelOptions:
+    """The preprocessor_config.json keys every family reads the same way (transformers'
+    names): RGB conversion, the resize switch and filter, rescale and normalize. Each family's
+    processor class defaults are one PixelOptions; `updated` lays a checkpoint's file over them.
+    Family-specific keys (sizes, tiling) are read beside these."""
+
+    image_mean: float | Sequence[float] = IMAGENET_STANDARD
+    image_std: float | Sequence[float] = IMAGENET_STANDARD
+    rescale_factor: float = 1 / 255
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+    resample: int = PIL.Image.Resampling.BICUBIC
+
+    def updated(self, pp: dict[str, Any]) -> PixelOptions:
+        """These options with the values preprocessor_config.json `pp` sets (nulls skipped)."""
+        return dataclasses.replace(self, **{k: pp[k] for k in PIXEL_KEYS if pp.get(k) is not None})
+
+    @property
+    def resampling(self) -> PIL.Image.Resampling:
+        """The resize filter (ValueError for a value PIL does not have)."""
+        return PIL.Image.Resampling(self.resample)
+
+    def value_table(self) -> np.ndarray:
+        """[C, 256]: the rescale and normalize lookup table (`value_table`)."""
+        return value_table(
+            self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean, self.image_std
+        )
+
+
+PIXEL_KEYS = tuple(f.name for f in dataclasses.fields(PixelOptions))
 
 
 def rgb_input(image: PIL.Image.Image, convert: bool) -> PIL.Image.Image:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,16 +28,15 @@ import PIL.Image
 
 from fovea.tokenizer_service.processors.base import (
     CHANNELS,
-    PIXEL_KEYS,
     ImageProcessor,
+    PixelOptions,
     ProcessedImage,
     rgb_input,
-    value_table,
 )
 
 log = logging.getLogger(__name__)
 
-IMAGENET_STANDARD = (0.5, 0.5, 0.5)
+PIXELS = PixelOptions(resample=PIL.Image.Resampling.BILINEAR)  # mean = std = 0.5
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 
 
@@ -55,14 +53,7 @@ class Gemma3Processor(ImageProcessor):
         height: int = 896,
         width: int = 896,
         tokenizer: Any = None,
-        image_mean: float | Sequence[float] = IMAGENET_STANDARD,
-        image_std: float | Sequence[float] = IMAGENET_STANDARD,
-        rescale_factor: float = 1 / 255,
-        do_resize: bool = True,
-        do_rescale: bool = True,
-        do_normalize: bool = True,
-        do_convert_rgb: bool = True,
-        resample: int = PIL.Image.Resampling.BILINEAR,
+        pixels: PixelOptions = PIXELS,
     ) -> None:
         """tokenizer: a `tokenizers.Tokenizer` of the model (None: token-level splicing)."""
         self.image_token_id = boi_token_id
@@ -71,12 +62,9 @@ class Gemma3Processor(ImageProcessor):
         self.tokens_per_image = tokens_per_image
         self.height, self.width = height, width
         self.tokenizer = tokenizer
-        self.do_resize = do_resize
-        self.do_convert_rgb = do_convert_rgb
-        self.resample = PIL.Image.Resampling(resample)
-        self._table = value_table(
-            do_rescale, rescale_factor, do_normalize, image_mean, image_std
-        )  # [C, 256]
+        self.pixels = pixels
+        self.resample = pixels.resampling
+        self._table = pixels.value_table()  # [C, 256]
         self._blank_ids = self._encode("\n\n") if tokenizer is not None else None
 
     @classmethod
@@ -107,13 +95,13 @@ class Gemma3Processor(ImageProcessor):
             "height": size.get("height"),
             "width": size.get("width"),
             "tokenizer": tokenizer,
-            **{key: pp.get(key) for key in PIXEL_KEYS},
         }
-        return cls(**{k: v for k, v in kwargs.items() if v is not None})
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return cls(**kwargs, pixels=PIXELS.updated(pp))
 
     def preprocess(self, image: PIL.Image.Image) -> ProcessedImage:
-        image = rgb_input(image, self.do_convert_rgb)
-        if self.do_resize and image.size != (self.width, self.height):
+        image = rgb_input(image, self.pixels.do_convert_rgb)
+        if self.pixels.do_resize and image.size != (self.width, self.height):
             image = image.resize((self.width, self.height), resample=self.resample)
         elif image.size != (self.width, self.height):
             raise ValueError(

@@ -35,17 +35,17 @@ from fovea.common.families.llava import (
 from fovea.common.families.llava_defaults import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from fovea.tokenizer_service.processors.base import (
     CHANNELS,
-    PIXEL_KEYS,
     ImageProcessor,
+    PixelOptions,
     ProcessedImage,
     per_channel,
     rgb_input,
-    value_table,
 )
 
 log = logging.getLogger(__name__)
 
 BASE_ONLY = b"llava:base-only"  # ProcessedImage.variant of OneVision's several-images path
+PIXELS = PixelOptions(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)  # bicubic
 
 # transformers' image processor class defaults, for keys a preprocessor_config.json omits.
 _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -113,14 +113,7 @@ class LlavaProcessor(ImageProcessor):
         crop_size: dict[str, int] | None = None,
         do_center_crop: bool = False,
         pad_square: bool = False,
-        image_mean: Any = OPENAI_CLIP_MEAN,
-        image_std: Any = OPENAI_CLIP_STD,
-        rescale_factor: float = 1 / 255,
-        do_resize: bool = True,
-        do_rescale: bool = True,
-        do_normalize: bool = True,
-        do_convert_rgb: bool = True,
-        resample: int = PIL.Image.Resampling.BICUBIC,
+        pixels: PixelOptions = PIXELS,
     ) -> None:
         self.spec = spec
         self.image_token_id = image_token_id
@@ -128,12 +121,11 @@ class LlavaProcessor(ImageProcessor):
         self.crop = (int(crop_size["height"]), int(crop_size["width"])) if crop_size else None
         self.do_center_crop = do_center_crop and self.crop is not None
         self.pad_square = pad_square
-        self.do_resize = do_resize
-        self.do_convert_rgb = do_convert_rgb
-        self.resample = PIL.Image.Resampling(resample)
-        mean = per_channel(image_mean, "image_mean")
+        self.pixels = pixels
+        self.resample = pixels.resampling
+        mean = per_channel(pixels.image_mean, "image_mean")
         self.background = tuple(int(x * 255) for x in mean)  # the pad colour: the mean
-        self._table = value_table(do_rescale, rescale_factor, do_normalize, mean, image_std)
+        self._table = pixels.value_table()  # [C, 256]
         if spec.anyres:
             # transformers: tiles of the crop height, else size height, else shortest edge.
             self.tile = int((self.crop or (0, 0))[0] or size.get("height") or size["shortest_edge"])
@@ -172,7 +164,6 @@ class LlavaProcessor(ImageProcessor):
         # LLaVA-1.5's do_pad pads square before resizing; anyres processors' do_pad pads the
         # batch (meaningless one image at a time).
         pad = spec.pad_to_square or (not spec.anyres and bool(pp.get("do_pad", False)))
-        kwargs = {key: pp[key] for key in PIXEL_KEYS if pp.get(key) is not None}
         return cls(
             spec,
             image_token_id=token,
@@ -180,14 +171,14 @@ class LlavaProcessor(ImageProcessor):
             crop_size=pp.get("crop_size"),
             do_center_crop=bool(pp.get("do_center_crop", False)),
             pad_square=pad,
-            **kwargs,
+            pixels=PIXELS.updated(pp),
         )
 
     def preprocess(self, image: PIL.Image.Image) -> ProcessedImage:
         return self.preprocess_in_request(image, 1)
 
     def preprocess_in_request(self, image: PIL.Image.Image, num_images: int) -> ProcessedImage:
-        image = rgb_input(image, self.do_convert_rgb)
+        image = rgb_input(image, self.pixels.do_convert_rgb)
         pixels = np.asarray(image)  # [H, W, C] uint8
         height, width = pixels.shape[:2]
         base_only = self.spec.multi_image_base_only and num_images > 1
@@ -225,7 +216,7 @@ class LlavaProcessor(ImageProcessor):
 
     def _finish(self, pixels: np.ndarray) -> np.ndarray:
         """transformers' per-tile resize and centre crop (uint8 [H, W, C])."""
-        if self.do_resize:
+        if self.pixels.do_resize:
             height, width = pixels.shape[:2]
             pixels = self._resize(pixels, *resized_size(height, width, self.size))
         if self.do_center_crop and self.crop is not None:

@@ -18,19 +18,13 @@ the released checkpoint's.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import PIL.Image
 
 from fovea.common.families.minicpmv import read_json
-from fovea.tokenizer_service.processors.base import (
-    PIXEL_KEYS,
-    ProcessedImage,
-    rgb_input,
-    value_table,
-)
+from fovea.tokenizer_service.processors.base import PixelOptions, ProcessedImage, rgb_input
 from fovea.tokenizer_service.processors.minicpmv import (
     SlicedImageProcessor,
     crop_grid,
@@ -38,7 +32,7 @@ from fovea.tokenizer_service.processors.minicpmv import (
     patch_layout,
 )
 
-IMAGENET_STANDARD = (0.5, 0.5, 0.5)
+PIXELS = PixelOptions()  # mean = std = 0.5, bicubic
 # tokenizer attribute -> (marker name, the released checkpoint's token)
 _TOKENS = {
     "image_start_token": ("image_start", "<image>"),
@@ -111,16 +105,9 @@ class MiniCPMV4_6Processor(SlicedImageProcessor):
         slice_mode: bool = True,
         downsample_mode: str = "16x",
         use_image_id: bool = True,
-        image_mean: float | Sequence[float] = IMAGENET_STANDARD,
-        image_std: float | Sequence[float] = IMAGENET_STANDARD,
-        rescale_factor: float = 1 / 255,
-        do_rescale: bool = True,
-        do_normalize: bool = True,
-        do_convert_rgb: bool = True,
-        resample: int = PIL.Image.Resampling.BICUBIC,
-        do_resize: bool = True,
+        pixels: PixelOptions = PIXELS,
     ) -> None:
-        if not do_resize:
+        if not pixels.do_resize:
             raise ValueError("MiniCPM-V 4.6 with do_resize off is not supported")
         super().__init__(
             tokenizer=tokenizer,
@@ -137,11 +124,9 @@ class MiniCPMV4_6Processor(SlicedImageProcessor):
         fold = 2 if downsample_mode == "4x" else 4  # patches per side folded into a token
         self.multiple = patch_size * fold
         self.tokens_divisor = fold * fold
-        self.do_convert_rgb = do_convert_rgb
-        self.resample = PIL.Image.Resampling(resample)
-        self._table = value_table(
-            do_rescale, rescale_factor, do_normalize, image_mean, image_std
-        )  # [C, 256]
+        self.pixels = pixels
+        self.resample = pixels.resampling
+        self._table = pixels.value_table()  # [C, 256]
 
     @classmethod
     def from_pretrained(cls, model_dir: str, hf_config: dict[str, Any]) -> MiniCPMV4_6Processor:
@@ -157,19 +142,20 @@ class MiniCPMV4_6Processor(SlicedImageProcessor):
         }
         keys = (
             "max_slice_nums", "scale_resolution", "patch_size", "slice_mode",
-            "downsample_mode", "use_image_id", *PIXEL_KEYS,
+            "downsample_mode", "use_image_id",
         )  # fmt: skip
         kwargs = {key: pp.get(key) for key in keys}
         return cls(
             tokenizer=load_tokenizer(model_dir),
             markers=markers,
+            pixels=PIXELS.updated(pp),
             **{k: v for k, v in kwargs.items() if v is not None},
         )
 
     def views(self, image: PIL.Image.Image) -> tuple[list[np.ndarray], list[int]]:
         """uint8 [H, W, C] views (global first, then slices row by row) and [rows, cols] of
         the slices ([0, 0]: none)."""
-        image = rgb_input(image, self.do_convert_rgb)
+        image = rgb_input(image, self.pixels.do_convert_rgb)
         height, width = image.height, image.width
         grid = sliced_grid(height, width, self.scale, self.max_slices) if self.slice_mode else None
         h, w = best_resize(height, width, self.scale, self.multiple, allow_upscale=grid is None)

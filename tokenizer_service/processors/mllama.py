@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,14 +29,14 @@ from fovea.common.families.mllama import (
 )
 from fovea.tokenizer_service.processors.base import (
     CHANNELS,
-    PIXEL_KEYS,
     ImageProcessor,
+    PixelOptions,
     ProcessedImage,
     rgb_input,
-    value_table,
 )
 
-IMAGENET_STANDARD = (0.5, 0.5, 0.5)  # MllamaImageProcessor's defaults
+# MllamaImageProcessor's defaults: mean = std = 0.5, bilinear.
+PIXELS = PixelOptions(resample=PIL.Image.Resampling.BILINEAR)
 MLLAMA_IMAGE_TOKEN_ID = 128256  # <|image|> in Llama 3.2 Vision
 
 
@@ -48,28 +47,20 @@ class MllamaProcessor(ImageProcessor):
         image_token_id: int = MLLAMA_IMAGE_TOKEN_ID,
         tile: int = 224,
         max_image_tiles: int = 4,
-        image_mean: float | Sequence[float] = IMAGENET_STANDARD,
-        image_std: float | Sequence[float] = IMAGENET_STANDARD,
-        rescale_factor: float = 1 / 255,
-        do_resize: bool = True,
-        do_rescale: bool = True,
-        do_normalize: bool = True,
-        do_convert_rgb: bool = True,
         do_pad: bool = True,
-        resample: int = PIL.Image.Resampling.BILINEAR,
+        pixels: PixelOptions = PIXELS,
     ) -> None:
-        if not (do_resize and do_pad):
+        if not (pixels.do_resize and do_pad):
             raise ValueError("Mllama image processing needs do_resize and do_pad (as transformers)")
         if max_image_tiles < 1:
             raise ValueError(f"max_image_tiles must be >= 1, got {max_image_tiles}")
         self.image_token_id = image_token_id
         self.tile = tile
         self.arrangements = tile_arrangements(max_image_tiles)
-        self.do_convert_rgb = do_convert_rgb
-        self.resample = PIL.Image.Resampling(resample)
-        self._table = value_table(
-            do_rescale, rescale_factor, do_normalize, image_mean, image_std
-        )  # [C, 256]: every uint8 value of each channel, rescaled and normalized
+        self.pixels = pixels
+        self.resample = pixels.resampling
+        # [C, 256]: every uint8 value of each channel, rescaled and normalized
+        self._table = pixels.value_table()
 
     @classmethod
     def from_pretrained(cls, model_dir: str, hf_config: dict[str, Any]) -> MllamaProcessor:
@@ -90,9 +81,9 @@ class MllamaProcessor(ImageProcessor):
             "tile": size.get("height", geo.tile),  # none saved: the tower's
             "max_image_tiles": pp.get("max_image_tiles"),
             "do_pad": pp.get("do_pad"),
-            **{key: pp.get(key) for key in PIXEL_KEYS},
         }
-        processor = cls(**{k: v for k, v in kwargs.items() if v is not None})
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        processor = cls(**kwargs, pixels=PIXELS.updated(pp))
         if processor.tile != geo.tile or tuple(processor.arrangements) != geo.arrangements:
             raise MllamaConfigError(
                 f"the image processor's {processor.tile}px tiles in "
@@ -102,7 +93,7 @@ class MllamaProcessor(ImageProcessor):
         return processor
 
     def preprocess(self, image: PIL.Image.Image) -> ProcessedImage:
-        image = rgb_input(image, self.do_convert_rgb)
+        image = rgb_input(image, self.pixels.do_convert_rgb)
         tile = self.tile
         rows, cols = optimal_canvas(image.height, image.width, self.arrangements, tile)
         height, width = fit_to_canvas(image.height, image.width, rows * tile, cols * tile, tile)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,15 +25,15 @@ import PIL.Image
 
 from fovea.tokenizer_service.processors.base import (
     CHANNELS,
-    PIXEL_KEYS,
     ImageProcessor,
+    PixelOptions,
     ProcessedImage,
     rgb_input,
-    value_table,
 )
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PIXELS = PixelOptions(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)  # bicubic
 QWEN2_VL_IMAGE_TOKEN_ID = 151655  # <|image_pad|>
 MAX_ASPECT_RATIO = 200
 
@@ -76,14 +75,7 @@ class Qwen2VLProcessor(ImageProcessor):
         patch_size: int = 14,
         temporal_patch_size: int = 2,
         merge_size: int = 2,
-        image_mean: float | Sequence[float] = OPENAI_CLIP_MEAN,
-        image_std: float | Sequence[float] = OPENAI_CLIP_STD,
-        rescale_factor: float = 1 / 255,
-        do_resize: bool = True,
-        do_rescale: bool = True,
-        do_normalize: bool = True,
-        do_convert_rgb: bool = True,
-        resample: int = PIL.Image.Resampling.BICUBIC,
+        pixels: PixelOptions = PIXELS,
     ) -> None:
         if min_pixels > max_pixels:
             raise ValueError(f"min_pixels ({min_pixels}) exceeds max_pixels ({max_pixels})")
@@ -93,12 +85,9 @@ class Qwen2VLProcessor(ImageProcessor):
         self.patch_size = patch_size
         self.temporal_patch_size = temporal_patch_size
         self.merge_size = merge_size
-        self.do_resize = do_resize
-        self.do_convert_rgb = do_convert_rgb
-        self.resample = PIL.Image.Resampling(resample)
-        self._table = value_table(
-            do_rescale, rescale_factor, do_normalize, image_mean, image_std
-        )  # [C, 256]
+        self.pixels = pixels
+        self.resample = pixels.resampling
+        self._table = pixels.value_table()  # [C, 256]
 
     @classmethod
     def from_pretrained(cls, model_dir: str, hf_config: dict[str, Any]) -> Qwen2VLProcessor:
@@ -121,17 +110,15 @@ class Qwen2VLProcessor(ImageProcessor):
             "image_token_id": token,
             "min_pixels": min_pixels,
             "max_pixels": max_pixels,
-            **{
-                key: pp.get(key)
-                for key in ("patch_size", "temporal_patch_size", "merge_size", *PIXEL_KEYS)
-            },
+            **{key: pp.get(key) for key in ("patch_size", "temporal_patch_size", "merge_size")},
         }
-        return cls(**{k: v for k, v in kwargs.items() if v is not None})
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return cls(**kwargs, pixels=PIXELS.updated(pp))
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) an image of this size is processed at."""
         factor = self.patch_size * self.merge_size
-        if self.do_resize:
+        if self.pixels.do_resize:
             return smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
         if height % factor or width % factor:
             raise ValueError(
@@ -141,7 +128,7 @@ class Qwen2VLProcessor(ImageProcessor):
         return height, width
 
     def preprocess(self, image: PIL.Image.Image) -> ProcessedImage:
-        image = rgb_input(image, self.do_convert_rgb)
+        image = rgb_input(image, self.pixels.do_convert_rgb)
         height, width = self.resized_size(image.height, image.width)
         if (width, height) != image.size:
             image = image.resize((width, height), resample=self.resample)
