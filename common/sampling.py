@@ -21,6 +21,18 @@ MAX_LOGIT_BIAS_ENTRIES = 1024
 _INT64 = 2**63
 
 
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")
+
+
+class Grammar(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """A constraint on the output (structured output; tool calls that must happen). `spec` is
+    the JSON Schema as JSON text (`{"type": "object"}` for OpenAI's json_object), the regex,
+    the EBNF grammar, or xgrammar's structural tag as JSON text; `kind` names which."""
+
+    kind: str  # one of GRAMMAR_KINDS
+    spec: str
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """How to pick each next token. Defaults are OpenAI's."""
 
@@ -44,6 +56,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     skip_special_tokens: bool = True
     n: int = 1
     logit_bias: dict[int, float] = {}  # token id -> added to its logit before sampling
+    # Every sampled token must keep the output inside this grammar (None: unconstrained).
+    grammar: Grammar | None = None
 
     @property
     def greedy(self) -> bool:
