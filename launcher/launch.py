@@ -46,11 +46,9 @@ _STOP_ORDER = ("http", "tokenizer", "scheduler", "worker")
 
 
 # Niceness of the HTTP and tokenizer processes (every thread) once a worker reports that it
-# computes on this machine's CPUs. Their work comes in bursts (a request, each step's tokens)
-# that preempt a compute thread, and an OpenMP region waits for its slowest thread; at nice 5
-# they still run within a few ms. W1 on 2 CPUs, means of four interleaved runs: 574 -> 587
-# tok/s (552 -> 582 in an earlier set); W2 TTFT unchanged. The scheduler keeps nice 0: the
-# worker waits for its plans.
+# computes on this machine's CPUs: their bursts preempt compute threads, and an OpenMP region
+# waits for its slowest thread (measured: docs/cpu.md). The scheduler keeps nice 0: the worker
+# waits for its plans.
 FRONTEND_NICE_ON_CPU = 5
 _FRONTEND = ("http", "tokenizer")
 
