@@ -3,17 +3,38 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fovea.common.messages import SchedulerStats
-
-if TYPE_CHECKING:
-    from fovea.scheduler.scheduler import Scheduler
+from fovea.scheduler.batch import PlanBuilder
+from fovea.scheduler.cross_images import CrossImageSlots
+from fovea.scheduler.kv_allocator import KVAllocator
+from fovea.scheduler.radix_cache import RadixCache
+from fovea.scheduler.request import Sequence
 
 log = logging.getLogger("fovea.scheduler")
 
 
-def flush_cache(core: Scheduler) -> bool:
+class Core(Protocol):
+    """What these functions read of the Scheduler (scheduler/scheduler.py), which imports them."""
+
+    running: list[Sequence]
+    waiting: list[Sequence]
+    allocator: KVAllocator
+    cache: RadixCache
+    plans: PlanBuilder
+    cross_images: CrossImageSlots | None
+    cache_hit_tokens: int
+    prompt_tokens: int
+    generated_tokens: int
+    images_encoded: int
+    num_retractions: int
+
+    @property
+    def total_slots(self) -> int: ...
+
+
+def flush_cache(core: Core) -> bool:
     """Empty the prefix cache, only when nothing runs or waits (SGLang's rule): then no
     sequence holds a lock in the tree and every cached slot is evictable. True if emptied."""
     if core.running or core.waiting:
@@ -23,7 +44,7 @@ def flush_cache(core: Scheduler) -> bool:
     return core.cache.total_size == 0
 
 
-def snapshot(core: Scheduler, query_id: str, flushed: bool = False) -> SchedulerStats:
+def snapshot(core: Core, query_id: str, flushed: bool = False) -> SchedulerStats:
     images = core.cross_images
     return SchedulerStats(
         query_id=query_id,
