@@ -141,6 +141,11 @@ class ServerArgs:
         512, "Memory for vision-encoder outputs kept by image hash on each worker (MiB)."
     )
     random_seed: int = _opt(0, "Seed for sampling of requests that give no seed.")
+    grammar_compile_timeout: float = _opt(
+        10.0,
+        "Seconds a request's output grammar (JSON schema, regex, EBNF) may take to compile; "
+        "a slower one is refused with 400.",
+    )
     log_level: str = _opt("info", "Log level.", ("debug", "info", "warning", "error", "critical"))
     log_format: str = _opt(
         "text", "Log line format: text, or one JSON object per line.", ("text", "json")
@@ -277,6 +282,8 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--max-running-requests must be >= 1, got {a.max_running_requests}"
     if a.max_images_per_request < 0:
         return f"--max-images-per-request must be >= 0, got {a.max_images_per_request}"
+    if a.grammar_compile_timeout <= 0:
+        return f"--grammar-compile-timeout must be > 0, got {a.grammar_compile_timeout}"
     if a.media_fetch_timeout <= 0:
         return f"--media-fetch-timeout must be > 0, got {a.media_fetch_timeout}"
     if a.max_image_bytes < 1 or a.max_image_pixels < 1:

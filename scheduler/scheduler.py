@@ -319,6 +319,10 @@ class Scheduler:
     def _finish_reason(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
         sp = seq.sampling
         n_out = len(seq.output_ids)
+        if sp.grammar is not None and token in self.config.eos_token_ids:
+            # The workers let EOS through only once the grammar is complete, and the grammar
+            # then has terminated: the sequence ends whatever ignore_eos and min_new_tokens say.
+            return "stop", token
         if n_out >= sp.min_new_tokens:
             eos = not sp.ignore_eos and token in self.config.eos_token_ids
             if eos or token in sp.stop_token_ids:

@@ -24,6 +24,7 @@ from fovea.common.sampling import (
     MAX_TOP_LOGPROBS,
     SamplingParams,
 )
+from fovea.server.tool_calls.plan import history_tool_calls
 
 # The sampling fields' bounds, for /openapi.json only (so clients and fuzzers reading it know
 # them): validate_sampling enforces them, with messages naming the field, for every route and
@@ -94,14 +95,28 @@ class ChatMessageParam(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # An assistant turn's calls ({"id", "type", "function": {"name", "arguments"}}), kept as
+    # sent for the template; a tool turn's answer names the call it answers.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
-    def to_message(self) -> ChatMessage:
+    def to_message(self, index: int = 0) -> ChatMessage:
+        """APIError 400 (naming messages.`index`) for malformed tool calls."""
         content: str | list[dict[str, Any]] | None
         if isinstance(self.content, list):
             content = [p.model_dump(exclude_none=True) for p in self.content]
         else:
             content = self.content
-        return ChatMessage(role=self.role, content=content, name=self.name)
+        calls = None
+        if self.tool_calls:
+            calls = history_tool_calls(self.tool_calls, f"messages.{index}.tool_calls")
+        return ChatMessage(
+            role=self.role,
+            content=content,
+            name=self.name,
+            tool_calls=calls,
+            tool_call_id=self.tool_call_id,
+        )
 
 
 class StreamOptions(BaseModel):
@@ -187,6 +202,11 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     # Only {"type": "text"} (the default) is served; the others are refused by name.
     response_format: dict[str, Any] | None = None
+    # Function tools as sent (server/tool_calls/plan.py checks them and keeps their key order
+    # for the template); tool_choice: "none" | "auto" | "required" | a named function.
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def sampling(self) -> SamplingParams:
         limit = (
@@ -324,7 +344,7 @@ IGNORED_FIELDS = ("metadata", "service_tier", "store", "user")
 # Keys an assistant message returned by the openai client carries when it is sent back as
 # history: accepted while empty (null, [] or ""), refused by name otherwise.
 _EMPTY_MESSAGE_KEYS = frozenset(
-    {"annotations", "audio", "function_call", "reasoning_content", "refusal", "tool_calls"}
+    {"annotations", "audio", "function_call", "reasoning_content", "refusal"}
 )
 
 

@@ -1,7 +1,8 @@
 """The tokenizer service's process: one Tokenizer (tokenizer_service/tokenizer.py) between the
 HTTP server, which sends it GenerateRequests, and the scheduler, which sends it TokenBatches.
 Both arrive on one socket, in order, so a request's stop strings are registered before its
-first tokens can arrive; image requests run as tasks on the event loop meanwhile.
+first tokens can arrive; requests with images or a grammar run as tasks on the event loop
+meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fovea.common.messages import GenerateRequest, TokenBatch, ToTokenizer
 from fovea.common.model_config import ModelInfo
 from fovea.common.process import report_ready, setup_process
 from fovea.tokenizer_service.chat_templates import ChatRenderer, ChatTemplateError
+from fovea.tokenizer_service.grammar import GrammarChecker
 from fovea.tokenizer_service.media import MediaLoader, MediaPolicy
 from fovea.tokenizer_service.processors import load_processor
 from fovea.tokenizer_service.tokenizer import Outbox, Tokenizer, load_hf_tokenizer
@@ -44,7 +46,8 @@ def run_tokenizer_service(args: ServerArgs, addrs: Addresses, model: ModelInfo) 
         log.warning("the model has no chat template: chat requests will be refused")
     if processor is not None and chat.image_refusal:
         log.warning("%s", chat.image_refusal)
-    asyncio.run(_serve(args, addrs, Tokenizer(hf, model, chat, processor)))
+    grammars = GrammarChecker(hf, model, args.grammar_compile_timeout)
+    asyncio.run(_serve(args, addrs, Tokenizer(hf, model, chat, processor, grammars=grammars)))
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -79,10 +82,11 @@ async def _serve(args: ServerArgs, addrs: Addresses, service: Tokenizer) -> None
         for r in box.to_server:
             to_server.send(r)
 
-    async def with_images(req: GenerateRequest) -> None:
+    async def off_loop(req: GenerateRequest) -> None:
         send(await service.handle_generate_async(req))
 
-    pending: set[asyncio.Task[None]] = set()  # image requests in flight (kept referenced)
+    # Requests with images or a grammar in flight (kept referenced).
+    pending: set[asyncio.Task[None]] = set()
     handlers: dict[type, Callable[[Any], Outbox]] = {
         GenerateRequest: service.handle_generate,
         TokenBatch: service.handle_tokens,
@@ -93,8 +97,8 @@ async def _serve(args: ServerArgs, addrs: Addresses, service: Tokenizer) -> None
         except msgspec.DecodeError as e:  # a malformed message: drop it, keep serving
             log.error("dropped an undecodable message: %s", e)
             continue
-        if isinstance(msg, GenerateRequest) and service.has_images(msg):
-            task = asyncio.create_task(with_images(msg))
+        if isinstance(msg, GenerateRequest) and service.goes_async(msg):
+            task = asyncio.create_task(off_loop(msg))
             pending.add(task)
             task.add_done_callback(pending.discard)
             continue

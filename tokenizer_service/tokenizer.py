@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from fovea.common import metrics as fovea_metrics
+from fovea.common.grammar_compiler import GrammarError
 from fovea.common.messages import (
     AbortRequest,
     DeltaBatch,
@@ -35,6 +36,7 @@ from fovea.common.messages import (
 from fovea.common.model_config import ModelInfo
 from fovea.tokenizer_service.chat_templates import ChatRenderer, ChatRenderError, image_refs
 from fovea.tokenizer_service.detokenize import Detokenizer
+from fovea.tokenizer_service.grammar import GRAMMAR_PARAMS, GrammarChecker
 from fovea.tokenizer_service.media import MediaError, MediaLoader
 from fovea.tokenizer_service.processors import ImageProcessor, ProcessedImage
 
@@ -91,6 +93,11 @@ def span_hash(image_key: bytes, index: int) -> bytes:
     ).digest()
 
 
+def _grammar_refusal(req: GenerateRequest, e: GrammarError) -> PromptError:
+    assert req.sampling.grammar is not None
+    return PromptError(e.message, GRAMMAR_PARAMS.get(req.sampling.grammar.kind, "grammar"))
+
+
 def load_hf_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -108,12 +115,14 @@ class Tokenizer:
         chat: ChatRenderer,
         processor: ImageProcessor | None = None,
         media: MediaLoader | None = None,
+        grammars: GrammarChecker | None = None,
     ) -> None:
         self.hf = hf_tokenizer
         self.model = model
         self.chat = chat
         self.processor = processor
         self.media = media
+        self.grammars = grammars or GrammarChecker(hf_tokenizer, model)
         self.detokenizer = Detokenizer(hf_tokenizer)
         # Ids the tokenizer can produce may exceed the config's vocab_size (added tokens).
         self.vocab_size = max(model.vocab_size, len(hf_tokenizer))
@@ -124,16 +133,19 @@ class Tokenizer:
         except Exception as e:
             return self._refusal(req, e)
 
-    def has_images(self, req: GenerateRequest) -> bool:
-        """Whether `req` goes the async (image) way. Never raises: it runs in the service's
-        loop, outside any request's error handling."""
+    def goes_async(self, req: GenerateRequest) -> bool:
+        """Whether `req` goes the async way: it has images to fetch, or a grammar to compile
+        (in a thread, which the loop awaits). Never raises: it runs in the service's loop,
+        outside any request's error handling."""
+        if req.sampling.grammar is not None:
+            return True
         try:
             return bool(req.images) or bool(req.messages and image_refs(req.messages))
         except ChatRenderError:
             return True  # a malformed image part: tokenize_async refuses it with this message
 
     async def handle_generate_async(self, req: GenerateRequest) -> Outbox:
-        """handle_generate for a request that may carry images."""
+        """handle_generate for a request that may carry images or a grammar."""
         try:
             return Outbox(to_scheduler=list(await self.tokenize_async(req)))
         except Exception as e:
@@ -165,13 +177,24 @@ class Tokenizer:
         go through tokenize_async)."""
         ids, param = self._prompt_ids(req)
         self._check_placeholders(ids, [], param)
+        if req.sampling.grammar is not None:
+            try:
+                self.grammars.check_sync(req.sampling.grammar)
+            except GrammarError as e:
+                raise _grammar_refusal(req, e) from e
         return self._sequences(req, ids, [], param)
 
     async def tokenize_async(self, req: GenerateRequest) -> list[TokenizedRequest]:
-        """tokenize, fetching and preprocessing the request's images. Also raises MediaError."""
+        """tokenize, fetching and preprocessing the request's images and compiling its grammar
+        off the loop. Also raises MediaError."""
         ids, param = self._prompt_ids(req)
         refs = image_refs(req.messages) if req.messages is not None else req.images
         self._check_placeholders(ids, refs, param)
+        if req.sampling.grammar is not None:  # before any image is fetched
+            try:
+                await self.grammars.check(req.sampling.grammar)
+            except GrammarError as e:
+                raise _grammar_refusal(req, e) from e
         if not refs:
             return self._sequences(req, ids, [], param)
         assert self.processor is not None and self.media is not None
@@ -250,6 +273,7 @@ class Tokenizer:
                 req.add_generation_prompt,
                 req.chat_template_kwargs,
                 continue_final_message=req.continue_final_message,
+                tools=req.tools,
             )
             # The template already carries BOS where the model wants it.
             ids = list(self.hf.encode(text, add_special_tokens=False))

@@ -43,6 +43,7 @@ from fovea.worker.attention.cpu_paged import CpuPagedBackend, kernel_supports
 from fovea.worker.attention.torch_native import TorchNativeBackend
 from fovea.worker.cpu_threads import cpu_flags
 from fovea.worker.cross_attention import CrossAttentionState
+from fovea.worker.grammar import WorkerGrammars
 from fovea.worker.kv_pool import KVPool, plan_num_slots
 from fovea.worker.loader import load_model
 from fovea.worker.mm_cache import EmbeddingCache
@@ -173,6 +174,9 @@ class ModelRunner:
         self.free_rows = list(range(self.max_seqs - 1, -1, -1))
         self.seqs: dict[str, _Seq] = {}
         self.sampler = Sampler(cfg.vocab_size, list(model.eos_token_ids), args.random_seed)
+        self.grammars = WorkerGrammars(
+            args.tokenizer_path or model.path, cfg.vocab_size, list(model.eos_token_ids)
+        )
         # Capabilities (worker/models/base.py); None: the model has none.
         self.image_encoder = self.model if isinstance(self.model, EncodesImages) else None
         self.mrope_model = self.model if isinstance(self.model, MRopePositions) else None
@@ -201,6 +205,8 @@ class ModelRunner:
         ids = list(new.input_ids)
         sampling = SamplingRow(new.sampling, ids[: new.num_prompt_tokens], [])
         sampling.output_ids = ids[new.num_prompt_tokens :]
+        if new.sampling.grammar is not None:  # compiles while the prompt is computed
+            sampling.grammar = self.grammars.start(new.sampling.grammar, sampling.output_ids)
         if new.images and self.image_encoder is None:
             raise RuntimeError(f"{new.key}: images sent to a model that takes none")
         seq = _Seq(row, ids, new.num_prompt_tokens, n_prefix, sampling, list(new.images))
@@ -238,6 +244,8 @@ class ModelRunner:
             seq = self.seqs[key]
             seq.token_ids.append(token)
             seq.row_sampling.output_ids.append(token)
+            if seq.row_sampling.grammar is not None:
+                seq.row_sampling.grammar.accept(token)
         return StepResult(
             plan.step,
             sample_keys,

@@ -1,8 +1,11 @@
 """Turn logits into next tokens, one row per sampling sequence, each with its own params.
 
 Order: repetition penalty (HF semantics, over prompt + output), then frequency/presence
-penalties (OpenAI, over output), then logit_bias (added as given), then min_new_tokens masking.
-Logprobs are log_softmax of those processed logits (before temperature). Then: all rows greedy
+penalties (OpenAI, over output), then the grammar mask (worker/grammar.py: tokens the row's
+grammar forbids become -inf), then logit_bias (added as given: -inf stays -inf), then
+min_new_tokens masking (skipped for a row whose grammar allows nothing else: it must end).
+Logprobs are log_softmax of those processed logits (before temperature), so a forbidden token
+has logprob -inf. Then: all rows greedy
 -> argmax; otherwise temperature, top_k, top_p, min_p and an exponential race (argmax p / E,
 E ~ Exp(1)), which samples from p.
 A row with a seed draws E from a generator re-seeded from (seed, output position), so its
@@ -18,6 +21,7 @@ import torch
 from fovea.common.messages import TokenLogprobs
 from fovea.common.sampling import SamplingParams
 from fovea.worker.attention.cpu_kernels import argmax_rows
+from fovea.worker.grammar import SeqGrammar, allows_only, apply_masks
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, position) pairs
 
@@ -27,6 +31,7 @@ class SamplingRow:
     params: SamplingParams
     prompt_ids: list[int]
     output_ids: list[int]
+    grammar: SeqGrammar | None = None  # params.grammar's matcher state
 
 
 def seed_for(seed: int, position: int) -> int:
@@ -44,8 +49,10 @@ class Sampler:
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits [n, vocab] float32 (modified in place) -> (token ids, logprobs per row)."""
         self._apply_penalties(logits, rows)
+        constrained = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
+        bitmask = apply_masks(logits, constrained) if constrained else None
         self._apply_logit_bias(logits, rows)
-        self._mask_min_tokens(logits, rows)
+        self._mask_min_tokens(logits, rows, bitmask)
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs]
         lp = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
@@ -85,15 +92,20 @@ class Sampler:
                 vals = torch.tensor(list(bias.values()), device=logits.device, dtype=logits.dtype)
                 logits[i, ids] += vals
 
-    def _mask_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    def _mask_min_tokens(
+        self, logits: torch.Tensor, rows: list[SamplingRow], bitmask: torch.Tensor | None = None
+    ) -> None:
+        """Ban stop tokens before min_new_tokens. `bitmask`: apply_masks' grammar masks."""
         for i, r in enumerate(rows):
             p = r.params
             if len(r.output_ids) >= p.min_new_tokens:
                 continue
             banned = list(p.stop_token_ids)
-            if not p.ignore_eos:
+            if not p.ignore_eos or r.grammar is not None:
                 banned += self.eos_token_ids
             banned = [t for t in banned if t < logits.shape[1]]
+            if r.grammar is not None and bitmask is not None and allows_only(bitmask[i], banned):
+                continue  # the grammar is complete: banning its stop tokens would ban all
             if banned:
                 logits[i, banned] = float("-inf")
 

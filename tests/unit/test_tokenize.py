@@ -214,14 +214,14 @@ def test_content_part_errors(hf: Any) -> None:
 
 @pytest.mark.parametrize("image_url", [{"url": ""}, {}, "", None])
 def test_image_part_without_a_url_is_refused_not_fatal(hf: Any, image_url: Any) -> None:
-    # The service loop calls has_images outside any request's error handling: raising there
+    # The service loop calls goes_async outside any request's error handling: raising there
     # once killed the tokenizer process, and so the server, on one bad chat request.
     import asyncio
 
     chat = ChatRenderer(hf, "qwen2-vl", model_takes_images=True)
     svc = Tokenizer(hf, model_info(), chat)
     req = request(messages=[ChatMessage("user", [{"type": "image_url", "image_url": image_url}])])
-    assert svc.has_images(req)
+    assert svc.goes_async(req)
     assert error_of(asyncio.run(svc.handle_generate_async(req))) == (
         400,
         "an image_url content part must carry image_url.url",

@@ -1,0 +1,130 @@
+"""Compiling an output Grammar (common/sampling.py) with xgrammar, shared by the tokenizer service
+(validation) and the workers (masks).
+
+Both build a compiler over the same tokenizer, vocabulary width (the logits') and stop tokens,
+and compile with the same options, so a grammar the tokenizer service accepted compiles the same
+on every rank.
+
+xgrammar is imported lazily: a server that never sees a constrained request never loads it
+(it imports torch and transformers, ~1-5 s). It is installed without its declared dependencies
+(triton, ~1 GB, is only its GPU mask kernel): `XGRAMMAR_INSTALL`.
+
+JSON schemas compile with `any_whitespace=False` and separators (", ", ": "): a model can then
+never loop on whitespace between tokens (with any whitespace, small models emit newlines until
+max_tokens), and strict mode (xgrammar's default): an object schema that lists `properties`
+admits no others unless `additionalProperties` says so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from fovea.common.sampling import Grammar
+
+if TYPE_CHECKING:
+    import xgrammar
+
+XGRAMMAR_INSTALL = "pip install --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2"
+JSON_SEPARATORS = (", ", ": ")
+# What each kind is called in error messages.
+KIND_NOUNS = {
+    "json_schema": "JSON schema",
+    "regex": "regex",
+    "ebnf": "EBNF grammar",
+    "structural_tag": "structural tag",
+}
+# xgrammar's C++ errors start "[hh:mm:ss] /path/file.cc:123: " and may add
+# "Check failed: (...) is false: " before the message itself.
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (?:Check failed: .*? is false: )?")
+
+
+class GrammarError(ValueError):
+    """A grammar that cannot be enforced; `message` says why (the client's 400)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class GrammarUnavailable(GrammarError):
+    """xgrammar is not installed."""
+
+
+def import_xgrammar() -> ModuleType:
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise GrammarUnavailable(
+            f"structured output needs the xgrammar package, which is not installed ({e}); "
+            f"install it with: {XGRAMMAR_INSTALL}"
+        ) from e
+    return xgrammar
+
+
+def make_compiler(
+    hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int], threads: int
+) -> xgrammar.GrammarCompiler:
+    """A caching compiler (thread-safe; compiles release the GIL) for a model whose logits are
+    `vocab_size` wide. `stop_token_ids`: every EOS id of the model; a grammar masks them until
+    it is complete (empty: xgrammar takes the tokenizer's own)."""
+    xgr = import_xgrammar()
+    info = xgr.TokenizerInfo.from_huggingface(
+        hf_tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids) or None
+    )
+    compiler: xgrammar.GrammarCompiler = xgr.GrammarCompiler(
+        info, max_threads=threads, cache_enabled=True, cache_limit_bytes=256 << 20
+    )
+    return compiler
+
+
+def compile_grammar(
+    compiler: xgrammar.GrammarCompiler, grammar: Grammar
+) -> xgrammar.CompiledGrammar:
+    """Compile `grammar`; GrammarError (naming the kind and xgrammar's reason) if it is not
+    valid. Cached by the compiler: the same (kind, spec) again costs microseconds."""
+    noun = KIND_NOUNS.get(grammar.kind)
+    if noun is None:
+        raise GrammarError(f"unknown grammar kind {grammar.kind!r}")
+    try:
+        if grammar.kind == "json_schema":
+            return compiler.compile_json_schema(
+                grammar.spec, any_whitespace=False, separators=JSON_SEPARATORS
+            )
+        if grammar.kind == "regex":
+            return compiler.compile_regex(grammar.spec)
+        if grammar.kind == "ebnf":
+            return compiler.compile_grammar(grammar.spec)
+        return _compile_structural_tag(compiler, grammar.spec)
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
+        raise GrammarError(f"invalid {noun}: {clean_error(e)}") from e
+
+
+def _compile_structural_tag(
+    compiler: xgrammar.GrammarCompiler, spec: str
+) -> xgrammar.CompiledGrammar:
+    """xgrammar's structural tag JSON (`{"type": "structural_tag", "format": ...}`), or SGLang's
+    older response_format shape (`structures` of {begin, schema, end} and `triggers`)."""
+    try:
+        tag = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e}") from e
+    if isinstance(tag, dict) and "structures" in tag:
+        xgr = import_xgrammar()
+        items = [
+            xgr.StructuralTagItem(
+                begin=s["begin"], schema=json.dumps(s.get("schema", {})), end=s["end"]
+            )
+            for s in tag["structures"]
+        ]
+        return compiler.compile_structural_tag(items, list(tag.get("triggers", [])))
+    return compiler.compile_structural_tag(spec)
+
+
+def clean_error(e: BaseException) -> str:
+    """xgrammar's message without the C++ file and line, first line only."""
+    text = str(e).strip()
+    lines = [_CPP_PREFIX.sub("", line).strip() for line in text.splitlines()]
+    return next((line for line in lines if line), type(e).__name__)
