@@ -24,6 +24,7 @@ from fovea.common.sampling import (
     MAX_TOP_LOGPROBS,
     SamplingParams,
 )
+from fovea.server.structured_output import NATIVE_GRAMMAR_KEYS, native_grammar, request_grammar
 from fovea.server.tool_calls.plan import history_tool_calls
 
 # The sampling fields' bounds, for /openapi.json only (so clients and fuzzers reading it know
@@ -150,6 +151,11 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Output constraints (server/structured_output.py): at most one.
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None  # SGLang's
+    ebnf: str | None = None  # SGLang's
+    json_schema: str | dict[str, Any] | None = None  # SGLang's: the schema as JSON text
     # Accepted and ignored (IGNORED_FIELDS): they change nothing in the output.
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -179,6 +185,7 @@ class _SamplingFields(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             n=self.n,
             logit_bias=dict(self.logit_bias or {}),
+            grammar=request_grammar(self.response_format, self.regex, self.ebnf, self.json_schema),
         )
 
     @property
@@ -200,8 +207,6 @@ class ChatCompletionRequest(_SamplingFields):
     # The last (assistant) message is left open and the model continues it.
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    # Only {"type": "text"} (the default) is served; the others are refused by name.
-    response_format: dict[str, Any] | None = None
     # Function tools as sent (server/tool_calls/plan.py checks them and keeps their key order
     # for the template); tool_choice: "none" | "auto" | "required" | a named function.
     tools: list[Any] | None = None
@@ -298,6 +303,8 @@ def _native_sampling_schema(schema: dict[str, Any]) -> None:
     fields = msgspec.json.schema(SamplingParams)["$defs"]["SamplingParams"]["properties"]
     props = {k: v for k, v in fields.items() if k in _NATIVE_KEYS}
     props["stop"] = {"anyOf": [{"type": "string"}, props["stop"]]}
+    for key in NATIVE_GRAMMAR_KEYS:  # SGLang's constraints, at most one (structured_output)
+        props[key] = {"anyOf": [{"type": "string"}, {"type": "null"}]}
     for key, prop in props.items():
         prop.update(_BOUNDS.get(_OPENAI_NAMES.get(key, key), {}))
     schema.update(type="object", properties=props, additionalProperties=False)
@@ -312,10 +319,11 @@ def native_sampling(
 ) -> SamplingParams:
     """SGLang's sampling_params dict -> SamplingParams; unknown keys raise KeyError(name).
     max_new_tokens defaults to SGLang's 128; null means up to the context length."""
-    unknown = sorted(set(params) - _NATIVE_KEYS)
+    unknown = sorted(set(params) - _NATIVE_KEYS - set(NATIVE_GRAMMAR_KEYS))
     if unknown:
         raise KeyError(unknown[0])
-    p = dict(params)
+    grammar = native_grammar(params)
+    p = {k: v for k, v in params.items() if k not in NATIVE_GRAMMAR_KEYS}
     if isinstance(p.get("stop"), str):
         p["stop"] = [p["stop"]]
     if p.get("top_k") == 0:
@@ -326,7 +334,8 @@ def native_sampling(
 
     p.setdefault("max_new_tokens", NATIVE_MAX_NEW_TOKENS)
     extra = {"logprobs": logprobs, "top_logprobs": top_logprobs, "prompt_logprobs": prompt_logprobs}
-    return msgspec.convert({**p, **extra}, SamplingParams)
+    sampling = msgspec.convert({**p, **extra}, SamplingParams)
+    return msgspec.structs.replace(sampling, grammar=grammar) if grammar else sampling
 
 
 def _int_keys(bias: dict[Any, Any]) -> dict[Any, Any]:
@@ -359,9 +368,6 @@ def unsupported_field(body: _SamplingFields | GenerateReqInput) -> str | None:
         if value is not None:
             return key
     if isinstance(body, ChatCompletionRequest):
-        fmt = body.response_format
-        if fmt is not None and fmt.get("type", "text") != "text":
-            return f"response_format.type={fmt.get('type')!r}"
         for i, m in enumerate(body.messages):
             for key, value in (m.model_extra or {}).items():
                 if not (key in _EMPTY_MESSAGE_KEYS and _empty(value)):
