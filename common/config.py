@@ -49,6 +49,14 @@ class ServerArgs:
     chat_template: str | None = _opt(
         None, "A built-in template name or a .jinja file (default: the model's own template)."
     )
+    tool_call_parser: str = _opt(
+        "auto",
+        "How tool calls are read from the output under tool_choice auto: hermes "
+        "(<tool_call> blocks: Qwen2.5, Hermes), llama3 (JSON after <|python_tag|>), pythonic "
+        "([f(a=1)]). auto: the one the chat template teaches, else none (tool_choice auto is "
+        "then refused; required and named tools still work).",
+        ("auto", "hermes", "llama3", "pythonic", "none"),
+    )
     host: str = _opt("127.0.0.1", "Address the HTTP server binds.")
     port: int = _opt(30000, "Port the HTTP server binds.")
     served_model_name: str | None = _opt(None, "Model name in the API (default: the model path).")

@@ -31,6 +31,10 @@ class ChatMessage(msgspec.Struct, frozen=True):
     # assistant turn that only carried tool calls.
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    # An assistant turn's calls as OpenAI shapes them, but with each function's arguments
+    # decoded from their JSON string (templates write `arguments | tojson`).
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class ImageRef(msgspec.Struct, array_like=True, frozen=True):
@@ -56,6 +60,8 @@ class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
     continue_final_message: bool = False
     # Extra variables for the chat template (e.g. enable_thinking).
     chat_template_kwargs: dict[str, Any] = {}
+    # Function tools the chat template renders (OpenAI's shape, as the client sent them).
+    tools: list[dict[str, Any]] = []
     images: list[ImageRef] = []
     arrival_time: float = 0.0
 

@@ -217,7 +217,7 @@ class ProcessGroup:
 
 def prepare(args: ServerArgs) -> tuple[ServerArgs, ModelInfo]:
     """Resolve the model and tokenizer paths (a built-in alias, a hub id) to local directories,
-    which the children read, and read the model's config. Raises ValueError subclasses with
+    which the children read, read the model's config, and resolve --tool-call-parser. Raises ValueError subclasses with
     one-line messages."""
     from fovea.launcher.builtin_models import resolve_model_path
     from fovea.launcher.model_source import TOKENIZER
@@ -237,9 +237,29 @@ def prepare(args: ServerArgs) -> tuple[ServerArgs, ModelInfo]:
         raise ValueError(problem)
     served = args.served_model_name or args.model_path
     resolved = dataclasses.replace(
-        args, model_path=path, tokenizer_path=tokenizer, served_model_name=served
+        args,
+        model_path=path,
+        tokenizer_path=tokenizer,
+        served_model_name=served,
+        tool_call_parser=resolve_tool_call_parser(args, tokenizer or path),
     )
     return resolved, model
+
+
+def resolve_tool_call_parser(args: ServerArgs, tokenizer_dir: str) -> str:
+    """--tool-call-parser as the HTTP server needs it: a format, or "none". auto reads the chat
+    template the tokenizer service will render with (a bad --chat-template is that service's
+    start-up error to report, so here it only means "none")."""
+    from fovea.server.tool_calls.formats import detect_format
+    from fovea.tokenizer_service.chat_templates import ChatTemplateError, template_text
+
+    if args.tool_call_parser != "auto":
+        return args.tool_call_parser
+    try:
+        template = template_text(args.chat_template, tokenizer_dir)
+    except ChatTemplateError:
+        template = None
+    return detect_format(template) or "none"
 
 
 class _Stop(Exception):

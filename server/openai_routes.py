@@ -17,6 +17,7 @@ from fovea.server.openai_protocol import (
     unsupported_field,
 )
 from fovea.server.request_build import APIError, check_token_ids, prompt_request, split_prompts
+from fovea.server.tool_calls.plan import constrain, plan_tools
 
 router = APIRouter()
 
@@ -52,14 +53,19 @@ async def chat(body: ChatCompletionRequest, request: Request, ctx: Ctx) -> Respo
                 "continue_final_message",
             )
         add_generation_prompt = False
-    sampling = ctx.checked(body.sampling())
+    tools = plan_tools(
+        body.tools, body.tool_choice, body.parallel_tool_calls, ctx.args.tool_call_parser
+    )
+    skip_given = "skip_special_tokens" in body.model_fields_set
+    sampling = ctx.checked(constrain(body.sampling(), tools, skip_given))
     req = GenerateRequest(
         rid=new_id("chatcmpl"),
         sampling=sampling,
-        messages=[m.to_message() for m in body.messages],
+        messages=[m.to_message(i) for i, m in enumerate(body.messages)],
         add_generation_prompt=add_generation_prompt,
         continue_final_message=body.continue_final_message,
         chat_template_kwargs=body.chat_template_kwargs or {},
+        tools=tools.tools,
     )
     render = responses.ChatRenderer(
         req.rid,
@@ -67,6 +73,7 @@ async def chat(body: ChatCompletionRequest, request: Request, ctx: Ctx) -> Respo
         sampling,
         body.include_usage,
         continuous_usage=body.continuous_usage,
+        tools=tools,
     )
     return await ctx.run(request, [req], body.stream, render)
 

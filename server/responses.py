@@ -14,6 +14,8 @@ from fovea.common.messages import TextDelta, TextLogprob
 from fovea.common.model_config import ModelInfo
 from fovea.common.sampling import SamplingParams
 from fovea.server.requests import RequestFailed
+from fovea.server.tool_calls.plan import ToolPlan
+from fovea.server.tool_calls.streaming import ToolCallParser, parse_complete
 
 VERSION = "0.1.0"
 _json = msgspec.json.Encoder()
@@ -193,33 +195,49 @@ def _chat_logprobs(lps: list[TextLogprob]) -> dict[str, Any]:
     }
 
 
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    # A choice that called tools and then stopped by itself is waiting for their results.
+    return "tool_calls" if called and reason == "stop" else reason
+
+
 class ChatRenderer(Renderer):
+    """Chat answers. With `tools` whose plan parses the output (tool_choice other than
+    "none"), each choice's text is split into content and tool calls
+    (server/tool_calls/streaming.py); a message with calls has content null when the model
+    wrote no text beside them, as OpenAI's has."""
+
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, *a: Any, **kw: Any) -> None:
+    def __init__(self, *a: Any, tools: ToolPlan | None = None, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self._started: set[int] = set()
+        self.tools = tools or ToolPlan()
+        self._parsers: dict[int, ToolCallParser | None] = {}  # choice index -> its parser
+
+    def _message(self, c: _Choice) -> tuple[dict[str, Any], str | None]:
+        text = "".join(c.text)
+        message: dict[str, Any] = {"role": "assistant", "content": text, "reasoning_content": None}
+        parser = self.tools.parser()
+        if parser is None:
+            return {**message, "tool_calls": None}, c.finish
+        content, calls = parse_complete(parser, text)
+        message.update(content=content or (None if calls else ""), tool_calls=calls or None)
+        return message, _finish_reason(c.finish, bool(calls))
 
     def body(self, choices: list[_Choice]) -> dict[str, Any]:
-        return self.envelope(
-            "chat.completion",
-            choices=[
+        out = []
+        for i, c in enumerate(choices):
+            message, finish = self._message(c)
+            out.append(
                 {
                     "index": i,
-                    "message": {
-                        "role": "assistant",
-                        "content": "".join(c.text),
-                        "reasoning_content": None,
-                        "tool_calls": None,
-                    },
+                    "message": message,
                     "logprobs": _chat_logprobs(c.logprobs) if self.sampling.logprobs else None,
-                    "finish_reason": c.finish,
+                    "finish_reason": finish,
                     "matched_stop": c.matched,
                 }
-                for i, c in enumerate(choices)
-            ],
-            usage=self.usage(),
-        )
+            )
+        return self.envelope("chat.completion", choices=out, usage=self.usage())
 
     def _chunk(self, index: int, delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None, **extra}
@@ -231,16 +249,26 @@ class ChatRenderer(Renderer):
             self._started.add(d.index)
             first = {"role": "assistant", "content": "", "reasoning_content": None}
             out.append(self._chunk(d.index, first))
-        if d.text or d.logprobs:
+        text, finish = d.text, d.finish_reason
+        calls: list[dict[str, Any]] = []
+        if d.index not in self._parsers:
+            self._parsers[d.index] = self.tools.parser()
+        parser = self._parsers[d.index]
+        if parser is not None:
+            text, calls = parser.feed(d.text, final=finish is not None)
+            finish = _finish_reason(finish, parser.calls > 0)
+        if text or d.logprobs:
             lp = _chat_logprobs(d.logprobs) if d.logprobs and self.sampling.logprobs else None
-            delta = {"content": d.text, "reasoning_content": None}
+            delta = {"content": text, "reasoning_content": None}
             out.append(self._chunk(d.index, delta, logprobs=lp))
-        if d.finish_reason is not None:
+        if calls:
+            out.append(self._chunk(d.index, {"tool_calls": calls, "reasoning_content": None}))
+        if finish is not None:
             out.append(
                 self._chunk(
                     d.index,
                     {"reasoning_content": None},
-                    finish_reason=d.finish_reason,
+                    finish_reason=finish,
                     matched_stop=d.matched_stop,
                 )
             )

@@ -12,6 +12,7 @@ under it is a 400 that names the template to use.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -30,6 +31,7 @@ _RESERVED_KWARGS = frozenset(
         "tokenize",
         "add_generation_prompt",
         "continue_final_message",
+        "tools",
     }
 )
 _IMAGE_PART_TYPES = frozenset({"image_url", "image", "input_image"})
@@ -64,6 +66,29 @@ def load_chat_template(spec: str | None) -> str | None:
     raise ChatTemplateError(
         f"--chat-template {spec!r} is neither a file nor a built-in template (built-in: {names})"
     )
+
+
+def template_text(spec: str | None, tokenizer_dir: str) -> str | None:
+    """The jinja source chat requests render with: `spec`'s, else the tokenizer directory's
+    own (chat_template.jinja, chat_template.json, or tokenizer_config.json; named templates
+    such as "tool_use" joined). Read from the files, so the launcher needs no tokenizer."""
+    if spec is not None:
+        return load_chat_template(spec)
+    jinja = os.path.join(tokenizer_dir, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        try:
+            with open(os.path.join(tokenizer_dir, name), encoding="utf-8") as f:
+                found = json.load(f).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(found, list):  # [{"name": ..., "template": ...}, ...]
+            found = "\n".join(str(t.get("template", "")) for t in found if isinstance(t, dict))
+        if isinstance(found, str) and found:
+            return found
+    return None
 
 
 def template_places_images(spec: str | None) -> bool:
@@ -159,7 +184,9 @@ class ChatRenderer:
         chat_template_kwargs: dict[str, Any] | None = None,
         *,
         continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
+        """The prompt text; `tools` (OpenAI function tools) reach the template as `tools`."""
         if not self.available:
             names = ", ".join(sorted(BUILTIN_TEMPLATES))
             raise ChatRenderError(
@@ -180,6 +207,7 @@ class ChatRenderer:
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
+                tools=tools or None,
                 **kwargs,
             )
         except jinja2.TemplateError as e:

@@ -115,8 +115,6 @@ def test_a_body_that_is_not_json_names_the_position(server: Server, path: str) -
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
         ({"response_format": {"type": "json_object"}}, "response_format.type"),
         ({"regex": "[ab]+"}, "regex"),
         ({"frobnicate": 1}, "frobnicate"),
