@@ -80,6 +80,24 @@ def check_tools(tools: list[Any]) -> None:
             ) from None
 
 
+def _check_enforceable(tools: list[dict[str, Any]], enforced: set[str] | frozenset[str]) -> None:
+    """APIError 400 naming the tool whose schema holds a keyword the grammar would accept
+    without enforcing (the structured-output check, done here so the error names the tool)."""
+    from fovea.tokenizer_service.grammar import unenforceable
+
+    for i, tool in enumerate(tools):
+        if tool["function"]["name"] not in enforced:
+            continue
+        found = unenforceable(tool["function"].get("parameters"))
+        if found is not None:
+            raise APIError(
+                400,
+                f"tools.{i}.function.parameters: {found} is not supported (tool calls cannot "
+                "be held to it)",
+                f"tools.{i}",
+            )
+
+
 def _named_choice(choice: Any) -> str | None:
     """The tool a {"type": "function", "function": {"name": ...}} choice names."""
     if not isinstance(choice, dict) or choice.get("type") != "function":
@@ -116,9 +134,11 @@ def plan_tools(
         if named not in names:
             raise APIError(400, f"Tool '{named}' not found in tools list", "tool_choice")
         chosen = [t for t in tools if t["function"]["name"] == named]
+        _check_enforceable(tools, {named})
         grammar = grammars.required_grammar(chosen, parallel)
         return ToolPlan(tools, formats.JSON_ARRAY, frozenset({named}), parallel, grammar)
     if tool_choice == "required":
+        _check_enforceable(tools, names)
         grammar = grammars.required_grammar(tools, parallel)
         return ToolPlan(tools, formats.JSON_ARRAY, names, parallel, grammar)
     if model_format not in formats.MODEL_FORMATS:
@@ -130,6 +150,10 @@ def plan_tools(
             "tools",
         )
     strict = grammars.strict_grammar(model_format, tools, parallel)
+    if strict is not None:
+        _check_enforceable(
+            tools, {t["function"]["name"] for t in tools if t["function"].get("strict")}
+        )
     return ToolPlan(tools, model_format, names, parallel, strict)
 
 

@@ -91,6 +91,21 @@ def test_bad_tools_are_refused_by_name() -> None:
     )
 
 
+def test_schemas_a_grammar_cannot_enforce_are_refused_where_calls_are_enforced() -> None:
+    params = {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}
+    loose = {"type": "function", "function": {"name": "f", "parameters": params}}
+    assert _refusal([ADD, loose], "required", None, "hermes") == (
+        "tools.1.function.parameters: 'not' at properties.a is not supported (tool calls cannot "
+        "be held to it)",
+        "tools.1",
+    )
+    # Not enforced: a named other tool, or auto without strict.
+    assert plan_tools(
+        [ADD, loose], {"type": "function", "function": {"name": "add"}}, None, "hermes"
+    )
+    assert plan_tools([ADD, loose], "auto", None, "hermes").grammar is None
+
+
 def test_conflicting_defs_are_refused() -> None:
     def tool(name: str, kind: str) -> dict[str, Any]:
         params = {"$defs": {"x": {"type": kind}}, "properties": {"v": {"$ref": "#/$defs/x"}}}
