@@ -12,13 +12,17 @@ xgrammar is imported lazily: a server that never sees a constrained request neve
 JSON schemas compile with `any_whitespace=False` and separators (", ", ": "): a model can then
 never loop on whitespace between tokens (with any whitespace, small models emit newlines until
 max_tokens), and strict mode (xgrammar's default): an object schema that lists `properties`
-admits no others unless `additionalProperties` says so.
+admits no others unless `additionalProperties` says so. For the same reason an integer without
+a bound is held to the int64 range (`int64_bounded`): unbounded, a small model greedily writes
+"1000..." until max_tokens (SmolLM2 on SGLang's own structured-output test).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
+from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -53,14 +57,21 @@ class GrammarUnavailable(GrammarError):
     """xgrammar is not installed."""
 
 
+_import_lock = threading.Lock()
+
+
 def import_xgrammar() -> ModuleType:
-    try:
-        import xgrammar
-    except ImportError as e:
-        raise GrammarUnavailable(
-            f"structured output needs the xgrammar package, which is not installed ({e}); "
-            f"install it with: {XGRAMMAR_INSTALL}"
-        ) from e
+    """The xgrammar module. Under a lock: a compile thread and the step loop may both ask
+    first, and two threads importing transformers' lazy modules at once can see them half
+    initialized ("cannot import name ... from transformers")."""
+    with _import_lock:
+        try:
+            import xgrammar
+        except ImportError as e:
+            raise GrammarUnavailable(
+                f"structured output needs the xgrammar package, which is not installed ({e}); "
+                f"install it with: {XGRAMMAR_INSTALL}"
+            ) from e
     return xgrammar
 
 
@@ -91,7 +102,7 @@ def compile_grammar(
     try:
         if grammar.kind == "json_schema":
             return compiler.compile_json_schema(
-                grammar.spec, any_whitespace=False, separators=JSON_SEPARATORS
+                int64_bounded(grammar.spec), any_whitespace=False, separators=JSON_SEPARATORS
             )
         if grammar.kind == "regex":
             return compiler.compile_regex(grammar.spec)
@@ -128,3 +139,61 @@ def clean_error(e: BaseException) -> str:
     text = str(e).strip()
     lines = [_CPP_PREFIX.sub("", line).strip() for line in text.splitlines()]
     return next((line for line in lines if line), type(e).__name__)
+
+
+# Keywords whose values are schemas: a map of them, a list of them, or one.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SCHEMA_ONE = (
+    "items",
+    "additionalProperties",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+    "propertyNames",
+    "additionalItems",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+)
+_INT64 = 2**63
+
+
+def subschemas(schema: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every schema object inside `schema`, itself first, depth first, with its dotted path
+    (`properties.tags.items`; "" for the root). Enum and const values are data, not schemas."""
+    if not isinstance(schema, dict):
+        return
+    yield path, schema
+    prefix = f"{path}." if path else ""
+    for key in _SCHEMA_MAPS:
+        sub = schema.get(key)
+        if isinstance(sub, dict):
+            for name, value in sub.items():
+                yield from subschemas(value, f"{prefix}{key}.{name}")
+    for key in _SCHEMA_LISTS:
+        sub = schema.get(key)
+        if isinstance(sub, list):
+            for i, value in enumerate(sub):
+                yield from subschemas(value, f"{prefix}{key}.{i}")
+    for key in _SCHEMA_ONE:
+        yield from subschemas(schema.get(key), f"{prefix}{key}")
+
+
+def int64_bounded(spec: str) -> str:
+    """`spec` with every integer schema lacking a lower (upper) bound given -2**63 (2**63 - 1);
+    `spec` itself when none lacks one or it is not JSON (xgrammar then says why)."""
+    try:
+        schema = json.loads(spec)
+    except json.JSONDecodeError:
+        return spec
+    changed = False
+    for _, sub in subschemas(schema):
+        if sub.get("type") != "integer":
+            continue
+        if "minimum" not in sub and "exclusiveMinimum" not in sub:
+            sub["minimum"], changed = -_INT64, True
+        if "maximum" not in sub and "exclusiveMaximum" not in sub:
+            sub["maximum"], changed = _INT64 - 1, True
+    return json.dumps(schema) if changed else spec

@@ -30,6 +30,7 @@ from fovea.common.grammar_compiler import (
     GrammarError,
     compile_grammar,
     make_compiler,
+    subschemas,
 )
 from fovea.common.model_config import ModelInfo
 from fovea.common.sampling import Grammar
@@ -59,64 +60,28 @@ _REFUSED = (
     "minContains",
     "maxContains",
 )
-# Keywords whose values are schemas: a map of them, a list of them, or one.
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
-_SCHEMA_ONE = (
-    "items",
-    "additionalProperties",
-    "unevaluatedProperties",
-    "unevaluatedItems",
-    "propertyNames",
-    "additionalItems",
-)
 # A lookahead or lookbehind group: xgrammar ignores it inside a schema's "pattern".
 _LOOKAROUND = re.compile(r"(?<!\\)\(\?<?[=!]")
 
 
-def unenforceable(schema: Any, path: str = "") -> str | None:
+def unenforceable(schema: Any) -> str | None:
     """What in `schema` xgrammar would accept without enforcing it, with where it is
     (`'uniqueItems' at properties.tags`), or None."""
-    if not isinstance(schema, dict):
-        return None
-    where = path or "the root"
-    for key in _REFUSED:
-        if key in schema:
-            return f"{key!r} at {where}"
-    problem = None
-    if schema.get("uniqueItems") is True:
-        problem = "'uniqueItems'"
-    elif isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
-        problem = "'allOf' with more than one schema"
-    elif "multipleOf" in schema and schema.get("type") != "integer":
-        problem = "'multipleOf' on a non-integer"
-    elif ("pattern" in schema or "format" in schema) and (
-        "minLength" in schema or "maxLength" in schema
-    ):
-        problem = "'minLength'/'maxLength' together with 'pattern' or 'format'"
-    elif isinstance(schema.get("pattern"), str) and _LOOKAROUND.search(schema["pattern"]):
-        problem = "a lookahead or lookbehind in 'pattern'"
-    if problem is not None:
-        return f"{problem} at {where}"
-    prefix = f"{path}." if path else ""
-    for key in _SCHEMA_MAPS:
-        sub = schema.get(key)
-        if isinstance(sub, dict):
-            for name, value in sub.items():
-                found = unenforceable(value, f"{prefix}{key}.{name}")
-                if found:
-                    return found
-    for key in _SCHEMA_LISTS:
-        sub = schema.get(key)
-        if isinstance(sub, list):
-            for i, value in enumerate(sub):
-                found = unenforceable(value, f"{prefix}{key}.{i}")
-                if found:
-                    return found
-    for key in _SCHEMA_ONE:
-        found = unenforceable(schema.get(key), f"{prefix}{key}")
-        if found:
-            return found
+    for path, sub in subschemas(schema):
+        where = path or "the root"
+        for key in _REFUSED:
+            if key in sub:
+                return f"{key!r} at {where}"
+        if sub.get("uniqueItems") is True:
+            return f"'uniqueItems' at {where}"
+        if isinstance(sub.get("allOf"), list) and len(sub["allOf"]) > 1:
+            return f"'allOf' with more than one schema at {where}"
+        if "multipleOf" in sub and sub.get("type") != "integer":
+            return f"'multipleOf' on a non-integer at {where}"
+        if ("pattern" in sub or "format" in sub) and ("minLength" in sub or "maxLength" in sub):
+            return f"'minLength'/'maxLength' together with 'pattern' or 'format' at {where}"
+        if isinstance(sub.get("pattern"), str) and _LOOKAROUND.search(sub["pattern"]):
+            return f"a lookahead or lookbehind in 'pattern' at {where}"
     return None
 
 

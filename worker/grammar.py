@@ -58,6 +58,7 @@ class WorkerGrammars:
     def _compile(self, grammar: Grammar) -> xgrammar.CompiledGrammar:
         with self._lock:
             if self._compiler is None:
+                import_xgrammar()  # first, under its lock: it imports transformers too
                 from transformers import AutoTokenizer
 
                 hf = AutoTokenizer.from_pretrained(self.tokenizer_path)

@@ -292,3 +292,26 @@ def test_tokenizer_refuses_a_bad_grammar_and_passes_a_good_one(hf: Any) -> None:
     assert isinstance(err, RequestError)
     assert (err.status, err.param) == (400, "ebnf")
     assert err.message.startswith("invalid EBNF grammar: ")
+
+
+def test_integers_without_bounds_get_the_int64_range() -> None:
+    from fovea.common.grammar_compiler import int64_bounded
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "integer"},
+            "b": {"type": "integer", "minimum": 0},
+            "c": {"type": "integer", "exclusiveMaximum": 10, "minimum": 1},
+            "d": {"type": "array", "items": {"type": "integer"}},
+        },
+    }
+    out = json.loads(int64_bounded(json.dumps(schema)))
+    props = out["properties"]
+    assert props["a"] == {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
+    assert props["b"] == {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+    assert props["c"] == schema["properties"]["c"]  # type: ignore[index]
+    assert props["d"]["items"] == props["a"]
+    unchanged = json.dumps({"type": "integer", "minimum": 0, "maximum": 5})
+    assert int64_bounded(unchanged) is unchanged
+    assert int64_bounded("not json") == "not json"
