@@ -18,7 +18,7 @@ import torch
 from fake_worker import assert_idle_invariant
 from worker_driver import make_runner
 
-from fovea.common.messages import StepPlan, TokenizedRequest
+from fovea.common.messages import AbortRequest, StepPlan, TokenizedRequest
 from fovea.common.sampling import Grammar, SamplingParams
 from fovea.scheduler.policy import SchedulerConfig
 from fovea.scheduler.scheduler import Scheduler
@@ -64,20 +64,20 @@ def run(
     reqs: list[tuple[str, list[int], SamplingParams]],
     num_slots: int = 512,
     plans: list[StepPlan] | None = None,
+    **config: Any,
 ) -> tuple[Scheduler, dict[str, list[int]]]:
-    """Every request through a fresh scheduler core and `runner` until idle: each sequence's
-    output tokens by rid (n > 1: rid#index)."""
-    sched = Scheduler(SchedulerConfig(context_length=1024, eos_token_ids=(EOS,)), num_slots)
+    """Every request through a fresh scheduler core (SchedulerConfig `config`) and `runner`
+    until idle: each sequence's output tokens by rid (when some n > 1: by rid#index)."""
+    cfg = SchedulerConfig(context_length=1024, eos_token_ids=(EOS,), **config)
+    sched = Scheduler(cfg, num_slots)
     for rid, ids, sp in reqs:
         for i in range(sp.n):
             sched.handle(TokenizedRequest(rid=rid, index=i, input_ids=ids, sampling=sp))
     run_to_idle(sched, runner, plans)
+    by_index = any(sp.n > 1 for *_, sp in reqs)
     out: dict[str, list[int]] = {}
     for o in sched.outputs:
-        key = (
-            o.rid if o.index == 0 and not any(sp.n > 1 for *_, sp in reqs) else f"{o.rid}#{o.index}"
-        )
-        out.setdefault(key, []).extend(o.new_token_ids)
+        out.setdefault(f"{o.rid}#{o.index}" if by_index else o.rid, []).extend(o.new_token_ids)
     return sched, out
 
 
@@ -150,6 +150,17 @@ def test_retraction_rebuilds_the_matcher_exactly(runner: ModelRunner, tok: Any) 
     assert_idle_invariant(sched)
 
 
+def test_chunked_prefill_samples_only_at_the_end(runner: ModelRunner, tok: Any) -> None:
+    prompt = [7 + i % 50 for i in range(40)]
+    reqs = [("c", prompt, sampling(temperature=1.0, seed=5)), ("d", PROMPT, sampling())]
+    _, whole = run(runner, reqs)
+    plans: list[StepPlan] = []
+    _, chunked = run(runner, reqs, plans=plans, chunked_prefill_size=6, max_prefill_tokens=8)
+    assert max(len(c.new_slots) for p in plans for c in p.chunks) == 6
+    assert chunked == whole
+    valid_json(tok, chunked["c"])
+
+
 def test_prefix_cache_hit_then_exact_slots(runner: ModelRunner, tok: Any) -> None:
     sched = Scheduler(SchedulerConfig(context_length=1024, eos_token_ids=(EOS,)), 512)
     outs = []
@@ -161,6 +172,21 @@ def test_prefix_cache_hit_then_exact_slots(runner: ModelRunner, tok: Any) -> Non
     assert final.cached_tokens == len(PROMPT) - 1
     assert outs[0] == outs[1]
     valid_json(tok, outs[1])
+    assert_idle_invariant(sched)
+
+
+def test_abort_drops_the_matcher(runner: ModelRunner, tok: Any) -> None:
+    sched = Scheduler(SchedulerConfig(context_length=1024, eos_token_ids=(EOS,)), 512)
+    for rid in ("gone", "kept"):
+        sched.handle(TokenizedRequest(rid=rid, index=0, input_ids=PROMPT, sampling=sampling()))
+    for _ in range(3):
+        plan = sched.schedule()
+        assert plan is not None
+        sched.process_result(runner.step(plan))
+    assert runner.seqs["gone#0"].row_sampling.grammar is not None
+    sched.handle(AbortRequest("gone"))
+    run_to_idle(sched, runner)  # asserts the runner holds no sequence at the end
+    valid_json(tok, [t for o in sched.outputs if o.rid == "kept" for t in o.new_token_ids])
     assert_idle_invariant(sched)
 
 
