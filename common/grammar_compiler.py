@@ -13,8 +13,9 @@ JSON schemas compile with `any_whitespace=False` and separators (", ", ": "): a 
 never loop on whitespace between tokens (with any whitespace, small models emit newlines until
 max_tokens), and strict mode (xgrammar's default): an object schema that lists `properties`
 admits no others unless `additionalProperties` says so. For the same reason an integer without
-a bound is held to the int64 range (`int64_bounded`): unbounded, a small model greedily writes
-"1000..." until max_tokens (SmolLM2 on SGLang's own structured-output test).
+a bound is held to the int64 range (`int64_bounded`; inside structural tags too): unbounded, a
+small model greedily writes "1000..." until max_tokens (SmolLM2 on SGLang's own
+structured-output test).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def _compile_structural_tag(
         tag = json.loads(spec)
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON: {e}") from e
+    _bound_tag_schemas(tag)
     if isinstance(tag, dict) and "structures" in tag:
         xgr = import_xgrammar()
         items = [
@@ -131,7 +133,7 @@ def _compile_structural_tag(
             for s in tag["structures"]
         ]
         return compiler.compile_structural_tag(items, list(tag.get("triggers", [])))
-    return compiler.compile_structural_tag(spec)
+    return compiler.compile_structural_tag(json.dumps(tag))
 
 
 def clean_error(e: BaseException) -> str:
@@ -188,6 +190,11 @@ def int64_bounded(spec: str) -> str:
         schema = json.loads(spec)
     except json.JSONDecodeError:
         return spec
+    return json.dumps(schema) if _bound_integers(schema) else spec
+
+
+def _bound_integers(schema: Any) -> bool:
+    """int64_bounded in place; whether anything changed."""
     changed = False
     for _, sub in subschemas(schema):
         if sub.get("type") != "integer":
@@ -196,4 +203,20 @@ def int64_bounded(spec: str) -> str:
             sub["minimum"], changed = -_INT64, True
         if "maximum" not in sub and "exclusiveMaximum" not in sub:
             sub["maximum"], changed = _INT64 - 1, True
-    return json.dumps(schema) if changed else spec
+    return changed
+
+
+def _bound_tag_schemas(node: Any) -> None:
+    """_bound_integers on every JSON schema inside a structural tag, in place: the `json_schema`
+    of each `{"type": "json_schema", ...}` format, and each legacy structure's `schema`."""
+    if isinstance(node, list):
+        for item in node:
+            _bound_tag_schemas(item)
+    elif isinstance(node, dict):
+        if node.get("type") == "json_schema" and isinstance(node.get("json_schema"), dict):
+            _bound_integers(node["json_schema"])
+        for key, value in node.items():
+            if key == "schema" and isinstance(value, dict):
+                _bound_integers(value)
+            elif key != "json_schema":
+                _bound_tag_schemas(value)

@@ -315,3 +315,33 @@ def test_integers_without_bounds_get_the_int64_range() -> None:
     unchanged = json.dumps({"type": "integer", "minimum": 0, "maximum": 5})
     assert int64_bounded(unchanged) is unchanged
     assert int64_bounded("not json") == "not json"
+
+
+def test_structural_tags_compile_with_bounded_integers(checker: GrammarChecker) -> None:
+    from fovea.common.grammar_compiler import _bound_tag_schemas
+
+    args = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    tag = {
+        "type": "structural_tag",
+        "format": {
+            "type": "triggered_tags",
+            "triggers": ["<call>"],
+            "tags": [
+                {
+                    "begin": "<call>",
+                    "content": {"type": "json_schema", "json_schema": args},
+                    "end": "</call>",
+                }
+            ],
+        },
+    }
+    legacy = {
+        "type": "structural_tag",
+        "structures": [{"begin": "<f>", "schema": args, "end": "</f>"}],
+        "triggers": ["<f>"],
+    }
+    for spec in (tag, legacy):
+        asyncio.run(checker.check(Grammar("structural_tag", json.dumps(spec))))
+        bounded = json.loads(json.dumps(spec))
+        _bound_tag_schemas(bounded)
+        assert json.dumps(bounded).count('"maximum": 9223372036854775807') == 1
