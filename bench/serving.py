@@ -67,7 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--distinct-images", type=int, default=0, help="different images in all (0: one each)"
     )
+    p.add_argument(
+        "--json-schema",
+        default=None,
+        help="a JSON schema file: every request asks for output under it (response_format)",
+    )
     args = p.parse_args(argv)
+    args.schema = None
+    if args.json_schema:
+        with open(args.json_schema) as f:
+            args.schema = json.load(f)
     try:
         w, h = (int(v) for v in args.image_size.lower().split("x"))
     except ValueError:
@@ -89,6 +98,11 @@ def request_body(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if getattr(args, "schema", None) is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "bench", "schema": args.schema},
+        }
     if image_urls:
         parts: list[dict[str, Any]] = [
             {"type": "image_url", "image_url": {"url": u}} for u in image_urls
@@ -188,6 +202,7 @@ def report(
         "images_per_request": getattr(args, "images", 0),
         "image_size": getattr(args, "image_size", None) if getattr(args, "images", 0) else None,
         "distinct_images": getattr(args, "distinct_images", 0),
+        "json_schema": getattr(args, "json_schema", None),
         "completed": len(ok),
         "total_output_tokens": out_tokens,
         "duration_s": round(duration_s, 3),

@@ -130,3 +130,20 @@ def test_step_overhead_refuses_bad_arguments_before_starting_anything(
         step_overhead.main(argv)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
+
+
+def test_json_schema_flag_puts_a_response_format_in_every_request(tmp_path: Any) -> None:
+    from fovea.bench.prompts import Prompt
+    from fovea.bench.serving import parse_args, request_body
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(schema))
+    args = parse_args(["--model", "m", "--tokenizer", "t", "--json-schema", str(path)])
+    body = request_body(args, Prompt("hi", [1]), 8)
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "bench", "schema": schema},
+    }
+    plain = request_body(parse_args(["--model", "m", "--tokenizer", "t"]), Prompt("hi", [1]), 8)
+    assert "response_format" not in plain
