@@ -25,7 +25,7 @@ every rank applies the same masks and samples the same token.
 from __future__ import annotations
 
 import logging
-import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -51,18 +51,19 @@ class WorkerGrammars:
         self.tokenizer_path = tokenizer_path
         self.vocab_size = vocab_size  # the logits' width
         self.eos_token_ids = list(eos_token_ids)
+        # One thread: jobs run in order, and the first builds the compiler.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
         self._compiler: xgrammar.GrammarCompiler | None = None
-        self._lock = threading.Lock()
 
     def _compile(self, grammar: Grammar) -> xgrammar.CompiledGrammar:
-        with self._lock:
-            if self._compiler is None:
-                import_xgrammar()  # first, under its lock: it imports transformers too
-                from transformers import AutoTokenizer
+        if self._compiler is None:
+            t0 = time.perf_counter()
+            import_xgrammar()  # first, under its lock: it imports transformers too
+            from transformers import AutoTokenizer
 
-                hf = AutoTokenizer.from_pretrained(self.tokenizer_path)
-                self._compiler = make_compiler(hf, self.vocab_size, self.eos_token_ids, 1)
+            hf = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            self._compiler = make_compiler(hf, self.vocab_size, self.eos_token_ids, 1)
+            log.info("grammar compiler ready in %.1f s", time.perf_counter() - t0)
         return compile_grammar(self._compiler, grammar)
 
     def start(self, grammar: Grammar, outputs: list[int]) -> SeqGrammar:
