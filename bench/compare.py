@@ -192,12 +192,30 @@ def ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
         for system in ("fovea", "vllm"):
             hit, cold = pick(rows, system, mode, "W3"), pick(rows, system, mode, "W3cold")
             if hit and cold:
-                r[f"W3_hit_over_cold_ttft_{system}"] = hit["ttft_ms"]["p50"] / cold["ttft_ms"]["p50"]
+                r[f"W3_hit_over_cold_ttft_{system}"] = (
+                    hit["ttft_ms"]["p50"] / cold["ttft_ms"]["p50"]
+                )
         hf = pick(rows, "hf", mode, "W1")
         if f1 and hf:
             r["W1_tok_s_over_hf"] = f1["output_tokens_per_s"] / hf["output_tokens_per_s"]
         out[mode] = {k: round(v, 3) for k, v in r.items()}
     return out
+
+
+# Sections of RESULTS.md measured by hand, not by this script: kept, as they are, at the end of
+# the page it rewrites (from the heading to the end of the file).
+KEPT_SECTIONS = ("## Structured output",)
+
+
+def kept_sections(path: str) -> str:
+    """The hand-measured sections of the page at `path` ("" if none, or no page yet)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    starts = [i for h in KEPT_SECTIONS if (i := text.find("\n" + h)) >= 0]
+    return text[min(starts) :] if starts else ""
 
 
 def write_results(
@@ -212,8 +230,9 @@ def write_results(
     except (OSError, StopIteration):
         pass
     machine = f"{cpu}, {os.cpu_count()} CPUs, {dtype}"
+    kept = kept_sections(path)
     with open(path, "w") as f:
-        f.write(render(rows, rat, machine, datetime.date.today().isoformat(), overhead))
+        f.write(render(rows, rat, machine, datetime.date.today().isoformat(), overhead) + kept)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from fovea.bench import compare
@@ -57,3 +59,13 @@ def test_results_page_lists_overhead_runs_after_the_ratios() -> None:
         "| 1 | 22.45 | 24.04 | 1.075 | 1.065 |",
     ]
     assert "Process overhead" not in render([], {}, "cpu", "2026-12-04")
+
+
+def test_rewriting_the_page_keeps_the_hand_measured_sections(tmp_path: Any) -> None:
+    page = tmp_path / "RESULTS.md"
+    page.write_text("# old tables\n\n## Structured output\n\nhand numbers\n")
+    compare.write_results(str(page), [], {}, "float32", [])
+    text = page.read_text()
+    assert "old tables" not in text
+    assert text.endswith("\n## Structured output\n\nhand numbers\n")
+    assert compare.kept_sections(str(tmp_path / "missing.md")) == ""
