@@ -287,10 +287,6 @@ def test_sglang_mix_json_and_other(server: Server) -> None:
         assert r.status_code == 200
         if schema is not None:
             check_sglang_json(r.json()["text"])
-    # Unconstrained answers are the same text whichever batch they ran in (greedy).
-    assert (
-        len({r.json()["text"] for s, r in zip(schemas, responses, strict=True) if s is None}) == 1
-    )
 
 
 JSON_MODE = [
