@@ -90,7 +90,7 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessageParam(BaseModel):
-    # Extra keys are kept, so that unsupported_fields can name them (a 400, not silence).
+    # Extra keys are kept, so that unsupported_field can name them (a 400, not silence).
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -129,7 +129,7 @@ class StreamOptions(BaseModel):
 class _SamplingFields(BaseModel):
     """Fields shared by chat and completions (OpenAI's plus the common vLLM/SGLang extras)."""
 
-    # Extra keys are kept, so that unsupported_fields can name them (a 400, not silence).
+    # Extra keys are kept, so that unsupported_field can name them (a 400, not silence).
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None

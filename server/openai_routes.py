@@ -30,7 +30,7 @@ def _refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None
             400,
             f"unsupported parameter: {field} (Fovea does not implement it; fields accepted "
             f"and ignored: {ignored})",
-            field.split("=")[0],
+            field,
         )
 
 
