@@ -145,6 +145,15 @@ class ServerArgs:
     max_image_pixels: int = _opt(
         50_000_000, "Largest image accepted, in pixels (checked before decoding)."
     )
+    media_url_ttl: float = _opt(
+        60.0,
+        "Seconds an http(s) image URL's bytes are reused without a request; after that they "
+        "are revalidated (If-None-Match / If-Modified-Since) and a 304 reuses them. Honours "
+        "Cache-Control no-store and no-cache. 0: fetch every time.",
+    )
+    media_url_cache_mb: int = _opt(
+        128, "Memory for fetched image URLs' bytes (MiB, least recently used evicted first)."
+    )
     mm_cache_mb: int = _opt(
         512, "Memory for vision-encoder outputs kept by image hash on each worker (MiB)."
     )
@@ -296,6 +305,10 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--media-fetch-timeout must be > 0, got {a.media_fetch_timeout}"
     if a.max_image_bytes < 1 or a.max_image_pixels < 1:
         return "--max-image-bytes and --max-image-pixels must be >= 1"
+    if a.media_url_ttl < 0:
+        return f"--media-url-ttl must be >= 0, got {a.media_url_ttl}"
+    if a.media_url_cache_mb < 0:
+        return f"--media-url-cache-mb must be >= 0, got {a.media_url_cache_mb}"
     if a.shutdown_timeout < 0:
         return f"--shutdown-timeout must be >= 0, got {a.shutdown_timeout}"
     if a.max_request_bytes < 1:

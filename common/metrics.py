@@ -40,6 +40,7 @@ class Metrics:
     inter_token_latency: Any
     e2e_request_latency: Any
     image_fetch: Any
+    image_url_fetches: Any
     image_preprocess: Any
     step_forward: Any
     process_up: Any
@@ -94,6 +95,12 @@ def _create() -> Metrics:
             "fovea:image_fetch_seconds",
             "Fetching and decoding a request's images.",
             buckets=_LATENCY,
+        ),
+        image_url_fetches=Counter(
+            "fovea:image_url_fetches",
+            "http(s) image URLs loaded, by result: network (body downloaded), cache (no request: "
+            "kept within --media-url-ttl, or joined a fetch in flight), revalidated (304).",
+            ["result"],
         ),
         image_preprocess=Histogram(
             "fovea:image_preprocess_seconds", "Preprocessing one image.", buckets=_LATENCY

@@ -13,6 +13,10 @@ input. The limits, all from `MediaPolicy`:
 - at most `max_redirects` hops, each re-checked like the first URL;
 - local files only under `allowed_local_path` (after resolving symlinks and `..`).
 
+An http(s) URL's bytes are kept for `url_ttl_s` (tokenizer_service/url_cache.py): a repeated URL
+is served from memory with no request, then revalidated with a conditional GET. Every request
+that does go out takes the path below; data URIs and local files are never cached.
+
 Address rule (SSRF): unless `allow_private`, every address a URL's host resolves to must be
 globally routable: private, loopback, link-local (cloud metadata at 169.254.169.254), CGNAT,
 unspecified, reserved and multicast are refused, also when wrapped in IPv6 (IPv4-mapped, NAT64,
@@ -45,6 +49,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fovea.common.config import ServerArgs
 from fovea.common.messages import ImageRef
+from fovea.tokenizer_service.url_cache import Fetched, UrlCache
 
 _FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 _DATA_URI_TYPES = ("png", "jpeg", "jpg", "webp", "gif", "bmp")
@@ -69,6 +74,8 @@ class MediaPolicy:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
     max_redirects: int = 5
+    url_ttl_s: float = 60.0
+    url_cache_bytes: int = 128 << 20
 
     @classmethod
     def from_args(cls, args: ServerArgs) -> MediaPolicy:
@@ -79,6 +86,8 @@ class MediaPolicy:
             timeout_s=args.media_fetch_timeout,
             max_bytes=args.max_image_bytes,
             max_pixels=args.max_image_pixels,
+            url_ttl_s=args.media_url_ttl,
+            url_cache_bytes=args.media_url_cache_mb << 20,
         )
 
 
@@ -220,13 +229,23 @@ def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 class MediaLoader:
     """Loads a request's images under one `MediaPolicy`. Owns its httpx client unless given
-    one; `aclose` closes only an owned client."""
+    one; `aclose` closes only an owned client. `url_cache` (default: one from the policy's
+    TTL and capacity) is shared by every request the loader serves."""
 
-    def __init__(self, policy: MediaPolicy, *, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        policy: MediaPolicy,
+        *,
+        client: httpx.AsyncClient | None = None,
+        url_cache: UrlCache | None = None,
+    ) -> None:
         self._policy = policy
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(trust_env=False)
         self._timeout = httpx.Timeout(policy.timeout_s)
+        if url_cache is None:  # not `or`: an empty cache is falsy (len 0)
+            url_cache = UrlCache(policy.url_ttl_s, policy.url_cache_bytes)
+        self.url_cache = url_cache
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -290,7 +309,7 @@ class MediaLoader:
                 raise MediaError(f"file URL {_shown(url)} names a remote host")
             path = urllib.parse.unquote(parts.path)
         elif parts.scheme in ("http", "https"):
-            return await self._fetch(url)
+            return await self.url_cache.get(url, lambda headers: self._fetch(url, headers))
         else:
             raise MediaError(
                 f"unsupported image URL scheme {parts.scheme!r}: "
@@ -300,17 +319,18 @@ class MediaLoader:
             _read_local_file, path, policy.allowed_local_path, policy.max_bytes
         )
 
-    async def _fetch(self, url: str) -> bytes:
+    async def _fetch(self, url: str, conditional: dict[str, str]) -> Fetched:
+        """GET `url` (with `conditional`'s If-None-Match / If-Modified-Since, if any)."""
         shown = _shown(url)
         try:
             async with asyncio.timeout(self._policy.timeout_s * 3):
-                return await self._fetch_following_redirects(url)
+                return await self._fetch_following_redirects(url, conditional)
         except (TimeoutError, httpx.TimeoutException):
             raise MediaError(f"fetching image {shown} timed out") from None
         except httpx.HTTPError as e:
             raise MediaError(f"fetching image {shown} failed: {type(e).__name__}") from None
 
-    async def _fetch_following_redirects(self, url: str) -> bytes:
+    async def _fetch_following_redirects(self, url: str, conditional: dict[str, str]) -> Fetched:
         policy = self._policy
         shown = _shown(url)
         hop = url
@@ -328,7 +348,7 @@ class MediaLoader:
                 "GET",
                 target,
                 # identity: a compressed body would decompress past the byte limit per chunk.
-                headers={"Accept-Encoding": "identity"},
+                headers={"Accept-Encoding": "identity", **conditional},
                 follow_redirects=False,
                 timeout=self._timeout,
             ) as response:
@@ -338,9 +358,17 @@ class MediaLoader:
                     except httpx.InvalidURL:
                         raise MediaError(f"image URL {shown} redirects to an invalid URL") from None
                     continue
-                if not response.is_success:
+                headers = response.headers
+                # Only a conditional request may be answered 304 (RFC 9110 section 15.4.5).
+                not_modified = response.status_code == 304 and bool(conditional)
+                if not response.is_success and not not_modified:
                     raise MediaError(f"fetching image {shown} failed: HTTP {response.status_code}")
-                return await self._read_body(response, shown)
+                return Fetched(
+                    None if not_modified else await self._read_body(response, shown),
+                    headers.get("etag"),
+                    headers.get("last-modified"),
+                    headers.get("cache-control", ""),
+                )
         raise MediaError(
             f"fetching image {shown} failed: more than {policy.max_redirects} redirects"
         )

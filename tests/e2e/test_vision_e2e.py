@@ -128,11 +128,14 @@ def test_same_image_hits_the_prefix_cache_and_skips_the_encoder(
 
     server.wait_idle()
     encoded = server.stats()["images_encoded"]
+    fetched = host.hits.get("/fox.png", 0)  # the host is shared by both models' servers
     ask("fox", "Is it big?")
     assert server.stats()["images_encoded"] == encoded + 1
     cached, ids = ask("fox", "Is it big?")
-    # Everything but the last prompt token is cached, and the image is not encoded again.
+    # Everything but the last prompt token is cached, and the image is not encoded again, nor
+    # fetched again (within --media-url-ttl, 60 s by default).
     assert cached == len(ids) - 1
+    assert host.hits["/fox.png"] == fetched + 1
     assert server.stats()["images_encoded"] == encoded + 1
     # Same text and image size, another image: the hit stops where the image starts.
     cached, ids2 = ask("elk", "Is it big?")
@@ -179,3 +182,11 @@ def test_image_metrics(server: Server) -> None:
     assert m["fovea:image_preprocess_seconds_count"] == m["fovea:images_total"] > 0
     assert m["fovea:image_fetch_seconds_count"] >= 1
     assert 0 < m["fovea:image_cache_hit_rate"] < 1
+    # fox.png (at least) was served from the fetched-URL cache.
+    urls = {
+        s.labels["result"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "fovea:image_url_fetches_total"
+    }
+    assert urls["network"] >= 1 and urls["cache"] >= 1

@@ -569,6 +569,8 @@ def test_policy_from_args(tmp_path: Path) -> None:
         media_fetch_timeout=2.5,
         max_image_bytes=1234,
         max_image_pixels=5678,
+        media_url_ttl=7.5,
+        media_url_cache_mb=3,
     )
     assert MediaPolicy.from_args(args) == MediaPolicy(
         allowed_local_path=str(tmp_path),
@@ -578,4 +580,6 @@ def test_policy_from_args(tmp_path: Path) -> None:
         max_bytes=1234,
         max_pixels=5678,
         max_redirects=5,
+        url_ttl_s=7.5,
+        url_cache_bytes=3 << 20,
     )
