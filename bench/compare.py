@@ -16,7 +16,8 @@ chat request with `image_url` parts fetched from a local image server (JPEG):
   all distinct) + 40 text tokens, 64 output tokens. W4data: the same with data: URIs.
 - W5 repeated image: W4 with 8 distinct images each sent 8 times.
 - W6 multi-image: 32 requests, concurrency 4, three 448×448 images interleaved with the text.
-`--image-requests N` runs N requests of each instead (a slow CPU), W5 still 8 distinct images.
+`--image-requests N` runs N requests of each instead (a slow CPU); W5 at least 16, so that each
+of its 8 images is sent at least twice.
 Fovea's vision-encoder runs during each workload are read from /get_server_info.
 Each system runs in each mode (peers.py: `default`, `tuned`), one after the other, never
 overlapping; during W1 the server's whole process tree is sampled for resident memory.
@@ -137,7 +138,9 @@ def client(
     if workload == "W2":
         extra = [*extra, "--num-prompts", str(args.w2_requests)]
     if workload in IMAGE_WORKLOADS and args.image_requests:
-        extra = [*extra, "--num-prompts", str(args.image_requests)]
+        # W5 keeps every one of its 8 images sent at least twice.
+        n = max(args.image_requests, 16) if workload == "W5" else args.image_requests
+        extra = [*extra, "--num-prompts", str(n)]
     cmd = [sys.executable, "-m", "fovea.bench.serving", "--base-url", base_url, "--model", "m",
            "--tokenizer", model_dir, "--system", label, *extra]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)

@@ -98,6 +98,23 @@ def template_places_images(spec: str | None) -> bool:
     return builtin.vision if builtin is not None else True
 
 
+def own_template_places(tokenizer: Any, image_token: str) -> bool:
+    """Whether the tokenizer's own chat template renders one OpenAI image part as exactly one
+    `image_token` (a template that ignores the part, or fails on it, does not)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    probe = [
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "probe"}}, {"type": "text", "text": "?"},
+        ]},
+    ]  # fmt: skip
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except Exception:  # any template error: it cannot be trusted with images
+        return False
+    return isinstance(text, str) and text.count(image_token) == 1
+
+
 def _image_url(part: dict[str, Any]) -> str:
     url = part.get("image_url")
     if isinstance(url, dict):
@@ -159,11 +176,22 @@ class ChatRenderer:
     """Renders chat requests with one resolved template through the tokenizer's
     `apply_chat_template` (so templates see the tokenizer's special tokens)."""
 
-    def __init__(self, tokenizer: Any, spec: str | None, model_takes_images: bool = False) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        spec: str | None,
+        model_takes_images: bool = False,
+        image_token: str | None = None,
+    ) -> None:
+        """`image_token`: the placeholder the model's processor expands (e.g. <|image_pad|>);
+        with it, the tokenizer's own template is tried on one image part and trusted with
+        images if it places exactly one such placeholder (as real Qwen2-VL templates do)."""
         self._tokenizer = tokenizer
         self.image_refusal: str | None = None  # why image parts are refused, if they are
         if not model_takes_images:
             self.image_refusal = "this model does not accept image inputs"
+        elif spec is None and image_token and own_template_places(tokenizer, image_token):
+            pass
         elif not template_places_images(spec):
             vision = ", ".join(sorted(n for n, t in BUILTIN_TEMPLATES.items() if t.vision))
             name = repr(spec) if spec else "of the tokenizer"

@@ -36,9 +36,12 @@ def run_tokenizer_service(args: ServerArgs, addrs: Addresses, model: ModelInfo) 
     """Process entry of the tokenizer service."""
     log = setup_process("tokenizer", args.log_level, args.log_format)
     hf = load_hf_tokenizer(args.tokenizer_path or model.path)
-    processor = load_processor(model.path, _read_config(model.path))
+    processor = load_processor(model.path, _read_config(model.path), args.image_resize)
     try:
-        chat = ChatRenderer(hf, args.chat_template, model_takes_images=processor is not None)
+        image_token = (
+            hf.convert_ids_to_tokens(processor.image_token_id) if processor is not None else None
+        )
+        chat = ChatRenderer(hf, args.chat_template, processor is not None, image_token)
     except ChatTemplateError as e:
         log.error("%s", e)  # one line; the launcher sees this child exit and stops the server
         sys.exit(2)

@@ -4,6 +4,7 @@ take them are refused with a message naming the fix."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,22 @@ def test_images_refused_without_a_vision_template_or_model(tok: Any) -> None:
     with pytest.raises(ChatRenderError) as e:
         render(tok, [ChatMessage("user", [{"type": "image_url", "image_url": {}}])])
     assert e.value.message == "an image_url content part must carry image_url.url"
+
+
+def test_the_tokenizers_own_template_is_trusted_when_it_places_the_image_token(tok: Any) -> None:
+    """As real Qwen2-VL checkpoints ship: the model's own template places images, so no
+    --chat-template is needed; a template that drops image parts, or places another token,
+    is still refused."""
+    from fovea.tokenizer_service.builtin_templates import QWEN2_VL
+
+    msgs = [ChatMessage("user", [img("a"), text("What?")])]
+    own = copy.copy(tok)
+    own.chat_template = QWEN2_VL
+    got = ChatRenderer(own, None, True, "<|image_pad|>").render(msgs)
+    assert got == f"{SYS}<|im_start|>user\n{IMG}What?<|im_end|>\n<|im_start|>assistant\n"
+    for template, token in ((QWEN2_VL, "<|video_pad|>"), (tok.chat_template, "<|image_pad|>")):
+        other = copy.copy(tok)
+        other.chat_template = template
+        with pytest.raises(ChatRenderError) as e:
+            ChatRenderer(other, None, True, token).render(msgs)
+        assert e.value.message.startswith("the chat template of the tokenizer does not place")

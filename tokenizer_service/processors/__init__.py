@@ -19,10 +19,13 @@ __all__ = ["ImageProcessor", "ProcessedImage", "load_processor"]
 log = logging.getLogger(__name__)
 
 
-def load_processor(model_dir: str, hf_config: dict[str, Any]) -> ImageProcessor | None:
+def load_processor(
+    model_dir: str, hf_config: dict[str, Any], resize: str = "pil"
+) -> ImageProcessor | None:
     """The image processor of the model's family, configured from model_dir (its
     preprocessor_config.json) and config.json's dict; None for a model that takes no images
-    (text-only architectures, and vision architectures Fovea has no processor for yet)."""
+    (text-only architectures, and vision architectures Fovea has no processor for yet).
+    `resize`: the resize engine (base.resize_uint8) of families that offer a choice."""
     row = first_architecture(hf_config)
     if row is None or row.processor is None:
         if "vision_config" in hf_config:
@@ -30,4 +33,5 @@ def load_processor(model_dir: str, hf_config: dict[str, Any]) -> ImageProcessor 
             log.warning("no image processor for %s: serving it as text-only", architectures[0])
         return None
     processor: ImageProcessor = row.processor.load().from_pretrained(model_dir, hf_config)
+    processor.resize_engine = resize
     return processor

@@ -120,11 +120,37 @@ class ProcessedImage:
         return self.spans or (self,)
 
 
+RESIZE_ENGINES = ("torch", "pil")
+# PIL filters torch's uint8 antialiased interpolation has (the others resize with PIL).
+_TORCH_MODES = {PIL.Image.Resampling.BICUBIC: "bicubic", PIL.Image.Resampling.BILINEAR: "bilinear"}
+
+
+def resize_uint8(
+    image: PIL.Image.Image, width: int, height: int, resample: PIL.Image.Resampling, engine: str
+) -> np.ndarray:
+    """[height, width, C] uint8: the RGB image resized. `engine` "pil": PIL's resize, what
+    transformers' PIL backend does (bit for bit). "torch": torch's antialiased uint8
+    interpolation, what its default torchvision backend does (torchvision.transforms.v2 resize
+    on uint8 tensors, bit for bit); about 4x faster than PIL's bicubic on one thread. The two
+    differ slightly (torch's cubic uses a = -0.75, PIL's a = -0.5)."""
+    mode = _TORCH_MODES.get(resample)
+    if engine == "pil" or mode is None:
+        return np.asarray(image.resize((width, height), resample=resample))
+    import torch
+    import torch.nn.functional as F
+
+    src = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]  # [1, C, H, W] channels-last
+    out = F.interpolate(src, (height, width), mode=mode, antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
+
+
 class ImageProcessor(ABC):
     """A model family's image preprocessing. Subclasses set `image_token_id` and implement
     `preprocess`; the placeholder expansion is shared."""
 
     image_token_id: int  # the one placeholder token the chat template renders per image
+    # Families that resize with `resize_uint8` read it; load_processor sets it (--image-resize).
+    resize_engine: str = "pil"
 
     @abstractmethod
     def preprocess(self, image: PIL.Image.Image) -> ProcessedImage:

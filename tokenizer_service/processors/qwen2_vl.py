@@ -28,6 +28,7 @@ from fovea.tokenizer_service.processors.base import (
     ImageProcessor,
     PixelOptions,
     ProcessedImage,
+    resize_uint8,
     rgb_input,
 )
 
@@ -131,8 +132,9 @@ class Qwen2VLProcessor(ImageProcessor):
         image = rgb_input(image, self.pixels.do_convert_rgb)
         height, width = self.resized_size(image.height, image.width)
         if (width, height) != image.size:
-            image = image.resize((width, height), resample=self.resample)
-        pixels = np.asarray(image)  # [H, W, C] uint8
+            pixels = resize_uint8(image, width, height, self.resample, self.resize_engine)
+        else:
+            pixels = np.asarray(image)  # [H, W, C] uint8
         P, M, T = self.patch_size, self.merge_size, self.temporal_patch_size
         gh, gw = height // P, width // P
         n = gh * gw
