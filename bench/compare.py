@@ -61,15 +61,17 @@ WORKLOADS: dict[str, list[str]] = {
     "W3cold": ["--num-prompts", "24", "--concurrency", "8", "--input-len", "1050",
                "--output-len", "16", "--seed", "4"],
 }  # fmt: skip
+# A request may wait behind several others' image encoding: minutes on a small CPU.
 _W4 = ["--images", "1", "--image-size", "448x448,1024x768", "--num-prompts", "64",
-       "--concurrency", "8", "--input-len", "40", "--output-len", "64"]  # fmt: skip
+       "--concurrency", "8", "--input-len", "40", "--output-len", "64",
+       "--request-timeout", "3600"]  # fmt: skip
 # Each image workload has images of its own (--image-offset), so none is an earlier one's hit.
 IMAGE_WORKLOADS: dict[str, list[str]] = {
     "W4": [*_W4, "--seed", "5"],
     "W5": [*_W4, "--seed", "6", "--distinct-images", "8", "--image-offset", "100000"],
     "W6": ["--images", "3", "--interleave", "--image-size", "448x448", "--num-prompts", "32",
            "--concurrency", "4", "--input-len", "40", "--output-len", "64", "--seed", "7",
-           "--image-offset", "200000"],
+           "--image-offset", "200000", "--request-timeout", "3600"],
     "W4data": [*_W4, "--seed", "8", "--image-transport", "data", "--image-offset", "300000"],
 }  # fmt: skip
 WORKLOADS.update(IMAGE_WORKLOADS)

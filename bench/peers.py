@@ -130,7 +130,10 @@ def start(
                "--served-model-name", "m", "--dtype", dtype,
                "--max-model-len", "4096" if images else "2048"]  # fmt: skip
         if images:
-            cmd += ["--limit-mm-per-prompt", json.dumps({"image": images, "video": 0})]
+            # --skip-mm-profiling: its start-up would otherwise encode one image of the
+            # model's largest size (16384 tokens for Qwen2.5-VL), hours on a small CPU.
+            cmd += ["--limit-mm-per-prompt", json.dumps({"image": images, "video": 0}),
+                    "--skip-mm-profiling"]  # fmt: skip
     else:
         raise ValueError(f"unknown system {system!r}")
     cmd += extra or []

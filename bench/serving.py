@@ -131,13 +131,20 @@ def request_body(
 
 
 def text_pieces(text: str, n: int) -> list[str]:
-    """`text` cut at word boundaries into n non-empty pieces that join back to it."""
-    words = text.split(" ")
-    if n <= 1 or len(words) < n:
+    """`text` cut into n pieces that join back to it: at spaces where it has enough words, else
+    at characters (random-vocabulary prompts may have few spaces). Fewer than n characters:
+    ValueError."""
+    if n <= 1:
         return [text]
-    cuts = [round(k * len(words) / n) for k in range(n + 1)]
-    pieces = itertools.pairwise(cuts)
-    return [" ".join(words[a:b]) + (" " if b < len(words) else "") for a, b in pieces]
+    words = text.split(" ")
+    if len(words) >= n:
+        cuts = [round(k * len(words) / n) for k in range(n + 1)]
+        pieces = itertools.pairwise(cuts)
+        return [" ".join(words[a:b]) + (" " if b < len(words) else "") for a, b in pieces]
+    if len(text) < n:
+        raise ValueError(f"a text of {len(text)} characters cannot be cut into {n} pieces")
+    cuts = [round(k * len(text) / n) for k in range(n + 1)]
+    return [text[a:b] for a, b in itertools.pairwise(cuts)]
 
 
 def _chunk_text(chunk: dict[str, Any]) -> str:

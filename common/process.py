@@ -52,6 +52,10 @@ def configure_logging(role: str, level: str, fmt: str = "text") -> None:
             logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
         )
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # httpx logs every image fetch at INFO ("HTTP Request: GET ..."): one line per image is
+    # noise at the default level; its warnings still show, and --log-level debug shows all.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def setup_process(role: str, log_level: str, log_format: str = "text") -> logging.Logger:

@@ -20,7 +20,7 @@ def _args(workload: str, *extra: str) -> object:
 
 def test_text_pieces_cut_at_words_and_join_back() -> None:
     assert text_pieces("a b c d e", 4) == ["a ", "b ", "c d ", "e"]
-    assert text_pieces("a b", 4) == ["a b"]
+    assert text_pieces("abcdefg h", 4) == ["ab", "cd", "efg", " h"]  # few words: characters
     assert text_pieces("a b c", 1) == ["a b c"]
 
 
@@ -49,9 +49,10 @@ def test_w6_interleaves_three_images_with_the_text() -> None:
     assert len(uris) == 3 and all(u.startswith("data:image/jpeg;base64,") for u in uris)
     raw = base64.b64decode(uris[0].split(",", 1)[1])
     assert raw == image_bytes(200003, 448, 448) and Image.open(io.BytesIO(raw)).size == (448, 448)
-    body = request_body(w6, Prompt("one two three four five six seven eight", []), 64, uris)  # type: ignore[arg-type]
-    kinds = [p["type"] for p in body["messages"][0]["content"]]
-    assert kinds == ["text", "image_url", "text", "image_url", "text", "image_url", "text"]
-    texts = [p["text"] for p in body["messages"][0]["content"] if p["type"] == "text"]
-    assert "".join(texts) == "one two three four five six seven eight"
+    for prompt in ("one two three four five six seven eight", "onetwothree four"):
+        body = request_body(w6, Prompt(prompt, []), 64, uris)  # type: ignore[arg-type]
+        kinds = [p["type"] for p in body["messages"][0]["content"]]
+        assert kinds == ["text", "image_url", "text", "image_url", "text", "image_url", "text"]
+        texts = [p["text"] for p in body["messages"][0]["content"] if p["type"] == "text"]
+        assert "".join(texts) == prompt
     assert body["max_tokens"] == 64 and body["ignore_eos"] is True
