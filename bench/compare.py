@@ -258,6 +258,12 @@ def ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
     return out
 
 
+def requests_per_s(row: Row) -> float:
+    """Completed requests over the run's duration, unrounded (serving.py rounds
+    request_throughput to 3 decimals, too coarse for image runs of a few hundredths)."""
+    return float(row["completed"]) / float(row["duration_s"])
+
+
 def image_ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
     """Fovea / vLLM on W4-W6 per mode, and W5's TTFT over W4's per system."""
     out: dict[str, Any] = {}
@@ -266,7 +272,7 @@ def image_ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
         for w in ("W4", "W6", "W4data"):
             f, v = pick(rows, "fovea", mode, w), pick(rows, "vllm", mode, w)
             if f and v:
-                r[f"{w}_req_s"] = f["request_throughput"] / v["request_throughput"]
+                r[f"{w}_req_s"] = requests_per_s(f) / requests_per_s(v)
                 if w == "W4":
                     r["W4_ttft_p50"] = f["ttft_ms"]["p50"] / v["ttft_ms"]["p50"]
                     r["W4_memory"] = f["memory"]["peak_total_mb"] / v["memory"]["peak_total_mb"]

@@ -65,7 +65,7 @@ def _row(system: str, workload: str, req_s: float, ttft: float, mb: float) -> di
     ms = {"p50": ttft, "p90": ttft * 2, "p99": ttft * 3, "mean": ttft}
     return {
         "system": system, "mode": "default", "workload": workload, "num_prompts": 8,
-        "request_throughput": req_s, "output_tokens_per_s": req_s * 64, "ttft_ms": ms,
+        "completed": 8, "duration_s": 8 / req_s, "request_throughput": round(req_s, 3), "output_tokens_per_s": req_s * 64, "ttft_ms": ms,
         "itl_ms": ms, "e2e_ms": ms, "memory": {"peak_total_mb": mb, "processes": []},
         "startup_s": 1.0, "errors": 0, "encoder_runs": 3 if system == "fovea" else None,
         "image_fetches": 9,
@@ -84,7 +84,7 @@ def test_rewriting_the_page_replaces_only_what_the_run_measured(tmp_path: Any) -
     assert text.endswith("\n## Image workloads\n\nold images\n\n## Structured output\n\nhand\n")
 
     image_rows = [
-        _row("fovea", "W4", 0.6, 300, 900), _row("vllm", "W4", 0.5, 600, 1800),
+        _row("fovea", "W4", 0.02456, 300, 900), _row("vllm", "W4", 0.02445, 600, 1800),
         _row("fovea", "W5", 1.2, 30, 900), _row("vllm", "W5", 0.7, 400, 1800),
     ]  # fmt: skip
     compare.write_results(str(page), image_rows, ["default"], "float32", [], "/m/qwen")
@@ -92,12 +92,13 @@ def test_rewriting_the_page_replaces_only_what_the_run_measured(tmp_path: Any) -
     assert "| fovea | default | W1 | 128.0 |" in head and kept == "\n## Structured output\n\nhand\n"
     assert "old images" not in images and "- model: /m/qwen" in images
     assert (
-        "| fovea | default | W4 | 8 | 0.600 | 38.4 | 300 | 600 | 300 | 900 | 3 | 9 | 0 |" in images
+        "| fovea | default | W4 | 8 | 0.0246 | 1.6 | 300 | 600 | 300 | 900 | 3 | 9 | 0 |" in images
     )
     assert (
-        "| vllm | default | W5 | 8 | 0.700 | 44.8 | 400 | 800 | 400 | 1800 | - | 9 | 0 |" in images
+        "| vllm | default | W5 | 8 | 0.7000 | 44.8 | 400 | 800 | 400 | 1800 | - | 9 | 0 |" in images
     )
-    assert "| default | W4 requests/s, Fovea / vLLM (target ≥ 1.2) | 1.200 |" in images
+    # From completed / duration_s: the rounded request_throughput would give 0.025 / 0.024.
+    assert "| default | W4 requests/s, Fovea / vLLM (target ≥ 1.2) | 1.004 |" in images
     assert "| default | W4 TTFT p50, Fovea / vLLM (target ≤ 1) | 0.500 |" in images
     assert "| default | W5 TTFT p50 / W4 TTFT p50, Fovea (target ≤ 0.15) | 0.100 |" in images
     assert compare.split_page("") == ("", "", "")
