@@ -173,13 +173,13 @@ def run_server(
         peers.wait_ready(run)
         print(f"{system}/{mode}: ready in {run.startup_s:.1f} s", file=sys.stderr)
         for w in workloads:
-            encoded = images_encoded(run)
+            before = images_encoded(run)
             with MemorySampler(run.proc.pid) as mem:
                 res = client(run.base_url, model_dir, system + args.label, w, args)
             res |= {"mode": mode, "workload": w, "startup_s": round(run.startup_s, 1),
                     "memory": mem.report()}  # fmt: skip
-            if encoded is not None:
-                res["encoder_runs"] = images_encoded(run) - encoded  # type: ignore[operator]
+            if before is not None and (after := images_encoded(run)) is not None:
+                res["encoder_runs"] = after - before
             print(json.dumps(res), flush=True)
             rows.append(res)
     finally:

@@ -50,6 +50,15 @@ def _row(r: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |\n"
 
 
+def _ratio_table(ratios: dict[str, Any]) -> list[str]:
+    """Lines of the ratio table: one row per mode and ratio, described by RATIO_NOTES."""
+    out = ["\n| mode | ratio | value |\n|---|---|---:|\n"]
+    for mode, values in ratios.items():
+        for key, value in values.items():
+            out.append(f"| {mode} | {RATIO_NOTES.get(key, key)} | {value:.3f} |\n")
+    return out
+
+
 def _overhead(rows: Sequence[dict[str, Any]]) -> list[str]:
     """step_overhead.py's lines: Fovea's decode step against the bare model step."""
     out = [
@@ -87,10 +96,8 @@ def render(
         HEADER,
     ]
     out += [_row(r) for r in rows]
-    out.append("\n## Ratios (same run)\n\n| mode | ratio | value |\n|---|---|---:|\n")
-    for mode, values in ratios.items():
-        for key, value in values.items():
-            out.append(f"| {mode} | {RATIO_NOTES.get(key, key)} | {value:.3f} |\n")
+    out.append("\n## Ratios (same run)\n")
+    out += _ratio_table(ratios)
     if overhead:
         out += _overhead(overhead)
     procs = [
@@ -134,8 +141,5 @@ def render_images(
         IMAGE_HEADER,
     ]
     out += [_image_row(r) for r in rows]
-    out.append("\n| mode | ratio | value |\n|---|---|---:|\n")
-    for mode, values in ratios.items():
-        for key, value in values.items():
-            out.append(f"| {mode} | {RATIO_NOTES.get(key, key)} | {value:.3f} |\n")
+    out += _ratio_table(ratios)
     return "".join(out)

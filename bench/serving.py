@@ -116,12 +116,14 @@ def request_body(
         }
     if image_urls:
         images = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
-        texts = text_pieces(prompt.text, len(images) + 1 if args.interleave else 1)
-        parts: list[dict[str, Any]] = [] if args.interleave else images
-        for i, text in enumerate(texts):
-            parts.append({"type": "text", "text": text})
-            if args.interleave and i < len(images):
-                parts.append(images[i])
+        pieces = len(images) + 1 if args.interleave else 1
+        texts = [{"type": "text", "text": t} for t in text_pieces(prompt.text, pieces)]
+        # Interleaved: text, image, text, ..., image, text; else the images, then the text.
+        parts: list[dict[str, Any]] = (
+            [p for pair in zip(texts, images, strict=False) for p in pair] + texts[-1:]
+            if args.interleave
+            else [*images, *texts]
+        )
         body["messages"] = [{"role": "user", "content": parts}]
     elif args.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt.text}]
@@ -137,14 +139,12 @@ def text_pieces(text: str, n: int) -> list[str]:
     if n <= 1:
         return [text]
     words = text.split(" ")
-    if len(words) >= n:
-        cuts = [round(k * len(words) / n) for k in range(n + 1)]
-        pieces = itertools.pairwise(cuts)
-        return [" ".join(words[a:b]) + (" " if b < len(words) else "") for a, b in pieces]
-    if len(text) < n:
+    units, sep = (words, " ") if len(words) >= n else (list(text), "")
+    if len(units) < n:
         raise ValueError(f"a text of {len(text)} characters cannot be cut into {n} pieces")
-    cuts = [round(k * len(text) / n) for k in range(n + 1)]
-    return [text[a:b] for a, b in itertools.pairwise(cuts)]
+    cuts = [round(k * len(units) / n) for k in range(n + 1)]
+    pieces = itertools.pairwise(cuts)
+    return [sep.join(units[a:b]) + (sep if b < len(units) else "") for a, b in pieces]
 
 
 def _chunk_text(chunk: dict[str, Any]) -> str:

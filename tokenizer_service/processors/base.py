@@ -120,7 +120,6 @@ class ProcessedImage:
         return self.spans or (self,)
 
 
-RESIZE_ENGINES = ("torch", "pil")
 # PIL filters torch's uint8 antialiased interpolation has (the others resize with PIL).
 _TORCH_MODES = {PIL.Image.Resampling.BICUBIC: "bicubic", PIL.Image.Resampling.BILINEAR: "bilinear"}
 
