@@ -35,7 +35,7 @@ from typing import Any
 
 import aiohttp
 
-from fovea.bench.image_server import FORMATS, ImageServer, data_uri
+from fovea.bench.image_server import FORMATS, ImageServer, data_uri, parse_sizes
 from fovea.bench.prompts import Prompt, build_prompts, load_tokenizer
 
 
@@ -88,9 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         with open(args.json_schema) as f:
             args.schema = json.load(f)
     try:
-        args.image_sizes = [
-            tuple(int(v) for v in wh.split("x", 1)) for wh in args.image_size.lower().split(",")
-        ]
+        args.image_sizes = parse_sizes(args.image_size)
     except ValueError:
         p.error(f"--image-size must be WxH[,WxH...], got {args.image_size!r}")
     if args.images:
