@@ -16,6 +16,8 @@ chat request with `image_url` parts fetched from a local image server (JPEG):
   all distinct) + 40 text tokens, 64 output tokens. W4data: the same with data: URIs.
 - W5 repeated image: W4 with 8 distinct images each sent 8 times.
 - W6 multi-image: 32 requests, concurrency 4, three 448×448 images interleaved with the text.
+- W2+W4: W2 on the VLM server alone ("W2vlm"), then W2 while W4's client runs beside it
+  (text latency while images are fetched, prepared and encoded).
 `--image-requests N` runs N requests of each instead (a slow CPU); W5 at least 16, so that each
 of its 8 images is sent at least twice.
 Fovea's vision-encoder runs during each workload are read from /get_server_info.
@@ -37,6 +39,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -75,6 +78,11 @@ IMAGE_WORKLOADS: dict[str, list[str]] = {
     "W4data": [*_W4, "--seed", "8", "--image-transport", "data", "--image-offset", "300000"],
 }  # fmt: skip
 WORKLOADS.update(IMAGE_WORKLOADS)
+# W2 on the VLM server, alone ("W2vlm") and then while W4 runs beside it ("W2+W4"): text
+# latency under image load. W4's client starts first and is stopped once W2 is done.
+BESIDE = "W2+W4"
+IMAGE_WORKLOADS[BESIDE] = []
+IMAGE_ROWS = {*IMAGE_WORKLOADS, "W2vlm"}  # the rows of RESULTS.md's image section
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vlm-model", default="", help="local VLM dir for W4-W6 (make_vlm.py)")
     p.add_argument("--image-requests", type=int, default=0, help="requests per image workload")
     p.add_argument("--w2-requests", type=int, default=8)
+    p.add_argument(
+        "--beside-delay", type=float, default=20.0, help="W2+W4: seconds of W4 before W2 starts"
+    )
     p.add_argument("--cpus", default=f"0-{(os.cpu_count() or 1) - 1}", help="tuned mode pinning")
     p.add_argument("--dtype", default="auto", help="auto: bf16 only on CPUs with native bf16")
     p.add_argument("--port", type=int, default=31500)
@@ -133,9 +144,8 @@ def resolve_dtype(name: str) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
-def client(
-    base_url: str, model_dir: str, label: str, workload: str, args: argparse.Namespace
-) -> Row:
+def client_cmd(base_url: str, model_dir: str, label: str, workload: str, args: argparse.Namespace
+               ) -> list[str]:  # fmt: skip
     extra = WORKLOADS[workload]
     if workload == "W2":
         extra = [*extra, "--num-prompts", str(args.w2_requests)]
@@ -143,13 +153,37 @@ def client(
         # W5 keeps every one of its 8 images sent at least twice.
         n = max(args.image_requests, 16) if workload == "W5" else args.image_requests
         extra = [*extra, "--num-prompts", str(n)]
-    cmd = [sys.executable, "-m", "fovea.bench.serving", "--base-url", base_url, "--model", "m",
-           "--tokenizer", model_dir, "--system", label, *extra]  # fmt: skip
+    return [sys.executable, "-m", "fovea.bench.serving", "--base-url", base_url, "--model", "m",
+            "--tokenizer", model_dir, "--system", label, *extra]  # fmt: skip
+
+
+def client(
+    base_url: str, model_dir: str, label: str, workload: str, args: argparse.Namespace
+) -> Row:
+    cmd = client_cmd(base_url, model_dir, label, workload, args)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     row: Row = json.loads(out.stdout.strip().splitlines()[-1])
     if row["errors"]:  # the client's own account of the first failures
         print("\n".join(out.stderr.strip().splitlines()[:3]), file=sys.stderr)
     return row
+
+
+def w2_beside_w4(base_url: str, model_dir: str, label: str, args: argparse.Namespace
+                 ) -> tuple[Row, Row]:  # fmt: skip
+    """W2 alone, then W2 with W4's client running beside it (started --beside-delay seconds
+    earlier, so images are being fetched, prepared and encoded when W2 starts)."""
+    alone = client(base_url, model_dir, label, "W2", args) | {"workload": "W2vlm"}
+    load = subprocess.Popen(  # all 64 of W4's requests: the load outlasts W2
+        [*client_cmd(base_url, model_dir, label, "W4", args), "--num-prompts", "64"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(args.beside_delay)
+        beside = client(base_url, model_dir, label, "W2", args) | {"workload": BESIDE}
+    finally:
+        load.terminate()  # its requests are aborted when their connections close
+        load.wait()
+    return alone, beside
 
 
 def images_encoded(run: peers.ServerRun) -> int | None:
@@ -172,23 +206,28 @@ def run_server(
     try:
         peers.wait_ready(run)
         print(f"{system}/{mode}: ready in {run.startup_s:.1f} s", file=sys.stderr)
+        label = system + args.label
         for w in workloads:
             before = images_encoded(run)
             with MemorySampler(run.proc.pid) as mem:
-                res = client(run.base_url, model_dir, system + args.label, w, args)
-            res |= {"mode": mode, "workload": w, "startup_s": round(run.startup_s, 1),
-                    "memory": mem.report()}  # fmt: skip
-            if before is not None and (after := images_encoded(run)) is not None:
-                res["encoder_runs"] = after - before
-            print(json.dumps(res), flush=True)
-            rows.append(res)
+                if w == BESIDE:
+                    got = list(w2_beside_w4(run.base_url, model_dir, label, args))
+                else:
+                    got = [client(run.base_url, model_dir, label, w, args) | {"workload": w}]
+            for res in got:
+                res |= {"mode": mode, "startup_s": round(run.startup_s, 1),
+                        "memory": mem.report()}  # fmt: skip
+                if before is not None and (after := images_encoded(run)) is not None:
+                    res["encoder_runs"] = after - before
+                print(json.dumps(res), flush=True)
+                rows.append(res)
     finally:
         peers.stop(run)
     return rows
 
 
 def images_per_request(workload: str) -> int:
-    flags = WORKLOADS[workload]
+    flags = WORKLOADS["W4" if workload == BESIDE else workload]
     return int(flags[flags.index("--images") + 1]) if "--images" in flags else 0
 
 
@@ -280,6 +319,11 @@ def image_ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
             w4, w5 = pick(rows, system, mode, "W4"), pick(rows, system, mode, "W5")
             if w4 and w5:
                 r[f"W5_over_W4_ttft_{system}"] = w5["ttft_ms"]["p50"] / w4["ttft_ms"]["p50"]
+            alone, beside = pick(rows, system, mode, "W2vlm"), pick(rows, system, mode, BESIDE)
+            if alone and beside:
+                r[f"W2_beside_W4_ttft_{system}"] = (
+                    beside["ttft_ms"]["p50"] / alone["ttft_ms"]["p50"]
+                )
         out[mode] = {k: round(v, 3) for k, v in r.items()}
     return out
 
@@ -321,8 +365,8 @@ def write_results(
             head, images, kept = split_page(f.read())
     except OSError:
         head, images, kept = "", "", ""
-    text_rows = [r for r in rows if r["workload"] not in IMAGE_WORKLOADS]
-    image_rows = [r for r in rows if r["workload"] in IMAGE_WORKLOADS]
+    text_rows = [r for r in rows if r["workload"] not in IMAGE_ROWS]
+    image_rows = [r for r in rows if r["workload"] in IMAGE_ROWS]
     if text_rows:
         head = render(text_rows, ratios(text_rows, modes), machine, date, overhead)
     if image_rows:
