@@ -39,6 +39,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -240,10 +241,42 @@ def run_hf(args: argparse.Namespace, model_dir: str) -> list[Row]:
         cmd = [sys.executable, "-m", "fovea.bench.hf_generate", "--model", model_dir,
                "--batch-size", str(batch), "--num-prompts", str(n), "--input-len", "200",
                "--output-len", str(out_len), "--seed", "0" if w == "W1" else "2"]  # fmt: skip
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        res = json.loads(out.stdout.strip().splitlines()[-1]) | {"mode": "-", "workload": w}
-        print(json.dumps(res), flush=True)
-        rows.append(res)
+        rows.append(hf_row(cmd, w))
+    return rows
+
+
+def hf_row(cmd: list[str], workload: str, env: dict[str, str] | None = None) -> Row:
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    res: Row = json.loads(out.stdout.strip().splitlines()[-1]) | {"mode": "-", "workload": workload}
+    res["peer"] = "hf"  # its "system" names the device and dtype too
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def run_hf_images(args: argparse.Namespace) -> list[Row]:
+    """The image floor: W4 and W6 as padded batches of their concurrency, the same requests'
+    text and JPEGs, in vLLM's bench venv (its transformers' Qwen2-VL processor needs the
+    torchvision bench/peers.py made importable there), on this checkout's bench code."""
+    python = os.path.join(args.vllm_venv, "bin", "python")
+    peers.ensure_torchvision(python)
+    link = tempfile.mkdtemp()
+    os.symlink(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f"{link}/fovea")
+    env = os.environ | {"PYTHONPATH": link}
+    rows = []
+    for w in ("W4", "W6"):
+        if w not in args.workloads.split(","):
+            continue
+        flags = WORKLOADS[w]
+        value = {flags[i]: flags[i + 1] for i in range(len(flags) - 1) if flags[i][:2] == "--"}
+        n = args.image_requests or int(value["--num-prompts"])
+        cmd = [python, "-m", "fovea.bench.hf_generate", "--model", args.vlm_model,
+               "--dtype", args.dtype, "--batch-size", value["--concurrency"],
+               "--num-prompts", str(n), "--input-len", value["--input-len"],
+               "--output-len", value["--output-len"], "--seed", value["--seed"],
+               "--images", value["--images"], "--image-size", value["--image-size"],
+               "--image-offset", value.get("--image-offset", "0"),
+               *(["--interleave"] if "--interleave" in flags else [])]  # fmt: skip
+        rows.append(hf_row(cmd, w, env))
     return rows
 
 
@@ -264,7 +297,8 @@ def run_overhead(args: argparse.Namespace, model_dir: str) -> list[Row]:
 
 def pick(rows: list[Row], system: str, mode: str, workload: str) -> Row | None:
     for r in rows:
-        if r["system"] == system and r.get("mode") in (mode, "-") and r["workload"] == workload:
+        name = r.get("peer", r["system"])
+        if name == system and r.get("mode") in (mode, "-") and r["workload"] == workload:
             return r
     return None
 
@@ -315,6 +349,9 @@ def image_ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
                 if w == "W4":
                     r["W4_ttft_p50"] = f["ttft_ms"]["p50"] / v["ttft_ms"]["p50"]
                     r["W4_memory"] = f["memory"]["peak_total_mb"] / v["memory"]["peak_total_mb"]
+            hf = pick(rows, "hf", mode, w)
+            if f and hf:
+                r[f"{w}_req_s_over_hf"] = requests_per_s(f) / requests_per_s(hf)
         for system in ("fovea", "vllm"):
             w4, w5 = pick(rows, system, mode, "W4"), pick(rows, system, mode, "W5")
             if w4 and w5:
@@ -393,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     for system in args.systems.split(","):
         if system == "hf":
             rows += run_hf(args, model_dir)
+            rows += run_hf_images(args) if image_workloads else []
             continue
         for mode in modes:
             for model, group in groups:

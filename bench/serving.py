@@ -248,15 +248,18 @@ def report(
     }
 
 
-def images_of(args: argparse.Namespace, server: ImageServer | None, i: int) -> list[str]:
-    """Image URLs (or data: URIs) of request i (warm-up requests are i < 0 and use images of
-    their own)."""
-    if not args.images:
-        return []
+def image_ids(args: argparse.Namespace, i: int) -> list[int]:
+    """The image server's ids of request i's images (bench/hf_generate.py sends the same)."""
     k = i * args.images
     distinct = args.distinct_images
     ids = [(k + j) % distinct if distinct and i >= 0 else k + j for j in range(args.images)]
-    ids = [n + args.image_offset + 10**6 * (i < 0) for n in ids]
+    return [n + args.image_offset + 10**6 * (i < 0) for n in ids]
+
+
+def images_of(args: argparse.Namespace, server: ImageServer | None, i: int) -> list[str]:
+    """Image URLs (or data: URIs) of request i (warm-up requests are i < 0 and use images of
+    their own)."""
+    ids = image_ids(args, i)
     if server is None:
         return [data_uri(n, args.image_sizes, args.image_format) for n in ids]
     return [server.url(n) for n in ids]

@@ -126,3 +126,11 @@ def test_w2_beside_w4_needs_the_vlm_and_serves_images(tmp_path: Any) -> None:
     with pytest.raises(SystemExit) as e:
         compare.main(["--systems", "fovea", "--workloads", "W2+W4", "--model", str(tmp_path)])
     assert "W2+W4 need --vlm-model" in str(e.value)
+
+
+def test_hf_rows_are_picked_as_hf_for_the_floor_ratios() -> None:
+    rows = [_row("fovea", "W4", 0.05, 300, 900), _row("vllm", "W4", 0.04, 600, 1800)]
+    rows.append(_row("hf-transformers-generate (cpu, float32)", "W4", 0.02, 900, 3000))
+    assert compare.image_ratios(rows, ["default"])["default"].get("W4_req_s_over_hf") is None
+    rows[-1] |= {"peer": "hf", "mode": "-"}
+    assert compare.image_ratios(rows, ["default"])["default"]["W4_req_s_over_hf"] == 2.5
