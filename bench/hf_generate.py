@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = pick_dtype(args.device, args.dtype)
     processor = None
     if args.images:
-        processor = AutoProcessor.from_pretrained(model_dir)
+        processor = AutoProcessor.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
         processor.tokenizer.padding_side = "left"
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
     else:
