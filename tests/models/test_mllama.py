@@ -2,9 +2,10 @@
 the real scheduler: the processor's ids and tiles equal transformers'; greedy tokens identical
 and prefill logits close for text only, one image, two images, two adjacent images and a second
 turn; the image changes the output; chunked prefill across images; prefix hits only with the
-same images (the cross-attention K/V recomputed from cached vision states); the image-slot
-pool back to full after finish, abort and retraction, admission waiting for slots and a
-request with more images than the pool refused; both checkpoint layouts and configs load."""
+same images (the cross-attention K/V kept in the image slot or recomputed from cached
+vision states); the image-slot pool back to full after finish, abort and retraction, admission
+waiting for slots and a request with more different images than the pool refused (sharing
+itself: test_mllama_shared_images.py); both checkpoint layouts and configs load."""
 
 from __future__ import annotations
 
@@ -244,8 +245,9 @@ def test_prefix_hits_only_with_the_same_images(
 ) -> None:  # fmt: skip
     """A text-only prompt shares its first tokens with the image prompt but is no hit for it
     (every token's KV depends on the images); the same image and text again is a hit up to
-    the last token, with no second vision-encoder run (K/V recomputed from the cached vision
-    states); another image with the same text is no hit at all."""
+    the last token, with no second vision-encoder run (K/V kept in the freed image slot, or
+    recomputed from the cached vision states); another image with the same text is no hit at
+    all."""
     text, a = prompts["text"], prompts["one_image"]
     assert text.ids[:2] == a.ids[:2]
     sched = scheduler(runner)
@@ -287,8 +289,8 @@ def test_retraction_frees_and_retakes_image_slots(
     runner: ModelRunner, prompts: dict[str, Prompt], reference: dict[str, list[int]]
 ) -> None:
     """KV memory for one sequence and a half: the newer one is retracted (its image slots
-    freed), re-admitted from its cached prefix with its images' K/V recomputed, and both
-    still give transformers' tokens."""
+    freed, their K/V kept), re-admitted from its cached prefix into them, and both still
+    give transformers' tokens."""
     a, c = prompts["one_image"], prompts["second_turn"]
     need = max(len(a.ids), len(c.ids)) + N_NEW
     sched = scheduler(runner, num_slots=need + 12)
