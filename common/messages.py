@@ -130,10 +130,16 @@ class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     generated_tokens: int
     images_encoded: int = 0  # vision-encoder runs on rank 0 since start
     retractions: int = 0  # sequences sent back to the queue for lack of KV memory
-    # Cross-attention image state (Mllama): slots in the workers' pool, and free ones.
-    # Invariant with nothing running: free_image_slots == image_slots.
+    # Cross-attention image state (Mllama): slots in the workers' pool, free ones, references
+    # to slots in use by running sequences (more than the slots in use when images are
+    # shared), slots with two or more references, and images whose K/V rank 0 computed since
+    # start (a shared or still-held image's K/V are not computed again).
+    # Invariant with nothing running: free_image_slots == image_slots, image_slot_users == 0.
     image_slots: int = 0
     free_image_slots: int = 0
+    image_slot_users: int = 0
+    shared_image_slots: int = 0
+    cross_kv_computed: int = 0
     flushed: bool = False  # the StatsRequest asked to flush the cache, and it was emptied
 
 
@@ -160,6 +166,9 @@ class NewSequence(msgspec.Struct, array_like=True, gc=False):
     sampling: SamplingParams
     prefix_slots: list[int]
     images: list[ImageInput] = []  # every image of the prompt, cached prefix or not
+    # Cross-attention images (Mllama): each image's slot in the workers' image pool, shared by
+    # every sequence with that image (scheduler/cross_images.py); [] for other models.
+    image_slots: list[int] = []
 
 
 class ScheduledChunk(msgspec.Struct, array_like=True, gc=False):
@@ -231,6 +240,7 @@ class StepResult(msgspec.Struct, tag=True, gc=False):
     # positions after those it computed: a chunk of tokens [start, end) gives the entries of
     # prompt tokens start+1 .. min(end, num_prompt - 1), in order (possibly none).
     prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+    cross_kv_computed: int = 0  # image slots whose cross-attention K/V were written this step
 
 
 class WorkerAlive(msgspec.Struct, tag=True):

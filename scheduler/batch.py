@@ -40,6 +40,7 @@ class PlanBuilder:
                     sampling=seq.worker_sampling,
                     prefix_slots=seq.slots[: seq.prefix_len],
                     images=seq.images,
+                    image_slots=seq.image_slots,
                 )
             )
             seq.sent = True

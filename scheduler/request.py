@@ -70,6 +70,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     slots: list[int] = field(default_factory=list)
+    # While RUNNING, with cross-attention images (Mllama): each image's slot (cross_images.py).
+    image_slots: list[int] = field(default_factory=list)
     prefix_len: int = 0
     node: RadixNode | None = None
     # Prefix-cache hit at the first admission (reported to the client); None until admitted.

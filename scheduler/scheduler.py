@@ -79,6 +79,7 @@ class Scheduler:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.images_encoded = 0
+        self.cross_kv_computed = 0
         self.images_received = 0
         self.handlers: dict[type, Callable[[Any], None]] = {
             TokenizedRequest: self.add_request,
@@ -108,7 +109,7 @@ class Scheduler:
         assert max_new is not None, "the tokenizer resolves max_new_tokens"
         need = len(req.input_ids) + max_new
         too_many_images = (
-            self.cross_images.refusal(req.rid, len(req.images)) if self.cross_images else None
+            self.cross_images.refusal(req.rid, req.images) if self.cross_images else None
         )
         if not req.input_ids:
             self._reject(req.rid, f"request {req.rid}: empty prompt")
@@ -297,6 +298,7 @@ class Scheduler:
         """Append each sampled token, check stop conditions, emit one SeqOutput per token;
         the first output of a sequence computing prompt logprobs carries them all."""
         self.images_encoded += result.images_encoded
+        self.cross_kv_computed += result.cross_kv_computed
         for key, entries in result.prompt_logprobs.items():
             if (seq := self.seqs.get(key)) is not None and seq.computing_prompt_logprobs:
                 seq.prompt_logprobs.extend(entries)  # running: retractions wait for results
@@ -345,7 +347,7 @@ class Scheduler:
         if seq.node is not None:
             self.cache.dec_lock(seq.node)
         if self.cross_images is not None:
-            self.cross_images.release(seq)  # the workers free them when they drop it
+            self.cross_images.release(seq)  # the slots' K/V stay until given to another image
         seq.node = None
         seq.slots = []
         seq.prefix_len = 0

@@ -28,6 +28,7 @@ class Core(Protocol):
     prompt_tokens: int
     generated_tokens: int
     images_encoded: int
+    cross_kv_computed: int
     num_retractions: int
 
     @property
@@ -63,4 +64,7 @@ def snapshot(core: Core, query_id: str, flushed: bool = False) -> SchedulerStats
         retractions=core.num_retractions,
         image_slots=images.capacity if images else 0,
         free_image_slots=images.free if images else 0,
+        image_slot_users=images.users if images else 0,
+        shared_image_slots=images.shared if images else 0,
+        cross_kv_computed=core.cross_kv_computed,
     )

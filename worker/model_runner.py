@@ -17,9 +17,9 @@ The model's `layer_windows` (per-layer sliding window, 0 = global) and `attentio
 score scale; None: head_dim ** -0.5) go to the attention backend.
 
 A model that reads images through cross-attention layers instead (`CrossAttentionImages`,
-Mllama): its placeholder tokens stay token embeddings; the runner keeps each sequence's image
-K/V in an image-slot pool (worker/cross_attention.py: capacity `cross_image_slots`, reported
-to the scheduler) and passes the step's plan to `forward(..., cross=CrossBatch | None)`. Its
+Mllama): its placeholder tokens stay token embeddings; the runner keeps image K/V in an
+image-slot pool (worker/cross_attention.py: capacity `cross_image_slots`, reported to the
+scheduler, which names each image's slot, one per distinct image) and passes the step's plan to `forward(..., cross=CrossBatch | None)`. Its
 `config.num_layers` counts only the layers that take token KV slots.
 """
 
@@ -216,7 +216,7 @@ class ModelRunner:
             )
             seq.mrope = mrope.to(self.device)
         if self.cross is not None:
-            self.cross.admit(new.key, seq.images)
+            self.cross.admit(new.key, seq.images, list(new.image_slots))
         self.seqs[new.key] = seq
 
     # ------------------------------------------------------------------ one step
@@ -229,6 +229,7 @@ class ModelRunner:
             self._admit(new)
         t0 = time.perf_counter()
         encoded = self.images_encoded
+        kv_computed = self.cross.kv_computed if self.cross is not None else 0
         out = self._compute(plan)
         sample_keys = out.sample_keys
         tokens, logprobs = self.sampler.sample(
@@ -254,6 +255,7 @@ class ModelRunner:
             time.perf_counter() - t0,
             self.images_encoded - encoded,
             prompt_lps,
+            (self.cross.kv_computed if self.cross is not None else 0) - kv_computed,
         )
 
     @torch.inference_mode()
