@@ -1,5 +1,5 @@
-"""SGLang's native routes (/generate, /flush_cache, /get_model_info, /get_server_info), the
-health probes and /metrics."""
+"""SGLang's native routes (/generate, /flush_cache, /get_model_info, /get_server_info,
+/get_load, and the newer names /model_info and /server_info), the health probes and /metrics."""
 
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def _native_sampling(body: GenerateReqInput) -> SamplingParams:
 
 @router.post("/generate")
 async def generate(body: GenerateReqInput, request: Request, ctx: Ctx) -> Response:
+    ctx.check_model(body.model)
     if (body.text is None) == (body.input_ids is None):
         raise APIError(400, "give exactly one of text and input_ids", "text")
     sampling = ctx.checked(_native_sampling(body))
@@ -117,12 +118,32 @@ async def health_generate(ctx: Ctx) -> Response:
     return Response(status_code=200)
 
 
+# SGLang serves both names; its router asks for /server_info and /model_info first and falls
+# back to the /get_ names with a deprecation warning.
 @router.get("/get_model_info")
+@router.get("/model_info")
 async def model_info(ctx: Ctx) -> Response:
     return responses.json(responses.model_info(ctx.args, ctx.model))
 
 
+@router.get("/get_load")
+async def load(ctx: Ctx) -> Response:
+    """SGLang's shape, one entry per data-parallel rank: requests and tokens in the scheduler.
+    num_tokens (what SGLang's router balances by) counts the KV slots that running sequences
+    hold and the tokens of the waiting ones; an idle server reports 0."""
+    stats = await ctx.manager.stats()
+    held = stats.total_slots - stats.free_slots - stats.evictable_slots
+    entry = {
+        "dp_rank": 0,
+        "num_reqs": stats.running + stats.waiting,
+        "num_waiting_reqs": stats.waiting,
+        "num_tokens": held + stats.waiting_tokens,
+    }
+    return responses.json([entry])
+
+
 @router.get("/get_server_info")
+@router.get("/server_info")
 async def server_info(ctx: Ctx) -> Response:
     """SGLang's shape: the server arguments at the top level, the scheduler's state in
     internal_states (one entry per scheduler) and as `scheduler`, the version."""
