@@ -40,7 +40,7 @@ def servers(
         for i in range(2):
             started.append(Server(tiny_qwen2_vl, *flags, log_path=logs / f"server{i}.log"))
         for srv in started:
-            srv.wait_ready()
+            srv.wait_ready(timeout=600)  # two servers loading at once on a busy machine
         yield started
     finally:
         codes = [srv.stop() for srv in started]
