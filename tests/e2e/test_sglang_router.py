@@ -226,6 +226,34 @@ def test_generate_stream_through_router_equals_direct(
     assert (last["text"], last["output_ids"]) == (ref["text"], ref["output_ids"])
 
 
+def test_a_client_leaving_mid_stream_aborts_the_request_on_its_worker(
+    router: Router, servers: list[Server]
+) -> None:
+    # The router closes its upstream connection when the client goes; the worker aborts the
+    # request (long before its 900 tokens; the context is 1024) and frees its slots.
+    before = scheduler(servers)
+    sampling = {"max_new_tokens": 900, "temperature": 0, "ignore_eos": True}
+    body = {
+        "text": "A long story: " + uuid.uuid4().hex,
+        "sampling_params": sampling,
+        "stream": True,
+    }
+    with httpx.stream("POST", router.base + "/generate", json=body, timeout=TIMEOUT) as r:
+        assert r.status_code == 200, r.read()
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data: ")
+            if events == 3:
+                break
+    after = scheduler(servers)
+    generated = sum(
+        a["generated_tokens"] - b["generated_tokens"] for a, b in zip(after, before, strict=True)
+    )
+    assert 3 <= generated < 900
+    for stats in after:
+        assert stats["free_slots"] + stats["tree_slots"] == stats["total_slots"], stats
+
+
 def test_router_sends_a_repeated_prefix_to_the_worker_that_cached_it(
     router: Router, servers: list[Server]
 ) -> None:
