@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from fovea.common import metrics as fovea_metrics
-from fovea.common.messages import GenerateRequest
+from fovea.common.messages import GenerateRequest, SchedulerStats
 from fovea.common.sampling import SamplingParams
 from fovea.server import responses
 from fovea.server.context import Ctx
@@ -126,20 +126,23 @@ async def model_info(ctx: Ctx) -> Response:
     return responses.json(responses.model_info(ctx.args, ctx.model))
 
 
-@router.get("/get_load")
-async def load(ctx: Ctx) -> Response:
-    """SGLang's shape, one entry per data-parallel rank: requests and tokens in the scheduler.
-    num_tokens (what SGLang's router balances by) counts the KV slots that running sequences
-    hold and the tokens of the waiting ones; an idle server reports 0."""
-    stats = await ctx.manager.stats()
+def sglang_load(stats: SchedulerStats, dp_rank: int = 0) -> dict[str, int]:
+    """One scheduler's entry of /get_load. num_tokens (what SGLang's router balances by)
+    counts the KV slots running sequences hold (not the evictable cache) and the tokens of the
+    waiting ones; an idle scheduler reports 0."""
     held = stats.total_slots - stats.free_slots - stats.evictable_slots
-    entry = {
-        "dp_rank": 0,
+    return {
+        "dp_rank": dp_rank,
         "num_reqs": stats.running + stats.waiting,
         "num_waiting_reqs": stats.waiting,
         "num_tokens": held + stats.waiting_tokens,
     }
-    return responses.json([entry])
+
+
+@router.get("/get_load")
+async def load(ctx: Ctx) -> Response:
+    """SGLang's shape: a list with one entry per data-parallel rank."""
+    return responses.json([sglang_load(await ctx.manager.stats())])
 
 
 @router.get("/get_server_info")
