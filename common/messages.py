@@ -124,6 +124,7 @@ class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     evictable_slots: int
     running: int
     waiting: int
+    waiting_tokens: int = 0  # tokens of the waiting sequences (prompts, and outputs if retracted)
     steps: int
     cache_hit_tokens: int
     prompt_tokens: int

@@ -56,6 +56,7 @@ def snapshot(core: Core, query_id: str, flushed: bool = False) -> SchedulerStats
         evictable_slots=core.cache.evictable_size,
         running=len(core.running),
         waiting=len(core.waiting),
+        waiting_tokens=sum(len(seq.prompt_ids) + len(seq.output_ids) for seq in core.waiting),
         steps=core.plans.step,
         cache_hit_tokens=core.cache_hit_tokens,
         prompt_tokens=core.prompt_tokens,

@@ -251,6 +251,7 @@ class GenerateReqInput(BaseModel):
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
+    model: str | None = None  # SGLang's router forwards the client's (or null); checked if given
     # One prompt: an image or a list; several: one entry (None, image or list) per prompt.
     image_data: str | list[str | list[str] | None] | None = None
     # A dict, so an unknown key gets native_sampling's message naming it; its schema in
@@ -361,11 +362,36 @@ def _empty(value: Any) -> bool:
     return value is None or value == [] or value == ""
 
 
+# SGLang's extension fields that its router (sglang-router) writes into every request it
+# forwards, at these defaults: at exactly that value each asks for nothing Fovea does not do
+# (no reasoning parser, no hidden states, every request logged and answered in the
+# foreground), so it passes; any other value is refused by name like every unknown field.
+ROUTER_DEFAULTS: dict[str, bool] = {
+    "no_stop_trim": False,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+    "return_hidden_states": False,
+    "return_routed_experts": False,
+    "log_metrics": True,
+    "background": False,
+    "no_logs": False,
+    "return_bytes": False,
+    "return_entropy": False,
+}
+
+
+def _inert(key: str, value: Any) -> bool:
+    if value is None:
+        return True
+    default = ROUTER_DEFAULTS.get(key)
+    return type(value) is type(default) and value == default
+
+
 def unsupported_field(body: _SamplingFields | GenerateReqInput) -> str | None:
     """The first request field Fovea does not implement (a dotted path), or None. A field sent
-    as null asks for nothing and passes."""
+    as null, or as the router's default (ROUTER_DEFAULTS), asks for nothing and passes."""
     for key, value in (body.model_extra or {}).items():
-        if value is not None:
+        if not _inert(key, value):
             return key
     if isinstance(body, ChatCompletionRequest):
         for i, m in enumerate(body.messages):
