@@ -53,14 +53,21 @@ class SchedulerConfig:
     # The workers' cross-attention image slots (Mllama; scheduler/cross_images.py); 0: the
     # model keeps no per-image state beside the KV cache.
     cross_image_slots: int = 0
+    # The local layers' window when the workers keep a second pool for them (0: one pool).
+    sliding_window: int = 0
 
     @staticmethod
     def from_args(
-        args: ServerArgs, model: ModelInfo, max_seqs: int, device: str, cross_image_slots: int = 0
+        args: ServerArgs,
+        model: ModelInfo,
+        max_seqs: int,
+        device: str,
+        cross_image_slots: int = 0,
+        sliding_window: int = 0,
     ) -> SchedulerConfig:
         """`max_seqs`: rows in the workers' request table, a hard cap on running sequences;
         `device`: the workers' device type; `cross_image_slots`: the smallest image pool of
-        the ranks."""
+        the ranks; `sliding_window`: the window of the workers' local pool (0: none)."""
         auto_batch = CPU_PREFILL_BATCH_TOKENS if device == "cpu" else None
         return SchedulerConfig(
             context_length=model.context_length,
@@ -74,6 +81,7 @@ class SchedulerConfig:
             disable_radix_cache=args.disable_radix_cache,
             whole_images=images_attend_bidirectionally(model.architecture),
             cross_image_slots=cross_image_slots,
+            sliding_window=sliding_window,
         )
 
     @property

@@ -129,6 +129,7 @@ async def server_info(ctx: Ctx) -> Response:
     stats: dict[str, Any] = msgspec.to_builtins(await ctx.manager.stats())
     stats.pop("query_id", None)
     stats.pop("flushed", None)
+    stats["kv_pools"] = kv_pools(stats)
     args = responses.public_args(ctx.args)
     info: dict[str, Any] = {
         **args,
@@ -142,6 +143,30 @@ async def server_info(ctx: Ctx) -> Response:
         "version": responses.VERSION,
     }
     return responses.json(info)
+
+
+def kv_pools(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Usage of each KV pool: "global" (every layer, or the global layers of a model with
+    sliding-window layers) and "local" (those layers' own pool, when there is one). Used
+    slots are held by running sequences or the prefix tree."""
+    pools = {
+        "global": {
+            "total_slots": stats["total_slots"],
+            "free_slots": stats["free_slots"],
+            "tree_slots": stats["tree_slots"],
+            "used_slots": stats["total_slots"] - stats["free_slots"],
+        }
+    }
+    if stats["local_slots"]:
+        pools["local"] = {
+            "total_slots": stats["local_slots"],
+            "free_slots": stats["local_free_slots"],
+            "tree_slots": stats["local_tree_slots"],
+            "used_slots": stats["local_slots"] - stats["local_free_slots"],
+            "freed_early": stats["local_freed_early"],
+            "sliding_window": stats["sliding_window"],
+        }
+    return pools
 
 
 @metrics_router.get("/metrics")
