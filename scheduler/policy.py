@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from fovea.common.config import ServerArgs
 from fovea.common.messages import ImageInput
 from fovea.common.model_config import ModelInfo, images_attend_bidirectionally
-from fovea.scheduler.radix_cache import RadixCache
+from fovea.scheduler.radix_cache import RadixCache, RadixNode
 from fovea.scheduler.request import Sequence
 
 LPM_MIN_WAITING = 8
@@ -162,3 +162,21 @@ def whole_image_prefix(images: list[ImageInput], prefix_len: int, page_size: int
                 prefix_len = img.offset - img.offset % page_size
                 cut = True
     return prefix_len
+
+
+def usable_prefix(
+    cache: RadixCache, seq: Sequence, use_cache: bool, whole_images: bool
+) -> tuple[list[int], list[int], RadixNode]:
+    """The cached prefix `seq` may start from (global slots, local slots, node): at least its
+    last known token is computed, to get the logits of the next one; the tree cuts a hit
+    whose window is not whole, and a hit ending inside an image computed whole is cut back
+    to the image's start, until neither applies."""
+    key = seq.match_key if use_cache else []
+    while True:
+        slots, local, node = cache.match(key)
+        cut = len(slots)
+        if whole_images and seq.images:
+            cut = whole_image_prefix(seq.images, cut, cache.page_size)
+        if cut == len(slots):
+            return slots, local, node
+        key = seq.cache_key[:cut]

@@ -25,7 +25,8 @@ Tombstones come in whole pages. A prefix of length L is usable only where its wi
 the local slots of positions [L - window + 1, L) all present (the next token's local layers
 read them). `match` returns the longest such page-aligned prefix, never one whose local K/V is
 gone; global slots are never tombstoned. Eviction frees a leaf's global and local slots
-together (`evict_pages`); `local_size` counts the local slots the tree holds.
+together (`evict_pages`), a leaf whole (its window is at its end: a head cut from it would
+be unusable); `local_size` counts the local slots the tree holds.
 
 `disabled=True` (--disable-radix-cache) keeps the interface and caches nothing: matches are
 empty and `insert` reports every token as present, so the caller frees all its slots.
@@ -133,7 +134,7 @@ class RadixCache:
             if not slot:
                 last_freed = i
             length = i + 1
-            if length % self.page_size == 0 and last_freed < length - self.window + 1:
+            if length % self.page_size == 0 and last_freed < max(0, length - self.window + 1):
                 best = length
         return best
 
@@ -229,7 +230,10 @@ class RadixCache:
 
     def _tail_needed(self, leaf: RadixNode, num_tokens: int, num_local: int) -> int:
         """Tokens (whole pages) at the end of `leaf` that free `num_tokens` global and
-        `num_local` local slots, or all of it."""
+        `num_local` local slots, or all of it. With a window, all of it: a leaf's window is
+        at its end, and a head cut from it would hold slots no hit can use."""
+        if self.window:
+            return len(leaf.key)
         ps = self.page_size
         tail = -(-max(0, num_tokens) // ps) * ps
         if num_local > 0:

@@ -45,10 +45,10 @@ from fovea.scheduler.policy import (
     StepBudget,
     admission_order,
     decode_reserve,
+    usable_prefix,
     whole_image_chunk,
-    whole_image_prefix,
 )
-from fovea.scheduler.radix_cache import RadixCache, RadixNode
+from fovea.scheduler.radix_cache import RadixCache
 from fovea.scheduler.request import SeqStatus, Sequence
 from fovea.scheduler.stats import flush_cache, snapshot
 from fovea.scheduler.window_slots import WindowSlots
@@ -137,7 +137,9 @@ class Scheduler:
                 f"{max_new} max new tokens) but the cache holds only {self.total_slots}; "
                 "lower max_tokens or shorten the prompt",
             )
-        elif (local_need := self._local_need(req, need)) > self._local_total:
+        elif self.local and (
+            (local_need := self.local.request_need(req, need, self.config)) > self._local_total
+        ):
             self._reject(
                 req.rid,
                 f"request {req.rid} needs {local_need} slots of the sliding-window layers' pool "
@@ -211,16 +213,6 @@ class Scheduler:
     def _local_total(self) -> int:
         return self.local.total_slots if self.local else 0
 
-    def _local_need(self, req: TokenizedRequest, need: int) -> int:
-        """Local slots the request holds at most at once (0 without a local pool)."""
-        if self.local is None:
-            return 0
-        chunk = self.config.chunked_prefill_size
-        chunk = len(req.input_ids) if chunk == -1 else chunk
-        if self.config.whole_images:  # an image is one chunk, past the cap
-            chunk = max([chunk, *(img.num_tokens for img in req.images)])
-        return self.local.max_held(need, chunk)
-
     def _schedule_running(self, budget: StepBudget) -> None:
         """Decode every running sequence (oldest first) and continue chunked prefills within
         the budget, retracting the newest sequences when memory runs out."""
@@ -275,7 +267,9 @@ class Scheduler:
         alloc = self.allocator
         if self.cross_images is not None and not self.cross_images.fits(seq):
             return False  # its images' cross-attention state waits for free image slots
-        prefix_slots, prefix_local, node = self._match(seq, use_cache)
+        prefix_slots, prefix_local, node = usable_prefix(
+            self.cache, seq, use_cache, self.config.whole_images
+        )
         whole = self.config.whole_images and bool(seq.images)
         prefix_len = len(prefix_slots)
         extend = seq.num_tokens - prefix_len
@@ -324,20 +318,6 @@ class Scheduler:
         budget.take(n)
         self.plans.add_chunk(seq, got, n == extend, got_local)
         return True
-
-    def _match(self, seq: Sequence, use_cache: bool) -> tuple[list[int], list[int], RadixNode]:
-        """The usable cached prefix of `seq` (at least its last known token is computed, to get
-        the logits of the next one): a hit ending inside a whole-computed image is cut back to
-        the image's start, and the tree cuts hits whose window is not whole."""
-        key = seq.match_key if use_cache else []
-        while True:
-            prefix_slots, prefix_local, node = self.cache.match(key)
-            cut = len(prefix_slots)
-            if self.config.whole_images and seq.images:
-                cut = whole_image_prefix(seq.images, cut, self.allocator.page_size)
-            if cut == len(prefix_slots):
-                return prefix_slots, prefix_local, node
-            key = seq.cache_key[:cut]
 
     # ------------------------------------------------------------------ results
 

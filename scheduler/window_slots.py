@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from fovea.common.messages import TokenizedRequest
 from fovea.scheduler.kv_allocator import KVAllocator
+from fovea.scheduler.policy import SchedulerConfig
 from fovea.scheduler.request import Sequence
 
 
@@ -76,6 +78,15 @@ class WindowSlots:
         seq.local_cursor = c
         self.freed_early += freed
         return freed
+
+    def request_need(self, req: TokenizedRequest, need: int, config: SchedulerConfig) -> int:
+        """Local slots a request of `need` slots (prompt + max new tokens) holds at most."""
+        chunk = (
+            len(req.input_ids) if config.chunked_prefill_size == -1 else config.chunked_prefill_size
+        )
+        if config.whole_images:  # an image is one chunk, past the cap
+            chunk = max([chunk, *(img.num_tokens for img in req.images)])
+        return self.max_held(need, chunk)
 
     def max_held(self, num_tokens: int, chunk: int) -> int:
         """The most local slots one sequence of `num_tokens` tokens holds at once when its

@@ -18,6 +18,7 @@ so the local pool holds about a window per sequence where the global one holds e
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -46,6 +47,42 @@ def kv_budget_bytes(device: torch.device, weight_bytes: int, mem_fraction: float
     return int(fraction * total_memory_bytes(device)) - weight_bytes
 
 
+def slots_in_budget(
+    budget: int, bytes_per_slot: int, page_size: int, max_total_tokens: int | None
+) -> int:
+    """Slots of `bytes_per_slot` in `budget` bytes, capped by max_total_tokens, rounded down
+    to whole pages (possibly 0)."""
+    slots = max(budget, 0) // bytes_per_slot
+    if max_total_tokens is not None:
+        slots = min(slots, max_total_tokens)
+    return slots - slots % page_size
+
+
+def hybrid_slots_in_budget(
+    budget: int,
+    global_bytes_per_slot: int,
+    local_bytes_per_slot: int,
+    local_ratio: float,
+    page_size: int,
+    max_total_tokens: int | None,
+) -> tuple[int, int]:
+    """(global, local) slots of a two-pool cache with `local_ratio` local slots per global
+    one in `budget` bytes: each global slot is charged its bytes and its share of local ones
+    (max_total_tokens caps the global pool); the local pool is that ratio of it, whole pages,
+    at least one."""
+    per_global = global_bytes_per_slot + local_bytes_per_slot * local_ratio
+    num_global = slots_in_budget(budget, max(1, math.ceil(per_global)), page_size, max_total_tokens)
+    num_local = int(num_global * local_ratio)
+    return num_global, max(page_size, num_local - num_local % page_size)
+
+
+def _no_room(budget: int, weight_bytes: int) -> RuntimeError:
+    return RuntimeError(
+        f"no memory left for the KV cache (budget {budget} bytes after {weight_bytes} bytes "
+        f"of weights); raise --mem-fraction-static"
+    )
+
+
 def plan_num_slots(
     *,
     device: torch.device,
@@ -59,15 +96,9 @@ def plan_num_slots(
     `weight_bytes`), capped by max_total_tokens, rounded down to whole pages. Raises if not
     even one page fits."""
     budget = kv_budget_bytes(device, weight_bytes, mem_fraction)
-    slots = max(budget, 0) // bytes_per_slot
-    if max_total_tokens is not None:
-        slots = min(slots, max_total_tokens)
-    slots -= slots % page_size
+    slots = slots_in_budget(budget, bytes_per_slot, page_size, max_total_tokens)
     if slots < page_size:
-        raise RuntimeError(
-            f"no memory left for the KV cache (budget {budget} bytes after {weight_bytes} bytes "
-            f"of weights); raise --mem-fraction-static"
-        )
+        raise _no_room(budget, weight_bytes)
     return slots
 
 
@@ -82,18 +113,15 @@ def plan_hybrid_slots(
     mem_fraction: float | None,
     max_total_tokens: int | None,
 ) -> tuple[int, int]:
-    """(global, local) usable slots of a two-pool cache with `local_ratio` local slots per
-    global one: the global count as plan_num_slots gives it for the bytes of one global slot
-    and its share of local ones (so max_total_tokens caps the global pool), the local count
-    that ratio of it, both whole pages."""
-    per_global = global_bytes_per_slot + local_bytes_per_slot * local_ratio
-    num_global = plan_num_slots(
-        device=device, bytes_per_slot=max(1, int(per_global + 0.999)),
-        weight_bytes=weight_bytes, page_size=page_size, mem_fraction=mem_fraction,
-        max_total_tokens=max_total_tokens,
+    """(global, local) usable slots of a two-pool cache (hybrid_slots_in_budget) in the
+    memory budget left after the weights. Raises if not even one page fits."""
+    budget = kv_budget_bytes(device, weight_bytes, mem_fraction)
+    num_global, num_local = hybrid_slots_in_budget(
+        budget, global_bytes_per_slot, local_bytes_per_slot, local_ratio, page_size,
+        max_total_tokens,
     )  # fmt: skip
-    num_local = int(num_global * local_ratio)
-    num_local = max(page_size, num_local - num_local % page_size)
+    if num_global < page_size:
+        raise _no_room(budget, weight_bytes)
     return num_global, num_local
 
 
@@ -172,7 +200,8 @@ class KVPool:
     def committed_bytes(self) -> int:
         total = 0
         for local, rows, done in (
-            (False, self.rows, self.committed), (True, self.local_rows, self.local_committed)
+            (False, self.rows, self.committed),
+            (True, self.local_rows, self.local_committed),
         ):
             if rows:
                 per_row = sum(t[0].numel() * t.element_size() for t in self._tensors(local))

@@ -150,14 +150,12 @@ def assert_idle_accounting(sched: Scheduler) -> None:
     assert sched.local.available == sched.local.total_slots
 
 
-def test_long_prompt_in_chunks_and_generation_past_the_window(
-    runner: ModelRunner, hf: Any
-) -> None:
+def test_long_prompt_in_chunks_and_generation_past_the_window(runner: ModelRunner, hf: Any) -> None:
     """A 70-token prompt (about 9 windows) in chunks of 16, then 24 tokens: 94 tokens through
     a local pool of 51 (48 with pages of 4), so local slots are freed and handed out again."""
     ids = _prompt(1, 70)
     sched = _scheduler(runner)
-    (tokens, logits), = serve(runner, sched, [_request("a", ids)]).values()
+    ((tokens, logits),) = serve(runner, sched, [_request("a", ids)]).values()
     want_tokens, want_logits = reference(hf, ids)
     assert tokens == want_tokens
     assert logits.shape == want_logits.shape == (70 + N_NEW - 1, 512)

@@ -115,6 +115,10 @@ def test_radix_match_cuts_to_a_whole_window_and_evicts_local_slots() -> None:
     assert (slots, local) == (list(range(11, 19)), [0, 0, 0, 0, 5, 6, 7, 8])
     assert cache.match([*key[:6], 99])[:2] == ([11, 12, 13, 14, 15, 16], [0, 0, 0, 0, 5, 6])
     assert cache.match([*key[:5], 99])[:2] == ([], [])  # needs positions 3, 4: 3 is gone
+    # Shorter than the window: every position must be there.
+    short = RadixCache(1, window=8)
+    short.insert([1, 2, 3], [21, 22, 23], [31, 32, 33])
+    assert short.match([1, 2, 3, 4])[:2] == ([21, 22, 23], [31, 32, 33])
     # Eviction for 2 local slots takes the tail pages holding them (positions 6, 7).
     assert cache.evict_pages(0, 2) == ([17, 18], [7, 8])
     assert (cache.total_size, cache.local_size) == (6, 2)
