@@ -15,7 +15,7 @@ from fovea.common.messages import GenerateRequest
 from fovea.common.sampling import SamplingParams
 from fovea.server import responses
 from fovea.server.context import Ctx
-from fovea.server.native_responses import NativeRenderer
+from fovea.server.native_responses import NativeRenderer, kv_pools
 from fovea.server.openai_protocol import (
     GenerateReqInput,
     native_sampling,
@@ -143,30 +143,6 @@ async def server_info(ctx: Ctx) -> Response:
         "version": responses.VERSION,
     }
     return responses.json(info)
-
-
-def kv_pools(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """Usage of each KV pool: "global" (every layer, or the global layers of a model with
-    sliding-window layers) and "local" (those layers' own pool, when there is one). Used
-    slots are held by running sequences or the prefix tree."""
-    pools = {
-        "global": {
-            "total_slots": stats["total_slots"],
-            "free_slots": stats["free_slots"],
-            "tree_slots": stats["tree_slots"],
-            "used_slots": stats["total_slots"] - stats["free_slots"],
-        }
-    }
-    if stats["local_slots"]:
-        pools["local"] = {
-            "total_slots": stats["local_slots"],
-            "free_slots": stats["local_free_slots"],
-            "tree_slots": stats["local_tree_slots"],
-            "used_slots": stats["local_slots"] - stats["local_free_slots"],
-            "freed_early": stats["local_freed_early"],
-            "sliding_window": stats["sliding_window"],
-        }
-    return pools
 
 
 @metrics_router.get("/metrics")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 from fake_worker import assert_idle_invariant, make, req, run_to_idle, tokens_of
 
 from fovea.common.messages import RequestError, StatsRequest
 from fovea.scheduler.radix_cache import RadixCache
+from fovea.server.native_responses import kv_pools
 
 PROMPT = list(range(10, 20))  # 10 tokens
 
@@ -86,14 +88,23 @@ def test_flush_cache_empties_both_pools() -> None:
     assert (stats.flushed, stats.free_slots, stats.tree_slots) == (True, 64, 0)
     assert (stats.local_slots, stats.local_free_slots, stats.local_tree_slots) == (32, 32, 0)
     assert stats.sliding_window == 4
+    pools = kv_pools(msgspec.to_builtins(stats))
+    assert pools == {
+        "global": {"total_slots": 64, "free_slots": 64, "tree_slots": 0, "used_slots": 0},
+        "local": {
+            "total_slots": 32, "free_slots": 32, "tree_slots": 0, "used_slots": 0,
+            "freed_early": sched.local.freed_early if sched.local else -1, "sliding_window": 4,
+        },
+    }  # fmt: skip
+    one, _ = make(num_slots=64)
+    one.handle(StatsRequest(query_id="q"))
+    assert list(kv_pools(msgspec.to_builtins(one.to_server[-1]))) == ["global"]
 
 
 def test_a_request_the_local_pool_cannot_hold_is_refused() -> None:
     """Window 4, chunks of 8: one sequence holds at most min(need, 8 + 2 * 4 + 4) = 20
     local slots; a pool of 16 takes a need of 12 but not one of 30."""
-    sched, worker = make(
-        num_slots=64, num_local_slots=16, sliding_window=4, chunked_prefill_size=8
-    )
+    sched, worker = make(num_slots=64, num_local_slots=16, sliding_window=4, chunked_prefill_size=8)
     sched.handle(req("small", list(range(10, 20)), max_new=2))
     sched.handle(req("big", list(range(10, 30)), max_new=10))
     errors = [m for m in sched.to_server if isinstance(m, RequestError)]
