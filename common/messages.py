@@ -141,6 +141,13 @@ class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     image_slot_users: int = 0
     shared_image_slots: int = 0
     cross_kv_computed: int = 0
+    # The sliding-window layers' pool (0 when the model keeps one pool); invariant with
+    # nothing running: local_free_slots + local_tree_slots == local_slots.
+    local_slots: int = 0
+    local_free_slots: int = 0
+    local_tree_slots: int = 0
+    local_freed_early: int = 0  # local slots running sequences gave back (left the window)
+    sliding_window: int = 0
     flushed: bool = False  # the StatsRequest asked to flush the cache, and it was emptied
 
 
@@ -170,6 +177,9 @@ class NewSequence(msgspec.Struct, array_like=True, gc=False):
     # Cross-attention images (Mllama): each image's slot in the workers' image pool, shared by
     # every sequence with that image (scheduler/cross_images.py); [] for other models.
     image_slots: list[int] = []
+    # With a local (sliding-window) pool: the prefix's local slots, 0 where freed (no local
+    # layer reads them: they lie outside every window).
+    prefix_local_slots: list[int] = []
 
 
 class ScheduledChunk(msgspec.Struct, array_like=True, gc=False):
@@ -179,6 +189,8 @@ class ScheduledChunk(msgspec.Struct, array_like=True, gc=False):
     key: str
     new_slots: list[int]
     sample: bool
+    # With a local (sliding-window) pool: where the local layers' K/V of the same tokens go.
+    new_local_slots: list[int] = []
 
 
 class StepPlan(msgspec.Struct, tag=True, gc=False):
@@ -222,6 +234,9 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     nonce: int
     rank: int
     num_slots: int  # KV slots in the pool (same on every rank)
+    # Slots of the local (sliding-window) layers' pool, and their window; 0: one pool.
+    num_local_slots: int = 0
+    sliding_window: int = 0
     max_seqs: int  # rows in the worker's request table
     device: str  # torch device type the rank computes on: "cpu", "cuda"
     # Images whose cross-attention K/V the rank can hold at once (Mllama); 0: no such state.

@@ -24,7 +24,7 @@ from fovea.common.config import ServerArgs, check_args
 from fovea.common.messages import GenerateRequest, TextDelta
 from fovea.common.sampling import SamplingParams, validate_sampling
 from fovea.launcher.launch import ChildDied, ProcessGroup, prepare
-from fovea.server.native_responses import NativeRenderer
+from fovea.server.native_responses import NativeRenderer, kv_pools
 from fovea.server.openai_protocol import native_sampling
 from fovea.server.request_build import images_per_prompt, prompt_request
 from fovea.server.requests import RequestFailed, RequestManager
@@ -180,8 +180,9 @@ class Engine:
             raise ValueError(e.message) from e
 
     def get_server_info(self) -> dict[str, Any]:
-        stats = self._call(self._mgr.stats())
-        return {"scheduler": msgspec.to_builtins(stats)}
+        stats: dict[str, Any] = msgspec.to_builtins(self._call(self._mgr.stats()))
+        stats["kv_pools"] = kv_pools(stats)
+        return {"scheduler": stats}
 
     # ------------------------------------------------------------------ lifetime
 

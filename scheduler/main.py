@@ -52,14 +52,17 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
     to_server = Sender(ctx, addrs.server_in, bind=False)
     limits = handshake(plans, results, args.tp_size, log)
     config = SchedulerConfig.from_args(
-        args, model, limits.max_seqs, limits.device, limits.cross_image_slots
-    )
-    core = Scheduler(config, limits.num_slots)
+        args, model, limits.max_seqs, limits.device, limits.cross_image_slots,
+        limits.sliding_window,
+    )  # fmt: skip
+    core = Scheduler(config, limits.num_slots, num_local_slots=limits.num_local_slots)
     log.info(
-        "role=scheduler pid=%d slots=%d page_size=%d max_running=%d prefill_batch=%d "
-        "image_slots=%d sockets: in=%s plan=%s result=%s tokenizer=%s server=%s",
-        os.getpid(), core.total_slots, args.page_size, config.max_running_requests,
-        config.batch_target, limits.cross_image_slots,
+        "role=scheduler pid=%d slots=%d local_slots=%d window=%d page_size=%d max_running=%d "
+        "prefill_batch=%d image_slots=%d sockets: in=%s plan=%s result=%s tokenizer=%s "
+        "server=%s",
+        os.getpid(), core.total_slots, limits.num_local_slots, limits.sliding_window,
+        args.page_size, config.max_running_requests, config.batch_target,
+        limits.cross_image_slots,
         addrs.scheduler_in, addrs.worker_plan, addrs.worker_result, addrs.tokenizer_in,
         addrs.server_in,
     )  # fmt: skip
@@ -148,6 +151,8 @@ class RankLimits(NamedTuple):
     max_seqs: int
     cross_image_slots: int
     device: str  # torch device type, the same on every rank
+    num_local_slots: int = 0  # the sliding-window layers' pool; 0: one pool
+    sliding_window: int = 0
 
 
 def handshake(
@@ -170,6 +175,8 @@ def handshake(
         min(r.max_seqs for r in ready.values()),
         min(r.cross_image_slots for r in ready.values()),
         ready[0].device,
+        min(r.num_local_slots for r in ready.values()),
+        ready[0].sliding_window,
     )
 
 

@@ -11,6 +11,7 @@ from fovea.scheduler.cross_images import CrossImageSlots
 from fovea.scheduler.kv_allocator import KVAllocator
 from fovea.scheduler.radix_cache import RadixCache
 from fovea.scheduler.request import Sequence
+from fovea.scheduler.window_slots import WindowSlots
 
 log = logging.getLogger("fovea.scheduler")
 
@@ -21,6 +22,7 @@ class Core(Protocol):
     running: list[Sequence]
     waiting: list[Sequence]
     allocator: KVAllocator
+    local: WindowSlots | None
     cache: RadixCache
     plans: PlanBuilder
     cross_images: CrossImageSlots | None
@@ -40,13 +42,19 @@ def flush_cache(core: Core) -> bool:
     sequence holds a lock in the tree and every cached slot is evictable. True if emptied."""
     if core.running or core.waiting:
         return False
-    core.allocator.free(core.cache.evict(core.cache.evictable_size))
+    freed, freed_local = core.cache.evict_pages(
+        core.cache.evictable_size, core.cache.evictable_local
+    )
+    core.allocator.free(freed)
+    if core.local is not None:
+        core.local.free(freed_local)
     log.info("flush_cache: prefix cache emptied (%d slots free)", core.allocator.available)
     return core.cache.total_size == 0
 
 
 def snapshot(core: Core, query_id: str, flushed: bool = False) -> SchedulerStats:
     images = core.cross_images
+    local = core.local
     return SchedulerStats(
         query_id=query_id,
         flushed=flushed,
@@ -68,4 +76,9 @@ def snapshot(core: Core, query_id: str, flushed: bool = False) -> SchedulerStats
         image_slot_users=images.users if images else 0,
         shared_image_slots=images.shared if images else 0,
         cross_kv_computed=core.cross_kv_computed,
+        local_slots=local.total_slots if local else 0,
+        local_free_slots=local.available if local else 0,
+        local_tree_slots=core.cache.local_size,
+        local_freed_early=local.freed_early if local else 0,
+        sliding_window=local.window if local else 0,
     )

@@ -15,7 +15,7 @@ from fovea.common.messages import GenerateRequest, SchedulerStats
 from fovea.common.sampling import SamplingParams
 from fovea.server import responses
 from fovea.server.context import Ctx
-from fovea.server.native_responses import NativeRenderer
+from fovea.server.native_responses import NativeRenderer, kv_pools
 from fovea.server.openai_protocol import (
     GenerateReqInput,
     native_sampling,
@@ -153,6 +153,7 @@ async def server_info(ctx: Ctx) -> Response:
     stats: dict[str, Any] = msgspec.to_builtins(await ctx.manager.stats())
     stats.pop("query_id", None)
     stats.pop("flushed", None)
+    stats["kv_pools"] = kv_pools(stats)
     args = responses.public_args(ctx.args)
     info: dict[str, Any] = {
         **args,

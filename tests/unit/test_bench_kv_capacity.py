@@ -1,9 +1,32 @@
-"""bench/kv_capacity.py drives the real scheduler: 4 requests sharing one image in a pool of
-2 image slots all run at once in one slot with one K/V fill; with an image each, 2 at a time."""
+"""bench/kv_capacity.py on a small budget: the pools it sizes for gemma-3-4b-it's shapes, and
+the scheduler run it reports (every request finishes; the same bytes hold more tokens once
+the sliding-window layers keep only their windows); Mllama's shared image slots: 4 requests
+sharing one image in a pool of 2 image slots all run at once in one slot with one K/V fill;
+with an image each, 2 at a time."""
 
 from __future__ import annotations
 
-from fovea.bench.kv_capacity import mllama_run
+import argparse
+
+from fovea.bench.kv_capacity import Gemma3Shapes, gemma3_rows, mllama_run
+
+
+def test_gemma3_rows_on_a_small_budget() -> None:
+    shapes = Gemma3Shapes()
+    assert (shapes.num_global, shapes.bytes_per_slot(34)) == (5, 139_264)
+    args = argparse.Namespace(
+        budget_tokens=8192, context=2048, new_tokens=64, requests=12, chunk=256,
+        step_tokens=1024, page_size=1, max_running=128, ratios=[1.0, 0.25],
+    )  # fmt: skip
+    before, same, small = gemma3_rows(args)
+    assert (before["global_slots"], before["local_slots"]) == (8192, 0)
+    # Ratio 1: a local slot per global one costs the bytes of one pool, so the same sizes.
+    assert (same["global_slots"], same["local_slots"]) == (8192, 8192)
+    # Ratio 0.25: 8192 x 34 layers' bytes over 5 + 29 / 4 layers' per global slot.
+    assert (small["global_slots"], small["local_slots"]) == (22736, 5684)
+    assert before["finished"] == same["finished"] == small["finished"] == 12
+    assert same["peak_resident_tokens"] == before["peak_resident_tokens"]
+    assert small["peak_resident_tokens"] > before["peak_resident_tokens"]
 
 
 def test_mllama_rows_before_and_after() -> None:
