@@ -197,7 +197,8 @@ def _decode_data_uri(url: str, kind: MediaKind) -> bytes:
     mime, *params = header.lower().split(";")
     if mime not in kind.mime_types:
         raise MediaError(
-            f"data URI media type {mime or '(none)'!r} is not an {noun} type; expected "
+            f"data URI media type {mime or '(none)'!r} is not {'an' if noun == 'image' else 'a'} "
+            f"{noun} type; expected "
             f"{_either(t for t in kind.mime_types if t != 'image/jpg')}"
         )
     if not params or params[-1] != "base64":
@@ -330,7 +331,7 @@ class MediaLoader:
         """The file's bytes from exactly one of `url` (http(s), data URI, local path or file://
         URL) and `data`, under the policy and `kind`'s byte cap."""
         if (url is None) == (data is None):
-            raise MediaError(f"an {kind.noun} must have exactly one of url and data")
+            raise MediaError(f"{kind.noun} must have exactly one of url and data")
         if data is not None:
             if len(data) > kind.max_bytes:
                 raise _too_big(f"{kind.noun} data", kind)

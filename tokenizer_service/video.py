@@ -35,7 +35,7 @@ import numpy as np
 from fovea.common.config import ServerArgs
 from fovea.tokenizer_service.media import MediaError
 
-MAX_FPS = 1000.0  # above any camera's rate: a header claiming more is refused
+MAX_FPS = 240.0  # the fastest common capture (slow motion): a header claiming more is refused
 # A declared frame count may exceed duration * rate by this factor (variable-rate files).
 _COUNT_SLACK = 1.5
 DECODE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="video-decode")
@@ -84,7 +84,8 @@ def _open(data: bytes) -> Any:
 
 
 def _reason(e: Exception) -> str:
-    text = str(e) or type(e).__name__
+    # FFmpeg errors read "[Errno N] message: '<file>'"; the message alone says it.
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
     return text if len(text) <= 200 else text[:200] + "..."
 
 
@@ -174,7 +175,8 @@ def decode(data: bytes, meta: VideoMeta, indices: list[int], timeout_s: float) -
     if missing:
         # An estimated count (no header count) may overshoot by a little: the missing tail
         # takes the last frame decoded. A declared count the file does not reach: truncated.
-        if not meta.estimated or not frames or missing > max(2, len(indices) // 20):
+        short = meta.frames - seen  # frames the estimate promised and the file lacks
+        if not meta.estimated or not frames or short > max(2, meta.frames // 20):
             raise MediaError(
                 f"video is truncated or corrupt: it declares {meta.frames} frames but "
                 f"{seen} could be decoded"

@@ -181,7 +181,11 @@ def cases(service: Tokenizer, model_path: Path) -> dict[str, tuple[Ours, Referen
 def hf_model(model_path: Path) -> Any:
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    cls = Qwen2_5_VLForConditionalGeneration if _is_25(model_path) else Qwen2VLForConditionalGeneration
+    cls = (
+        Qwen2_5_VLForConditionalGeneration
+        if _is_25(model_path)
+        else Qwen2VLForConditionalGeneration
+    )
     return cls.from_pretrained(str(model_path), dtype=torch.float32).eval()
 
 
