@@ -115,8 +115,12 @@ def _video_ref(item: Any) -> VideoRef:
     if isinstance(item, bytes | bytearray):
         return VideoRef(data=bytes(item))
     if isinstance(item, dict):
-        try:
-            return msgspec.convert(item, VideoRef)
+        fields = VideoRef.__struct_fields__
+        unknown = sorted(set(item) - set(fields))
+        if unknown:
+            raise ValueError(f"a video dict has unknown keys {unknown}; known: {list(fields)}")
+        try:  # VideoRef is array-like: its fields in order
+            return msgspec.convert([item.get(f) for f in fields], VideoRef)
         except msgspec.ValidationError as e:
             raise ValueError(f"a video dict is malformed: {e}") from None
     raise ValueError(
