@@ -129,6 +129,8 @@ def _llava_template(head: str, turn: str, blank: str, system: str) -> str:
         "{%- for p in m['content'] -%}"
         "{%- if p['type'] in ('image_url', 'image', 'input_image') -%}"
         "{%- set ns.text = ns.text + '<image>\\n' -%}"
+        "{%- elif p['type'] == 'video' -%}"
+        "{%- set ns.text = ns.text + '<video>\\n' -%}"
         "{%- elif p['type'] == 'text' -%}"
         "{%- set ns.text = ns.text + p['text'] -%}"
         "{%- endif -%}"
