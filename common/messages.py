@@ -46,10 +46,11 @@ class ImageRef(msgspec.Struct, array_like=True, frozen=True):
 
 
 class VideoRef(msgspec.Struct, array_like=True, frozen=True):
-    """A video as a client gave it, unfetched: exactly one of `url` and `data` (as ImageRef),
-    and the sampling the client asked for (None: the server's default). `fps`: frames sampled
-    per second of video; `max_frames`: most frames sampled; `min_pixels`/`max_pixels`: the
-    per-frame pixel range where the family resizes by pixel count (Qwen2-VL)."""
+    """A video as a client gave it, unfetched: exactly one of `url` and `data` (as ImageRef)
+    or `frames` (image URLs, one per frame, all taken: SGLang's image parts with "modalities":
+    "video"), and the sampling the client asked for (None: the server's default). `fps`: frames
+    sampled per second of video; `max_frames`: most frames sampled; `min_pixels`/`max_pixels`:
+    the per-frame pixel range where the family resizes by pixel count (Qwen2-VL)."""
 
     url: str | None = None
     data: bytes | None = None
@@ -57,6 +58,7 @@ class VideoRef(msgspec.Struct, array_like=True, frozen=True):
     max_frames: int | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
+    frames: list[str] | None = None
 
 
 class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):

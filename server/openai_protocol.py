@@ -84,6 +84,8 @@ class ImageURL(BaseModel):
 class ImagePart(BaseModel):
     type: Literal["image_url"]
     image_url: ImageURL
+    # SGLang's: consecutive image parts marked "video" are the frames of one video.
+    modalities: Literal["image", "multi-images", "video"] | None = None
 
 
 class VideoURL(BaseModel):

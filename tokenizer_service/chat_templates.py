@@ -127,6 +127,11 @@ def _image_url(part: dict[str, Any]) -> str:
     return url
 
 
+def _is_frame(part: dict[str, Any]) -> bool:
+    """An image part that is a frame of a video (SGLang's "modalities": "video")."""
+    return part.get("type") in _IMAGE_PART_TYPES and part.get("modalities") == "video"
+
+
 def image_refs(messages: list[ChatMessage]) -> list[ImageRef]:
     """The images of a chat request in the order a template places them (message order)."""
     return [
@@ -134,7 +139,7 @@ def image_refs(messages: list[ChatMessage]) -> list[ImageRef]:
         for m in messages
         if isinstance(m.content, list)
         for part in m.content
-        if part.get("type") in _IMAGE_PART_TYPES
+        if part.get("type") in _IMAGE_PART_TYPES and not _is_frame(part)
     ]
 
 
@@ -170,14 +175,23 @@ def video_ref(part: dict[str, Any]) -> VideoRef:
 
 
 def video_refs(messages: list[ChatMessage]) -> list[VideoRef]:
-    """The videos of a chat request in message order."""
-    return [
-        video_ref(part)
-        for m in messages
-        if isinstance(m.content, list)
-        for part in m.content
-        if part.get("type") in _VIDEO_PART_TYPES
-    ]
+    """The videos of a chat request in message order: each video part, and each run of
+    consecutive frame parts of one message (one video of those frames)."""
+    out: list[VideoRef] = []
+    for m in messages:
+        if not isinstance(m.content, list):
+            continue
+        run: list[str] = []
+        for part in [*m.content, {}]:  # {} ends a final run
+            if _is_frame(part):
+                run.append(_image_url(part))
+                continue
+            if run:
+                out.append(VideoRef(frames=run))
+                run = []
+            if part.get("type") in _VIDEO_PART_TYPES:
+                out.append(video_ref(part))
+    return out
 
 
 def _flatten_content(
@@ -195,6 +209,14 @@ def _flatten_content(
     has_image = False
     parts: list[dict[str, Any]] = []
     for part in content:
+        if _is_frame(part):
+            if video_refusal is not None:
+                raise ChatRenderError(video_refusal)
+            _image_url(part)
+            if not (parts and parts[-1].get("frames")):  # a run of frames: one video part
+                parts.append({"type": "video", "video": "frames", "frames": True})
+            has_image = True
+            continue
         kind = part.get("type")
         if kind == "text":
             text = part.get("text")

@@ -292,10 +292,11 @@ class MediaLoader:
         if self._owns_client:
             await self._client.aclose()
 
-    async def load_all(self, refs: list[ImageRef]) -> list[LoadedImage]:
+    async def load_all(self, refs: list[ImageRef], count: bool = True) -> list[LoadedImage]:
         """The images of `refs`, in order. The first refusal cancels the other loads and
-        propagates; identical URLs are loaded once and their `LoadedImage` shared."""
-        if len(refs) > self._policy.max_images:
+        propagates; identical URLs are loaded once and their `LoadedImage` shared. `count`:
+        refuse more than max_images (off for a video's frames, which video limits cap)."""
+        if count and len(refs) > self._policy.max_images:
             raise MediaError(
                 f"too many images: {len(refs)} given, at most {self._policy.max_images} per request"
             )

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from fovea.common.messages import VideoRef
+import numpy as np
+
+from fovea.common.messages import ImageRef, VideoRef
 from fovea.tokenizer_service.media import MediaError, MediaLoader
 from fovea.tokenizer_service.processors.base import ProcessedImage, VideoProcessor
 from fovea.tokenizer_service.video import DECODE_POOL, VideoLimits, decode, probe
@@ -23,6 +25,8 @@ async def load_video(
     media: MediaLoader, processor: VideoProcessor, ref: VideoRef, limits: VideoLimits
 ) -> tuple[bytes, ProcessedImage]:
     """(the file's blake2b hash, the processed video). Raises MediaError for a bad video."""
+    if ref.frames is not None:
+        return await _load_frames(media, processor, ref.frames, limits)
     data = await media.read_bytes(ref.url, ref.data, media.policy.video)
     file_hash = hashlib.blake2b(data, digest_size=32).digest()
     loop = asyncio.get_running_loop()
@@ -39,6 +43,29 @@ async def load_video(
         raise MediaError(f"decoding the video took over {limits.decode_timeout_s:g} s") from None
     processed = await asyncio.to_thread(processor.preprocess, frames, plan)
     return file_hash, processed
+
+
+async def _load_frames(
+    media: MediaLoader, processor: VideoProcessor, urls: list[str], limits: VideoLimits
+) -> tuple[bytes, ProcessedImage]:
+    """A video given as image URLs, one per frame: each loaded as an image (image rules), all
+    of one size; keyed by the hash of the frames' hashes."""
+    if not urls:
+        raise MediaError("a video given as frames has none")
+    if len(urls) > limits.max_frames:
+        raise MediaError(
+            f"a video of {len(urls)} frames exceeds --max-video-frames ({limits.max_frames})"
+        )
+    loaded = await media.load_all([ImageRef(url=u) for u in urls], count=False)
+    sizes = {im.image.size for im in loaded}
+    if len(sizes) != 1:
+        raise MediaError(f"the frames of a video differ in size: {sorted(sizes)}")
+    ((width, height),) = sizes
+    plan = processor.frames_plan(len(loaded), height, width, limits)
+    frames = np.stack([np.asarray(im.image) for im in loaded])  # [n, H, W, 3] uint8
+    processed = await asyncio.to_thread(processor.preprocess, frames, plan)
+    digest = hashlib.blake2b(b"frames" + b"".join(im.hash for im in loaded), digest_size=32)
+    return digest.digest(), processed
 
 
 async def load_videos(

@@ -39,11 +39,17 @@ VIDEOS = {
     "B": make_video(40, 96, 72, fps=8, fmt="webm", codec="libvpx-vp9", seed=1),
 }
 IMAGE = Image.fromarray(np.random.default_rng(3).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+# A video given as 5 frames (image parts with "modalities": "video", as SGLang takes them).
+FRAMES = [
+    Image.fromarray(np.random.default_rng(10 + i).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    for i in range(5)
+]
 
 Part = str | tuple[str, str]
 CASES: dict[str, list[tuple[str, list[Part]]]] = {
     "one_video": [("user", [("video", "A"), "Describe the video."])],
     "video_and_image": [("user", [("image", ""), "and then", ("video", "B"), "compare."])],
+    "frames_as_video": [("user", ["Look:", ("frames", ""), "What changes?"])],
     "second_turn": [
         ("user", [("video", "B"), "What happens?"]),
         ("assistant", ["A square moves."]),
@@ -56,6 +62,19 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _api_parts(p: Part) -> list[dict[str, Any]]:
+    if isinstance(p, tuple) and p[0] == "frames":
+        return [
+            {"type": "image_url", "image_url": {"url": _uri(f)}, "modalities": "video"}
+            for f in FRAMES
+        ]
+    return [_api_part(p)]
+
+
+def _uri(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(_png(image)).decode()
 
 
 def _api_part(p: Part) -> dict[str, Any]:
@@ -90,7 +109,9 @@ def service(model_path: Path) -> Tokenizer:
 
 class Ours:
     def __init__(self, svc: Tokenizer, turns: list[tuple[str, list[Part]]], rid: str) -> None:
-        messages = [ChatMessage(role, [_api_part(p) for p in parts]) for role, parts in turns]
+        messages = [
+            ChatMessage(role, [q for p in parts for q in _api_parts(p)]) for role, parts in turns
+        ]
         req = GenerateRequest(
             rid=rid, sampling=SamplingParams(temperature=0.0, max_new_tokens=64), messages=messages
         )
@@ -128,7 +149,9 @@ class Reference:
             {
                 "role": role,
                 "content": [
-                    {"type": "text", "text": p} if isinstance(p, str) else {"type": p[0]}
+                    {"type": "text", "text": p}
+                    if isinstance(p, str)
+                    else {"type": "image" if p[0] == "image" else "video"}
                     for p in parts
                 ],
             }
@@ -141,15 +164,22 @@ class Reference:
         kinds = [p for _, parts in turns for p in parts if isinstance(p, tuple)]
         videos = [decode_all(VIDEOS[name]) for kind, name in kinds if kind == "video"]
         images = [IMAGE for kind, _ in kinds if kind == "image"]
+        if any(kind == "frames" for kind, _ in kinds):  # a frame list: all frames, no sampling
+            stacked = np.stack([np.asarray(f) for f in FRAMES])
+            sampling: dict[str, Any] = {"videos": [stacked], "do_sample_frames": False}
+        else:
+            sampling = {
+                "videos": [v for v, _ in videos],
+                "video_metadata": [m for _, m in videos],
+                "do_sample_frames": True,
+                "fps": FPS,
+            }
         out = proc(
             text=[text],
             images=images or None,
-            videos=[v for v, _ in videos],
-            video_metadata=[m for _, m in videos],
-            do_sample_frames=True,
-            fps=FPS,
             add_special_tokens=False,
             return_tensors="pt",
+            **sampling,
         )
         self.ids: list[int] = out["input_ids"][0].tolist()
         self.out = out

@@ -213,3 +213,23 @@ def test_decoding_runs_in_the_pool_not_on_the_loop(monkeypatch: pytest.MonkeyPat
     file_hash, processed = asyncio.run(load_video(loader, QWEN, VideoRef(data=data), LIMITS))
     assert threads and threads[0].startswith("video-decode")
     assert processed.grid == [3, 4, 4] and len(file_hash) == 32
+
+
+def test_frames_marked_video_are_one_video() -> None:
+    from fovea.tokenizer_service.chat_templates import image_refs, messages_to_dicts
+
+    def frame(url: str) -> dict[str, object]:
+        return {"type": "image_url", "image_url": {"url": url}, "modalities": "video"}
+
+    still = {"type": "image_url", "image_url": {"url": "s.png"}}
+    msgs = [
+        ChatMessage("user", [
+            frame("f1"), frame("f2"), {"type": "text", "text": "and"}, still, frame("g1"),
+        ]),
+    ]  # fmt: skip
+    assert video_refs(msgs) == [VideoRef(frames=["f1", "f2"]), VideoRef(frames=["g1"])]
+    assert [r.url for r in image_refs(msgs)] == ["s.png"]
+    (rendered,) = messages_to_dicts(msgs, None, None)
+    assert [p["type"] for p in rendered["content"]] == [
+        "video", "text", "image_url", "video"
+    ]  # fmt: skip

@@ -173,6 +173,11 @@ class VideoProcessor(ABC):
         cannot have (naming the field to change)."""
 
     @abstractmethod
+    def frames_plan(self, n: int, height: int, width: int, limits: VideoLimits) -> VideoPlan:
+        """The plan for a video given as `n` frames of height x width (all of them taken, as
+        transformers' processors take a frame list: no sampling)."""
+
+    @abstractmethod
     def preprocess(self, frames: np.ndarray, plan: VideoPlan) -> ProcessedImage:
         """frames [T, H, W, 3] uint8 (the plan's indices, decoded) -> the tower's input."""
 

@@ -116,6 +116,18 @@ class LlavaOnevisionVideo(VideoProcessor):
             n / meta.frames * meta.fps,
         )
 
+    def frames_plan(self, n: int, height: int, width: int, limits: VideoLimits) -> VideoPlan:
+        tokens = n * self.tokens_per_frame + 1
+        if n > limits.max_frames or tokens > limits.max_tokens:
+            raise MediaError(
+                f"a video of {n} frames ({tokens} tokens) exceeds --max-video-frames "
+                f"({limits.max_frames}) or --max-video-tokens ({limits.max_tokens})"
+            )
+        # No frame rate is known; the plan's rate only marks the input as a video.
+        return VideoPlan(
+            list(range(n)), self.height, self.width, tokens, f"onevision-frames:{n}".encode(), 1.0
+        )
+
     def preprocess(self, frames: np.ndarray, plan: VideoPlan) -> ProcessedImage:
         """frames [n, H, W, 3] uint8 -> pixel_values [n, C, height, width] float32."""
         if (frames.shape[1], frames.shape[2]) != (plan.height, plan.width):

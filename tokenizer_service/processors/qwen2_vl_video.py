@@ -161,6 +161,19 @@ class Qwen2VLVideo(VideoProcessor):
             sample_indices(meta.frames, n), height, width, n // T * per_step, variant, sampled_fps
         )
 
+    def frames_plan(self, n: int, height: int, width: int, limits: VideoLimits) -> VideoPlan:
+        T = self.temporal_patch_size
+        meta = VideoMeta(n, 0.0, width, height, 0.0, "frames")
+        h, w = self._size(meta, self.min_pixels, self.max_pixels)
+        tokens = -(-n // T) * (h // self.patch_size) * (w // self.patch_size) // self.merge_size**2
+        if n > limits.max_frames or tokens > limits.max_tokens:
+            raise MediaError(
+                f"a video of {n} frames ({tokens} tokens) exceeds --max-video-frames "
+                f"({limits.max_frames}) or --max-video-tokens ({limits.max_tokens})"
+            )
+        # No frame rate is known: transformers' VideoMetadata.sampled_fps then says 24.
+        return VideoPlan(list(range(n)), h, w, tokens, f"qwen-frames:{n}:{h}x{w}".encode(), 24.0)
+
     def preprocess(self, frames: np.ndarray, plan: VideoPlan) -> ProcessedImage:
         """frames [n, H, W, 3] uint8 -> pixel_values [t*h*w, C*T*P*P], grid [t, h, w]."""
         P, M, T = self.patch_size, self.merge_size, self.temporal_patch_size
