@@ -42,6 +42,11 @@ VIDEOS = {
     "B": make_video(40, 96, 72, fps=8, fmt="webm", codec="libvpx-vp9", seed=1),
 }
 IMAGE = Image.fromarray(np.random.default_rng(3).integers(0, 256, (112, 112, 3), dtype=np.uint8))
+# A video given as 5 frames (image parts with "modalities": "video"): padded to 6, grid t 3.
+FRAMES = [
+    Image.fromarray(np.random.default_rng(10 + i).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    for i in range(5)
+]
 
 Part = str | tuple[str, str]  # text, ("video", name) or ("image", "")
 CASES: dict[str, list[tuple[str, list[Part]]]] = {
@@ -49,6 +54,7 @@ CASES: dict[str, list[tuple[str, list[Part]]]] = {
     "video_and_image": [
         ("user", [("image", ""), "and then", ("video", "B"), "compare them."]),
     ],
+    "frames_as_video": [("user", ["Look:", ("frames", ""), "What changes?"])],
     "second_turn": [
         ("user", [("video", "B"), "What happens?"]),
         ("assistant", ["A square moves."]),
@@ -67,6 +73,19 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _api_parts(p: Part) -> list[dict[str, Any]]:
+    if isinstance(p, tuple) and p[0] == "frames":
+        return [
+            {
+                "type": "image_url",
+                "image_url": {"url": _data_uri("image/png", _png(f))},
+                "modalities": "video",
+            }
+            for f in FRAMES
+        ]
+    return [_api_part(p)]
+
+
 def _api_part(p: Part) -> dict[str, Any]:
     if isinstance(p, str):
         return {"type": "text", "text": p}
@@ -79,7 +98,7 @@ def _api_part(p: Part) -> dict[str, Any]:
 def _hf_part(p: Part) -> dict[str, Any]:
     if isinstance(p, str):
         return {"type": "text", "text": p}
-    return {"type": p[0]}
+    return {"type": "image" if p[0] == "image" else "video"}
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
@@ -112,7 +131,9 @@ class Ours:
     """The tokenizer service's output for a case."""
 
     def __init__(self, svc: Tokenizer, turns: list[tuple[str, list[Part]]], rid: str) -> None:
-        messages = [ChatMessage(role, [_api_part(p) for p in parts]) for role, parts in turns]
+        messages = [
+            ChatMessage(role, [q for p in parts for q in _api_parts(p)]) for role, parts in turns
+        ]
         req = GenerateRequest(
             rid=rid, sampling=SamplingParams(temperature=0.0, max_new_tokens=64), messages=messages
         )
@@ -150,15 +171,22 @@ class Reference:
         kinds = self._kinds(turns)
         videos = [decode_all(VIDEOS[name]) for kind, name in kinds if kind == "video"]
         images = [IMAGE for kind, _ in kinds if kind == "image"]
+        if any(kind == "frames" for kind, _ in kinds):  # a frame list: all frames, no sampling
+            stacked = np.stack([np.asarray(f) for f in FRAMES])
+            sampling: dict[str, Any] = {"videos": [stacked], "do_sample_frames": False}
+        else:
+            sampling = {
+                "videos": [v for v, _ in videos] or None,
+                "video_metadata": [m for _, m in videos] or None,
+                "do_sample_frames": True,
+                "fps": FPS,
+            }
         out = proc(
             text=[text],
             images=images or None,
-            videos=[v for v, _ in videos] or None,
-            video_metadata=[m for _, m in videos] or None,
-            do_sample_frames=True,
-            fps=FPS,
             cap_pixels_per_frame=False,
             return_tensors="pt",
+            **sampling,
         )
         self.ids: list[int] = out["input_ids"][0].tolist()
         self.out = out
