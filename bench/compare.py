@@ -77,6 +77,11 @@ IMAGE_WORKLOADS: dict[str, list[str]] = {
            "--concurrency", "4", "--input-len", "40", "--output-len", "64", "--seed", "7",
            "--image-offset", "200000", "--request-timeout", "3600"],
     "W4data": [*_W4, "--seed", "8", "--image-transport", "data", "--image-offset", "300000"],
+    # 16 requests of a 10-second 640x360 video, 4 distinct (each sent 4 times: 4 cold, 12
+    # repeats), concurrency 4.
+    "W7": ["--videos", "1", "--video-seconds", "10", "--video-size", "640x360",
+           "--distinct-videos", "4", "--num-prompts", "16", "--concurrency", "4",
+           "--input-len", "40", "--output-len", "64", "--seed", "9", "--request-timeout", "3600"],
 }  # fmt: skip
 WORKLOADS.update(IMAGE_WORKLOADS)
 # W2 on the VLM server, alone ("W2vlm") and then while W4 runs beside it ("W2+W4"): text

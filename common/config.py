@@ -156,6 +156,20 @@ class ServerArgs:
     max_image_pixels: int = _opt(
         50_000_000, "Largest image accepted, in pixels (checked before decoding)."
     )
+    max_video_bytes: int = _opt(64 * 1024 * 1024, "Largest video file accepted, in bytes.")
+    max_video_seconds: float = _opt(
+        600.0,
+        "Longest video accepted, in seconds (from the container's metadata, before decoding).",
+    )
+    max_video_frames: int = _opt(
+        768, "Most frames sampled from one video (a request's max_frames may not exceed it)."
+    )
+    max_video_tokens: int = _opt(
+        16384,
+        "Most placeholder tokens one video may take; a longer video is sampled at fewer frames "
+        "to fit, or refused (400) when the request pinned fps or max_frames.",
+    )
+    video_fps: float = _opt(2.0, "Frames sampled per second of video when a request gives no fps.")
     media_url_ttl: float = _opt(
         60.0,
         "Seconds an http(s) image URL's bytes are reused without a request; after that they "
@@ -326,6 +340,10 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--media-fetch-timeout must be > 0, got {a.media_fetch_timeout}"
     if a.max_image_bytes < 1 or a.max_image_pixels < 1:
         return "--max-image-bytes and --max-image-pixels must be >= 1"
+    if a.max_video_bytes < 1 or a.max_video_frames < 1 or a.max_video_tokens < 1:
+        return "--max-video-bytes, --max-video-frames and --max-video-tokens must be >= 1"
+    if a.max_video_seconds <= 0 or a.video_fps <= 0:
+        return "--max-video-seconds and --video-fps must be > 0"
     if a.media_url_ttl < 0:
         return f"--media-url-ttl must be >= 0, got {a.media_url_ttl}"
     if a.media_url_cache_mb < 0:

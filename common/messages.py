@@ -45,6 +45,22 @@ class ImageRef(msgspec.Struct, array_like=True, frozen=True):
     data: bytes | None = None
 
 
+class VideoRef(msgspec.Struct, array_like=True, frozen=True):
+    """A video as a client gave it, unfetched: exactly one of `url` and `data` (as ImageRef)
+    or `frames` (image URLs, one per frame, all taken: SGLang's image parts with "modalities":
+    "video"), and the sampling the client asked for (None: the server's default). `fps`: frames
+    sampled per second of video; `max_frames`: most frames sampled; `min_pixels`/`max_pixels`:
+    the per-frame pixel range where the family resizes by pixel count (Qwen2-VL)."""
+
+    url: str | None = None
+    data: bytes | None = None
+    fps: float | None = None
+    max_frames: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    frames: list[str] | None = None
+
+
 class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
     """Exactly one of `text`, `input_ids` and `messages` is set (the server checks).
     Images of a chat request are parts of its messages; `images` carries those of a raw
@@ -63,6 +79,7 @@ class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
     # Function tools the chat template renders (OpenAI's shape, as the client sent them).
     tools: list[dict[str, Any]] = []
     images: list[ImageRef] = []
+    videos: list[VideoRef] = []  # a raw prompt's videos, one per video placeholder
     arrival_time: float = 0.0
 
 
@@ -79,6 +96,9 @@ class ImageInput(msgspec.Struct, array_like=True, gc=False):
     num_tokens: int
     pixel_values: np.ndarray  # float32; the family's layout (Qwen2-VL: [patches, C*T*P*P])
     grid: list[int]  # the family's geometry (Qwen2-VL: [t, h, w] in patches)
+    # A video's seconds per temporal grid step (Qwen2.5-VL's M-RoPE spaces its frames by
+    # tokens_per_second * this); 0.0 for a still image.
+    second_per_grid_t: float = 0.0
 
 
 class TokenizedRequest(msgspec.Struct, tag=True, kw_only=True):

@@ -84,9 +84,27 @@ class ImageURL(BaseModel):
 class ImagePart(BaseModel):
     type: Literal["image_url"]
     image_url: ImageURL
+    # SGLang's: consecutive image parts marked "video" are the frames of one video.
+    modalities: Literal["image", "multi-images", "video"] | None = None
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(BaseModel):
+    """A video and, optionally, how to sample it (these win over the body's fields)."""
+
+    url: str = Field(min_length=1)
+    fps: float | None = Field(None, gt=0)
+    max_frames: int | None = Field(None, ge=1)
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+VIDEO_FIELDS = ("fps", "max_frames", "min_pixels", "max_pixels")
 
 
 class ChatMessageParam(BaseModel):
@@ -101,11 +119,17 @@ class ChatMessageParam(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
-    def to_message(self, index: int = 0) -> ChatMessage:
-        """APIError 400 (naming messages.`index`) for malformed tool calls."""
+    def to_message(
+        self, index: int = 0, video_defaults: dict[str, Any] | None = None
+    ) -> ChatMessage:
+        """APIError 400 (naming messages.`index`) for malformed tool calls. `video_defaults`:
+        the body's video sampling fields, filled into each video part that lacks them."""
         content: str | list[dict[str, Any]] | None
         if isinstance(self.content, list):
             content = [p.model_dump(exclude_none=True) for p in self.content]
+            for part in content:
+                if part["type"] == "video_url" and video_defaults:
+                    part["video_url"] = {**video_defaults, **part["video_url"]}
         else:
             content = self.content
         calls = None
@@ -212,6 +236,14 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Video sampling for every video part that does not set its own (None: the server's).
+    fps: float | None = Field(None, gt=0)
+    max_frames: int | None = Field(None, ge=1)
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+    def video_defaults(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in VIDEO_FIELDS if getattr(self, k) is not None}
 
     def sampling(self) -> SamplingParams:
         limit = (
