@@ -53,10 +53,16 @@ class SchedulerConfig:
     # The workers' cross-attention image slots (Mllama; scheduler/cross_images.py); 0: the
     # model keeps no per-image state beside the KV cache.
     cross_image_slots: int = 0
+    dp_rank: int = 0  # this replica's rank (--dp-size): stats and metrics name it
 
     @staticmethod
     def from_args(
-        args: ServerArgs, model: ModelInfo, max_seqs: int, device: str, cross_image_slots: int = 0
+        args: ServerArgs,
+        model: ModelInfo,
+        max_seqs: int,
+        device: str,
+        cross_image_slots: int = 0,
+        dp_rank: int = 0,
     ) -> SchedulerConfig:
         """`max_seqs`: rows in the workers' request table, a hard cap on running sequences;
         `device`: the workers' device type; `cross_image_slots`: the smallest image pool of
@@ -74,6 +80,7 @@ class SchedulerConfig:
             disable_radix_cache=args.disable_radix_cache,
             whole_images=images_attend_bidirectionally(model.architecture),
             cross_image_slots=cross_image_slots,
+            dp_rank=dp_rank,
         )
 
     @property

@@ -18,6 +18,10 @@ Contract:
   count; the first `count` slots given are duplicates of what the tree holds, which the
   caller frees (unless they are the very slots it matched and locked).
 
+Events (data parallelism): with `record_events()`, every change of the set of cached keys is
+appended to `events` (TreeEvent: an insert that added tokens, each eviction of a leaf or its
+tail), so a router replaying them in order (`remove_suffix` for evictions) holds the same keys.
+
 `disabled=True` (--disable-radix-cache) keeps the interface and caches nothing: matches are
 empty and `insert` reports every token as present, so the caller frees all its slots.
 """
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+
+from fovea.common.messages import TreeEvent
 
 
 class RadixNode:
@@ -53,6 +59,11 @@ class RadixCache:
         self._clock = 0
         self.evictable_size = 0
         self.protected_size = 0
+        self.events: list[TreeEvent] | None = None  # None: not recorded
+
+    def record_events(self) -> None:
+        """From now on, append every change of the cached keys to `events`."""
+        self.events = []
 
     @property
     def total_size(self) -> int:
@@ -100,6 +111,8 @@ class RadixCache:
                 leaf.last_access = tick
                 node.children[self._child_key(leaf.key)] = leaf
                 self.evictable_size += len(leaf.key)
+                if self.events is not None:
+                    self.events.append(TreeEvent(list(key)))
                 return i
             child.last_access = tick
             n = self._match_len(child.key, key[i:])
@@ -144,6 +157,8 @@ class RadixCache:
                 self._split(leaf, len(leaf.key) - still)
             parent = leaf.parent
             assert parent is not None
+            if self.events is not None:
+                self.events.append(TreeEvent(self._path(leaf), len(leaf.key)))
             del parent.children[self._child_key(leaf.key)]
             freed.extend(leaf.value)
             self.evictable_size -= len(leaf.key)
@@ -151,7 +166,43 @@ class RadixCache:
                 heapq.heappush(heap, (parent.last_access, parent.serial, parent))
         return freed
 
+    def remove_suffix(self, key: list[int], n: int) -> list[int]:
+        """Remove the last `n` tokens of the cached path `key` (no cached key may extend past
+        it, none of them locked): how a router's copy replays an eviction event. Returns their
+        slot ids. ValueError if `key` is not such a path."""
+        node, i = self.root, 0
+        while i < len(key):
+            child = node.children.get(self._child_key(key[i:]))
+            if child is None or key[i : i + len(child.key)] != child.key:
+                raise ValueError(f"remove_suffix: a path of {len(key)} tokens is not cached")
+            node, i = child, i + len(child.key)
+        if i != len(key) or n > len(key) or n % self.page_size:
+            raise ValueError(f"remove_suffix: cannot remove {n} of {len(key)} tokens")
+        freed: list[int] = []
+        while n > 0:
+            if node.children or node.lock_ref:
+                raise ValueError("remove_suffix: the path continues past its end, or is locked")
+            if n < len(node.key):
+                self._split(node, len(node.key) - n)
+            parent = node.parent
+            assert parent is not None
+            del parent.children[self._child_key(node.key)]
+            freed[:0] = node.value
+            self.evictable_size -= len(node.key)
+            n -= len(node.key)
+            node = parent
+        return freed
+
     # ------------------------------------------------------------------ internals
+
+    def _path(self, node: RadixNode) -> list[int]:
+        """The key from the root to the end of `node`."""
+        parts: list[list[int]] = []
+        while node is not self.root:
+            parts.append(node.key)
+            assert node.parent is not None
+            node = node.parent
+        return [t for part in reversed(parts) for t in part]
 
     def _tick(self) -> int:
         self._clock += 1
