@@ -14,7 +14,9 @@ Policy (sglang-router's cache_aware; loads in tokens where it counts requests):
    min(load), the least loaded replica ("imbalance").
 2. Else the replica with the longest cached prefix of the request's key (ties: the least
    loaded of them) when that prefix covers more than cache_threshold of the key ("prefix").
-3. Else the least loaded ("load"). Ties go to the lowest dp rank throughout.
+3. Else the least loaded ("load"); among equally loaded ones the smallest tree (sglang-router's
+   choice here: the most cache room, and idle replicas take different prefixes in turn).
+Remaining ties go to the lowest dp rank.
 """
 
 from __future__ import annotations
@@ -84,18 +86,20 @@ class Router:
         p = self.policy
         loads = self.loads()
         lo, hi = min(loads), max(loads)
+        least = min(range(len(loads)), key=lambda d: (loads[d], self.replicas[d].tree.total_size))
         if hi - lo > p.balance_abs_threshold and hi > p.balance_rel_threshold * lo:
-            return Decision(loads.index(lo), "imbalance", 0)
+            return Decision(least, "imbalance", 0)
         # As the scheduler matches: all but the last token, whose logits give the next one.
         matched = [len(r.tree.match_prefix(key[:-1])[0]) for r in self.replicas]
         best = max(matched)
         if key and best / len(key) > p.cache_threshold:
             ranks = [d for d, m in enumerate(matched) if m == best]
             return Decision(min(ranks, key=lambda d: (loads[d], d)), "prefix", best)
-        return Decision(loads.index(lo), "load", 0)
+        return Decision(least, "load", 0)
 
     def route(self, reqs: list[TokenizedRequest], pinned: int | None = None) -> int:
         """The replica for one request's sequences (all go to one); counts them as sent."""
+        m = fovea_metrics.get()
         t0 = time.perf_counter()
         decision = Decision(pinned, "pinned", 0) if pinned is not None else None
         if decision is None:
@@ -104,7 +108,6 @@ class Router:
         for req in reqs:
             replica.sent += 1
             replica.in_transit.append((replica.sent, len(req.input_ids)))
-        m = fovea_metrics.get()
         if m is not None:
             m.dp_route.observe(time.perf_counter() - t0)
             m.dp_routed.labels(str(decision.dp_rank), decision.reason).inc()
