@@ -101,15 +101,17 @@ class Router:
         """The replica for one request's sequences (all go to one); counts them as sent."""
         m = fovea_metrics.get()
         t0 = time.perf_counter()
-        decision = Decision(pinned, "pinned", 0) if pinned is not None else None
-        if decision is None:
+        if pinned is not None:
+            decision = Decision(pinned, "pinned", 0)
+        else:
             decision = self.choose(self.key(reqs[0]))
+            if m is not None:
+                m.dp_route.observe(time.perf_counter() - t0)
         replica = self.replicas[decision.dp_rank]
         for req in reqs:
             replica.sent += 1
             replica.in_transit.append((replica.sent, len(req.input_ids)))
         if m is not None:
-            m.dp_route.observe(time.perf_counter() - t0)
             m.dp_routed.labels(str(decision.dp_rank), decision.reason).inc()
         return decision.dp_rank
 
