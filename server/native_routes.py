@@ -68,8 +68,16 @@ async def generate(body: GenerateReqInput, request: Request, ctx: Ctx) -> Respon
         raise APIError(400, str(e), "image_data") from e
     rid = body.rid or new_id("gen")
     rids = [rid] if len(prompts) == 1 else [f"{rid}-{p}" for p in range(len(prompts))]
+    dp_rank = body.data_parallel_rank
+    if dp_rank is not None and dp_rank >= ctx.args.dp_size:
+        raise APIError(
+            400,
+            f"data_parallel_rank {dp_rank} is out of range: the server runs "
+            f"{ctx.args.dp_size} replica(s) (--dp-size)",
+            "data_parallel_rank",
+        )
     reqs = [
-        prompt_request(r, p, sampling, imgs)
+        msgspec.structs.replace(prompt_request(r, p, sampling, imgs), dp_rank=dp_rank)
         for r, p, imgs in zip(rids, prompts, images, strict=True)
     ]
     field = unsupported_field(body)

@@ -138,6 +138,26 @@ def test_images_route_with_their_hash(
     assert_replicas_idle_exact(server)
 
 
+def test_generate_runs_on_the_replica_it_names(server: Server) -> None:
+    ids = list(range(20, 60))
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 2}}
+    hits = []
+    for d in (1, 1, 0):
+        before = [s["prompt_tokens"] for s in replicas(server)]
+        r = httpx.post(server.base + "/generate", json={**body, "data_parallel_rank": d})
+        assert r.status_code == 200, r.text
+        after = [s["prompt_tokens"] for s in replicas(server)]
+        assert [a - b for a, b in zip(after, before, strict=True)] == [40 * (d == 0), 40 * d]
+        hits.append(r.json()["meta_info"]["cached_tokens"])
+    # The second run on replica 1 hit its own cache; replica 0 had never seen the prompt.
+    assert hits == [0, 39, 0]
+    r = httpx.post(server.base + "/generate", json={**body, "data_parallel_rank": 2})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == (
+        "data_parallel_rank 2 is out of range: the server runs 2 replica(s) (--dp-size)"
+    )
+
+
 def test_disconnects_free_the_slots_of_either_replica(server: Server) -> None:
     for messages in (SEA, CAT):
         body = {
@@ -182,7 +202,7 @@ def test_health_info_and_metrics_per_replica(server: Server) -> None:
         for s in samples
         if s.name == "fovea:dp_routed_requests_total" and s.labels["reason"] == "pinned"
     )
-    assert pinned == 2  # the warm-up: one generation on each replica
+    assert pinned == 2 + 3  # the warm-up (one on each replica) and the /generate test's
     decisions = next(s.value for s in samples if s.name == "fovea:dp_route_seconds_count")
     assert decisions == routed - pinned > 0
     up = {s.labels["role"]: s.value for s in samples if s.name == "fovea:process_up"}
