@@ -31,7 +31,7 @@ from fovea.common.process import report_ready, setup_process
 from fovea.worker.cpu_malloc import allocator_name, keep_freed_memory
 from fovea.worker.cpu_threads import numa_nodes, replica_cpus, set_cpu_threads
 from fovea.worker.distributed import destroy_distributed, init_distributed
-from fovea.worker.kv_pool import CPU_DEFAULT_FRACTION
+from fovea.worker.kv_pool import CPU_DEFAULT_FRACTION, CUDA_DEFAULT_FRACTION
 from fovea.worker.model_runner import ModelRunner, pick_device
 
 SILENCE_S = 30
@@ -51,9 +51,14 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
     log = setup_process(role, args.log_level, args.log_format)
     device = pick_device(args.device)
     if device.type == "cuda":  # replica d's ranks take devices d*tp .. d*tp + tp-1
-        index = addrs.dp_rank * args.tp_size + rank
-        device = torch.device("cuda", index % torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        device = torch.device("cuda", (addrs.dp_rank * args.tp_size + rank) % count)
         torch.cuda.set_device(device)
+        # More replicas' ranks than devices: those sharing a device share its memory.
+        sharing = -(-addrs.dp_size * args.tp_size // count)
+        if addrs.dp_size > 1 and sharing > 1:
+            fraction = args.mem_fraction_static or CUDA_DEFAULT_FRACTION
+            args = dataclasses.replace(args, mem_fraction_static=fraction / sharing)
     elif addrs.dp_size > 1:
         # Replicas on CPU: each on its own CPUs (its threads: their share of them), each
         # sizing its caches on its share of the memory.
