@@ -106,7 +106,7 @@ def decode_forward_s(base: str) -> tuple[float, float]:
         for s in family.samples:
             suffix = s.name.removeprefix("fovea:step_forward_seconds")
             if suffix in got and s.labels.get("kind") == "decode":
-                got[suffix] = s.value
+                got[suffix] += s.value  # summed over the replicas (dp_rank)
     return got["_sum"], got["_count"]
 
 

@@ -67,6 +67,30 @@ class ServerArgs:
         64 * 1024 * 1024, "Largest HTTP request body accepted, in bytes; a larger one gets 413."
     )
     tp_size: int = _opt(1, "Tensor-parallel size: worker processes, one per device.")
+    dp_size: int = _opt(
+        1,
+        "Data-parallel replicas behind this one HTTP server and tokenizer service, each its "
+        "own scheduler and --tp-size worker ranks on its own devices (on CPU: its own share "
+        "of the CPUs, NUMA node by NUMA node where there are several). Requests go to the "
+        "replica whose prefix cache holds the longest prefix of their tokens and images, else "
+        "to the least loaded.",
+    )
+    dp_cache_threshold: float = _opt(
+        0.3,
+        "--dp-size > 1: a request goes to the replica with its longest cached prefix when that "
+        "covers more than this fraction of its tokens; otherwise to the least loaded replica "
+        "(sglang-router's cache_threshold).",
+    )
+    dp_balance_abs_threshold: int = _opt(
+        4096,
+        "--dp-size > 1: the replicas count as imbalanced, and requests go to the least loaded "
+        "whatever their cache, when the most loaded replica's waiting + running tokens exceed "
+        "the least loaded's by more than this AND by more than --dp-balance-rel-threshold "
+        "times (sglang-router's balance thresholds, counted in tokens).",
+    )
+    dp_balance_rel_threshold: float = _opt(
+        1.5, "--dp-size > 1: see --dp-balance-abs-threshold."
+    )
     nnodes: int = _opt(1, "Nodes the tensor-parallel ranks span (tp-size / nnodes per node).")
     node_rank: int = _opt(
         0,
@@ -299,6 +323,17 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--port must be in 1..65535, got {a.port}"
     if a.tp_size < 1:
         return f"--tp-size must be >= 1, got {a.tp_size}"
+    if a.dp_size < 1:
+        return f"--dp-size must be >= 1, got {a.dp_size}"
+    if a.dp_size > 1 and a.nnodes > 1:
+        return (
+            "--dp-size > 1 runs its replicas on one node; across nodes, run one server per "
+            "replica behind a router (deploy/README.md)"
+        )
+    if not 0.0 <= a.dp_cache_threshold <= 1.0:
+        return f"--dp-cache-threshold must be in [0, 1], got {a.dp_cache_threshold}"
+    if a.dp_balance_abs_threshold < 0 or a.dp_balance_rel_threshold < 1.0:
+        return "--dp-balance-abs-threshold must be >= 0 and --dp-balance-rel-threshold >= 1"
     if a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
         return f"--node-rank must be in 0..{a.nnodes - 1} with --nnodes >= 1, got {a.node_rank}"
     if a.tp_size % a.nnodes:

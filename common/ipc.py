@@ -11,6 +11,12 @@ Topology (who binds what; arrows are PUSH->PULL unless marked):
     scheduler     binds worker_result  <- worker rank 0 (StepResult), any rank (WorkerReady)
     launcher      binds launcher_in    <- every child (ProcessReady), scheduler (Heartbeat)
 
+Data parallelism (--dp-size N): each replica d has its own scheduler_in, worker_plan and
+worker_result (`replica(d)`); server_in, tokenizer_in and launcher_in are shared. The
+tokenizer sends each request to one replica's scheduler_in (`schedulers[d]`); the server sends
+aborts and stats queries to all of them; every scheduler also pushes ReplicaState (its prefix
+tree's changes and its load) to tokenizer_in.
+
 Multi-node (--nnodes > 1): the two worker edges are TCP on node 0 (`across_nodes`); every
 other socket stays ipc:// on its own node.
 """
@@ -37,14 +43,45 @@ class Addresses(msgspec.Struct, frozen=True, kw_only=True):
     worker_plan: str
     worker_result: str
     launcher_in: str
+    # Every replica's scheduler_in, by dp rank (one entry without --dp-size).
+    schedulers: list[str]
+    # The replica these addresses are for: its scheduler and workers use scheduler_in,
+    # worker_plan and worker_result above (the HTTP and tokenizer processes: replica 0's).
+    dp_rank: int = 0
 
     @staticmethod
-    def local() -> Addresses:
+    def local(dp_size: int = 1) -> Addresses:
         """ipc:// endpoints in a fresh private directory (removed by the launcher)."""
         d = tempfile.mkdtemp(prefix=f"fovea-{os.getpid()}-")
         names = ("server_in", "tokenizer_in", "scheduler_in", "worker_plan", "worker_result")
-        kw = {n: f"ipc://{d}/{n}" for n in (*names, "launcher_in")}
+        kw: dict[str, Any] = {n: f"ipc://{d}/{n}" for n in (*names, "launcher_in")}
+        kw["schedulers"] = [f"ipc://{d}/scheduler_in{_suffix(r, dp_size)}" for r in range(dp_size)]
+        kw["scheduler_in"] = kw["schedulers"][0]
         return Addresses(**kw)
+
+    @property
+    def dp_size(self) -> int:
+        return len(self.schedulers)
+
+    def replica(self, dp_rank: int) -> Addresses:
+        """These addresses as replica `dp_rank`'s scheduler and workers use them."""
+        suffix = _suffix(dp_rank, self.dp_size)
+
+        def own(addr: str) -> str:
+            return addr + suffix if addr.startswith("ipc://") else addr
+
+        return msgspec.structs.replace(
+            self,
+            dp_rank=dp_rank,
+            scheduler_in=self.schedulers[dp_rank],
+            worker_plan=own(_base(self.worker_plan, self.dp_rank, self.dp_size)),
+            worker_result=own(_base(self.worker_result, self.dp_rank, self.dp_size)),
+        )
+
+    def role(self, kind: str) -> str:
+        """A process role of this replica: `kind` itself without data parallelism, else
+        `kind-dp<rank>` (the launcher stops processes by the kind they start with)."""
+        return kind + _suffix(self.dp_rank, self.dp_size).replace("_", "-")
 
     def across_nodes(self, host: str, port: int) -> Addresses:
         """These addresses with the scheduler-worker edge on TCP (node 0 listens on port + 1
@@ -59,6 +96,15 @@ class Addresses(msgspec.Struct, frozen=True, kw_only=True):
         if self.launcher_in.startswith(prefix):
             return os.path.dirname(self.launcher_in[len(prefix) :])
         return None
+
+
+def _suffix(dp_rank: int, dp_size: int) -> str:
+    return f"_dp{dp_rank}" if dp_size > 1 else ""
+
+
+def _base(addr: str, dp_rank: int, dp_size: int) -> str:
+    suffix = _suffix(dp_rank, dp_size)
+    return addr[: len(addr) - len(suffix)] if suffix and addr.endswith(suffix) else addr
 
 
 def _socket(ctx: zmq.Context[Any], kind: int, addr: str, bind: bool) -> zmq.Socket[Any]:

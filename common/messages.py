@@ -81,6 +81,8 @@ class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
     images: list[ImageRef] = []
     videos: list[VideoRef] = []  # a raw prompt's videos, one per video placeholder
     arrival_time: float = 0.0
+    # --dp-size > 1: the replica to run on (SGLang's data_parallel_rank); None: routed.
+    dp_rank: int | None = None
 
 
 # ---------------------------------------------------------------- tokenizer -> scheduler
@@ -169,6 +171,7 @@ class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     local_freed_early: int = 0  # local slots running sequences gave back (left the window)
     sliding_window: int = 0
     flushed: bool = False  # the StatsRequest asked to flush the cache, and it was emptied
+    dp_rank: int = 0  # the replica (--dp-size)
 
 
 class RequestError(msgspec.Struct, tag=True, kw_only=True):
@@ -315,6 +318,29 @@ class TokenBatch(msgspec.Struct, tag=True, gc=False):
     outputs: list[SeqOutput]
 
 
+# ---------------------------------------------------------------- scheduler -> tokenizer service (routing)
+
+
+class TreeEvent(msgspec.Struct, array_like=True, gc=False):
+    """One change of a replica's prefix tree, keys as the tree holds them (image placeholders
+    as hash values). removed == 0: `key` (page-aligned, from the root) was inserted; else the
+    last `removed` tokens of the cached path `key` were evicted (a leaf, or its tail)."""
+
+    key: list[int]
+    removed: int = 0
+
+
+class ReplicaState(msgspec.Struct, tag=True, gc=False):
+    """A replica's changes for the router (--dp-size > 1), sent before the round's TokenBatch:
+    its tree's events since the last ReplicaState, in order, and its load once it had taken in
+    its first `seen` TokenizedRequests."""
+
+    dp_rank: int
+    events: list[TreeEvent]
+    seen: int
+    load_tokens: int  # tokens of its waiting and running sequences
+
+
 # ---------------------------------------------------------------- tokenizer service -> server
 
 
@@ -372,7 +398,7 @@ class Heartbeat(msgspec.Struct, tag=True):
 
 # The tokenizer service tokenizes (GenerateRequest from the server) and detokenizes (TokenBatch
 # from the scheduler) in one process, so a request's stop strings are known before its tokens.
-ToTokenizer = GenerateRequest | TokenBatch
+ToTokenizer = GenerateRequest | TokenBatch | ReplicaState
 ToScheduler = TokenizedRequest | AbortRequest | StatsRequest
 ToWorker = StepPlan | SyncPing | KeepAlive | Shutdown
 FromWorker = WorkerReady | StepResult | WorkerAlive | WorkerFailed

@@ -44,6 +44,8 @@ class Metrics:
     image_preprocess: Any
     step_forward: Any
     process_up: Any
+    dp_route: Any
+    dp_routed: Any
 
 
 _metrics: Metrics | None = None
@@ -64,16 +66,21 @@ def get() -> Metrics | None:
 def _create() -> Metrics:
     from prometheus_client import Counter, Gauge, Histogram
 
-    def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
-        # The newest value written by a live process (only the scheduler writes these).
-        return Gauge(name, doc, labels, multiprocess_mode="livemostrecent")
+    # The scheduler's figures are per replica: label dp_rank (--dp-size; "0" without).
+    dp = ("dp_rank",)
+
+    def gauge(name: str, doc: str) -> Any:
+        # The newest value written by a live process (each replica's scheduler writes its own).
+        return Gauge(name, doc, dp, multiprocess_mode="livemostrecent")
 
     return Metrics(
-        prompt_tokens=Counter("fovea:prompt_tokens", "Prompt tokens admitted."),
-        generation_tokens=Counter("fovea:generation_tokens", "Tokens generated."),
-        cached_tokens=Counter("fovea:cached_tokens", "Prompt tokens served by the prefix cache."),
-        images=Counter("fovea:images", "Image inputs received."),
-        images_encoded=Counter("fovea:images_encoded", "Vision-encoder runs (cache misses)."),
+        prompt_tokens=Counter("fovea:prompt_tokens", "Prompt tokens admitted.", dp),
+        generation_tokens=Counter("fovea:generation_tokens", "Tokens generated.", dp),
+        cached_tokens=Counter(
+            "fovea:cached_tokens", "Prompt tokens served by the prefix cache.", dp
+        ),
+        images=Counter("fovea:images", "Image inputs received.", dp),
+        images_encoded=Counter("fovea:images_encoded", "Vision-encoder runs (cache misses).", dp),
         num_running_reqs=gauge("fovea:num_running_reqs", "Sequences running."),
         num_queue_reqs=gauge("fovea:num_queue_reqs", "Sequences waiting."),
         token_usage=gauge("fovea:token_usage", "Fraction of KV slots in use by requests."),
@@ -110,7 +117,7 @@ def _create() -> Metrics:
             "A step's forward and sampling in the worker (rank 0). kind: decode (one new token "
             "for each sequence, none new) or prefill (any other step). Against "
             "inter_token_latency, what a decode step costs outside the model.",
-            ["kind"],
+            ["kind", "dp_rank"],
             buckets=_STEP,
         ),
         process_up=Gauge(
@@ -118,6 +125,20 @@ def _create() -> Metrics:
             "1 while the child process of a role is alive.",
             ["role"],
             multiprocess_mode="mostrecent",
+        ),
+        dp_route=Histogram(
+            "fovea:dp_route_seconds",
+            "--dp-size > 1: the router's decision for one request in the tokenizer service "
+            "(its prefix matched against every replica's tree, and the loads compared).",
+            buckets=(1e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.1),
+        ),
+        dp_routed=Counter(
+            "fovea:dp_routed_requests",
+            "--dp-size > 1: requests routed, by replica and reason: prefix (its longest cached "
+            "prefix), load (the least loaded: no prefix above --dp-cache-threshold), imbalance "
+            "(the least loaded: the loads spread past the balance thresholds), pinned (the "
+            "request named its replica).",
+            ["dp_rank", "reason"],
         ),
     )
 

@@ -1,7 +1,9 @@
 """`launch_server`: start every process, wait until each is ready, serve, supervise, shut down.
 
 Children (spawned, each its own OS process): worker ranks, scheduler, tokenizer service and,
-for launch_server, the HTTP server. If any child dies, everything is stopped and the launcher
+for launch_server, the HTTP server; with --dp-size N, N replicas (a scheduler and its worker
+ranks each, roles `scheduler-dp<d>`, `worker<r>-dp<d>`) behind the one tokenizer and HTTP
+server. If any child dies, everything is stopped and the launcher
 exits non-zero (so systemd or Kubernetes restarts it) instead of hanging; SIGTERM and SIGINT
 stop the children in order and exit 0.
 """
@@ -101,7 +103,7 @@ class ProcessGroup:
     def __init__(self, args: ServerArgs, model: ModelInfo, with_http: bool) -> None:
         self.args = args
         self.model = model
-        self.addrs = Addresses.local()
+        self.addrs = Addresses.local(args.dp_size)
         if args.nnodes > 1:
             assert args.dist_init_addr is not None  # check_args
             host, _, port = args.dist_init_addr.rpartition(":")
@@ -122,14 +124,17 @@ class ProcessGroup:
             os.makedirs(os.environ[fovea_metrics.ENV_DIR], exist_ok=True)
         spawn = mp.get_context("spawn")
         common = (self.args, self.addrs, self.model)
-        targets: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = [
-            (f"worker{r}", _run_worker, (*common, r)) for r in self.local_ranks
-        ]
-        if self.args.node_rank == 0:
+        targets: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = []
+        for d in range(self.args.dp_size):
+            replica = (self.args, self.addrs.replica(d), self.model)
             targets += [
-                ("scheduler", _run_scheduler, common),
-                ("tokenizer", _run_tokenizer, common),
+                (replica[1].role(f"worker{r}"), _run_worker, (*replica, r))
+                for r in self.local_ranks
             ]
+            if self.args.node_rank == 0:
+                targets.append((replica[1].role("scheduler"), _run_scheduler, replica))
+        if self.args.node_rank == 0:
+            targets.append(("tokenizer", _run_tokenizer, common))
             if self.with_http:
                 targets.append(("http", _run_http, common))
         # A spawned child inherits this process's environment as it is at start().
@@ -334,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     drain_s: float | None = None  # a clean stop lets the HTTP server drain first
     try:
-        n = len(group.local_ranks) + (3 if args.node_rank == 0 else 0)
+        n = (len(group.local_ranks) + (args.node_rank == 0)) * args.dp_size
+        n += 2 if args.node_rank == 0 else 0
         notify.send(STATUS=f"starting {n} processes for {args.model_name}")
         group.start()
 

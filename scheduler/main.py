@@ -33,6 +33,7 @@ from fovea.common.model_config import ModelInfo
 from fovea.common.process import report_ready, setup_process
 from fovea.scheduler.policy import SchedulerConfig
 from fovea.scheduler.scheduler import Scheduler
+from fovea.scheduler.stats import ReplicaPublisher
 
 PING_INTERVAL_S = 0.1
 IDLE_POLL_MS = 1000  # an idle scheduler blocks on its inbox this long per wait
@@ -43,7 +44,8 @@ MAX_UNANSWERED = 5
 
 
 def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
-    log = setup_process("scheduler", args.log_level, args.log_format)
+    role = addrs.role("scheduler")
+    log = setup_process(role, args.log_level, args.log_format)
     ctx: zmq.Context[Any] = zmq.Context()
     inbox: Receiver[ToScheduler] = Receiver(ctx, addrs.scheduler_in, ToScheduler, bind=True)
     plans = Sender(ctx, addrs.worker_plan, bind=True, pub=True)
@@ -53,26 +55,32 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
     limits = handshake(plans, results, args.tp_size, log)
     config = SchedulerConfig.from_args(
         args, model, limits.max_seqs, limits.device, limits.cross_image_slots,
-        limits.sliding_window,
+        limits.sliding_window, addrs.dp_rank,
     )  # fmt: skip
     core = Scheduler(config, limits.num_slots, num_local_slots=limits.num_local_slots)
     log.info(
-        "role=scheduler pid=%d slots=%d local_slots=%d window=%d page_size=%d max_running=%d "
+        "role=%s pid=%d slots=%d local_slots=%d window=%d page_size=%d max_running=%d "
         "prefill_batch=%d image_slots=%d sockets: in=%s plan=%s result=%s tokenizer=%s "
         "server=%s",
-        os.getpid(), core.total_slots, limits.num_local_slots, limits.sliding_window,
+        role, os.getpid(), core.total_slots, limits.num_local_slots, limits.sliding_window,
         args.page_size, config.max_running_requests, config.batch_target,
         limits.cross_image_slots,
         addrs.scheduler_in, addrs.worker_plan, addrs.worker_result, addrs.tokenizer_in,
         addrs.server_in,
     )  # fmt: skip
-    report_ready(ctx, addrs, "scheduler", total_slots=str(core.total_slots))
+    report_ready(ctx, addrs, role, total_slots=str(core.total_slots))
     to_launcher = Sender(ctx, addrs.launcher_in, bind=False)
-    publish = MetricsPublisher(core) if fovea_metrics.enabled() else None
+    publish = MetricsPublisher(core, addrs.dp_rank) if fovea_metrics.enabled() else None
+    # With several replicas the router (tokenizer service) mirrors this one's tree and load.
+    replica = ReplicaPublisher(core, addrs.dp_rank) if addrs.dp_size > 1 else None
     last_beat = 0.0
     ranks = RankWatch(args.tp_size, log)
 
     def flush() -> None:
+        # The router's view first: a finished request's prefix is in it before the client
+        # hears the request is done (and may send the next turn).
+        if replica is not None and (state := replica.take()) is not None:
+            to_tokenizer.send(state)
         if core.outputs:
             to_tokenizer.send(TokenBatch(core.outputs))
             core.outputs = []
@@ -101,7 +109,7 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
                 publish.step(plan, result.forward_s)
         if (now := time.monotonic()) - last_beat >= HEARTBEAT_S:
             last_beat = now
-            to_launcher.send(Heartbeat("scheduler"))
+            to_launcher.send(Heartbeat(role))
             for answer in results.recv_all():
                 ranks.take(answer)
             plans.send(KeepAlive(ranks.next_seq()))
@@ -113,10 +121,10 @@ class MetricsPublisher:
     """Copies the scheduler's counters and gauges into Prometheus (counters by their
     increase since the last call)."""
 
-    def __init__(self, core: Scheduler) -> None:
+    def __init__(self, core: Scheduler, dp_rank: int = 0) -> None:
         m = fovea_metrics.get()
         assert m is not None
-        self.m, self.core = m, core
+        self.m, self.core, self.dp = m, core, str(dp_rank)
         self.seen: dict[str, int] = {}
         self.counters = {
             "prompt_tokens": m.prompt_tokens,
@@ -128,20 +136,22 @@ class MetricsPublisher:
 
     def step(self, plan: StepPlan, forward_s: float) -> None:
         decode = not plan.new and all(len(c.new_slots) == 1 and c.sample for c in plan.chunks)
-        self.m.step_forward.labels("decode" if decode else "prefill").observe(forward_s)
+        self.m.step_forward.labels("decode" if decode else "prefill", self.dp).observe(forward_s)
 
     def __call__(self) -> None:
-        core, m = self.core, self.m
+        core, m, dp = self.core, self.m, self.dp
         for attr, counter in self.counters.items():
             value = getattr(core, attr)
-            counter.inc(value - self.seen.get(attr, 0))
+            counter.labels(dp).inc(value - self.seen.get(attr, 0))
             self.seen[attr] = value
-        m.num_running_reqs.set(len(core.running))
-        m.num_queue_reqs.set(len(core.waiting))
+        m.num_running_reqs.labels(dp).set(len(core.running))
+        m.num_queue_reqs.labels(dp).set(len(core.waiting))
         held = core.total_slots - core.allocator.available - core.cache.evictable_size
-        m.token_usage.set(held / core.total_slots)
-        m.cache_hit_rate.set(core.cache_hit_tokens / max(1, core.prompt_tokens))
-        m.image_cache_hit_rate.set(1 - core.images_encoded / max(1, core.images_received))
+        m.token_usage.labels(dp).set(held / core.total_slots)
+        m.cache_hit_rate.labels(dp).set(core.cache_hit_tokens / max(1, core.prompt_tokens))
+        m.image_cache_hit_rate.labels(dp).set(
+            1 - core.images_encoded / max(1, core.images_received)
+        )
 
 
 class RankLimits(NamedTuple):

@@ -55,6 +55,7 @@ class SchedulerConfig:
     cross_image_slots: int = 0
     # The local layers' window when the workers keep a second pool for them (0: one pool).
     sliding_window: int = 0
+    dp_rank: int = 0  # this replica's rank (--dp-size): stats and metrics name it
 
     @staticmethod
     def from_args(
@@ -64,6 +65,7 @@ class SchedulerConfig:
         device: str,
         cross_image_slots: int = 0,
         sliding_window: int = 0,
+        dp_rank: int = 0,
     ) -> SchedulerConfig:
         """`max_seqs`: rows in the workers' request table, a hard cap on running sequences;
         `device`: the workers' device type; `cross_image_slots`: the smallest image pool of
@@ -82,6 +84,7 @@ class SchedulerConfig:
             whole_images=images_attend_bidirectionally(model.architecture),
             cross_image_slots=cross_image_slots,
             sliding_window=sliding_window,
+            dp_rank=dp_rank,
         )
 
     @property

@@ -28,6 +28,10 @@ gone; global slots are never tombstoned. Eviction frees a leaf's global and loca
 together (`evict_pages`), a leaf whole (its window is at its end: a head cut from it would
 be unusable); `local_size` counts the local slots the tree holds.
 
+Events (data parallelism): with `record_events()`, every change of the set of cached keys is
+appended to `events` (TreeEvent: an insert that added tokens, each eviction of a leaf or its
+tail), so a router replaying them in order (`remove_suffix` for evictions) holds the same keys.
+
 `disabled=True` (--disable-radix-cache) keeps the interface and caches nothing: matches are
 empty and `insert` reports every token as present, so the caller frees all its slots.
 """
@@ -36,6 +40,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+
+from fovea.common.messages import TreeEvent
 
 
 class RadixNode:
@@ -77,6 +83,11 @@ class RadixCache:
         self.protected_size = 0
         self.evictable_local = 0  # local slots held by unlocked nodes
         self.protected_local = 0
+        self.events: list[TreeEvent] | None = None  # None: not recorded
+
+    def record_events(self) -> None:
+        """From now on, append every change of the cached keys to `events`."""
+        self.events = []
 
     @property
     def total_size(self) -> int:
@@ -162,6 +173,8 @@ class RadixCache:
                 node.children[self._child_key(leaf.key)] = leaf
                 self.evictable_size += len(leaf.key)
                 self.evictable_local += leaf.num_local
+                if self.events is not None:
+                    self.events.append(TreeEvent(list(key)))
                 return i
             child.last_access = tick
             n = self._match_len(child.key, key[i:])
@@ -219,6 +232,8 @@ class RadixCache:
                 self._split(leaf, len(leaf.key) - tail)
             parent = leaf.parent
             assert parent is not None
+            if self.events is not None:
+                self.events.append(TreeEvent(self._path(leaf), len(leaf.key)))
             del parent.children[self._child_key(leaf.key)]
             freed.extend(leaf.value)
             freed_local.extend(x for x in leaf.local if x)
@@ -247,7 +262,43 @@ class RadixCache:
                 tail = len(leaf.key)
         return min(tail, len(leaf.key))
 
+    def remove_suffix(self, key: list[int], n: int) -> list[int]:
+        """Remove the last `n` tokens of the cached path `key` (no cached key may extend past
+        it, none of them locked): how a router's copy replays an eviction event. Returns their
+        slot ids. ValueError if `key` is not such a path."""
+        node, i = self.root, 0
+        while i < len(key):
+            child = node.children.get(self._child_key(key[i:]))
+            if child is None or key[i : i + len(child.key)] != child.key:
+                raise ValueError(f"remove_suffix: a path of {len(key)} tokens is not cached")
+            node, i = child, i + len(child.key)
+        if i != len(key) or n > len(key) or n % self.page_size:
+            raise ValueError(f"remove_suffix: cannot remove {n} of {len(key)} tokens")
+        freed: list[int] = []
+        while n > 0:
+            if node.children or node.lock_ref:
+                raise ValueError("remove_suffix: the path continues past its end, or is locked")
+            if n < len(node.key):
+                self._split(node, len(node.key) - n)
+            parent = node.parent
+            assert parent is not None
+            del parent.children[self._child_key(node.key)]
+            freed[:0] = node.value
+            self.evictable_size -= len(node.key)
+            n -= len(node.key)
+            node = parent
+        return freed
+
     # ------------------------------------------------------------------ internals
+
+    def _path(self, node: RadixNode) -> list[int]:
+        """The key from the root to the end of `node`."""
+        parts: list[list[int]] = []
+        while node is not self.root:
+            parts.append(node.key)
+            assert node.parent is not None
+            node = node.parent
+        return [t for part in reversed(parts) for t in part]
 
     def _tick(self) -> int:
         self._clock += 1

@@ -91,6 +91,7 @@ class Scheduler:
         self._arrivals = 0
         self._admissions = 0
         self.num_retractions = 0
+        self.requests_seen = 0  # TokenizedRequests taken in (the router counts them too)
         self.cache_hit_tokens = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
@@ -117,6 +118,7 @@ class Scheduler:
     # ------------------------------------------------------------------ messages in
 
     def add_request(self, req: TokenizedRequest) -> None:
+        self.requests_seen += 1
         if self._aborted.holds(req.rid, req.index):
             n = len(req.input_ids)
             self.outputs.append(SeqOutput(req.rid, req.index, [], None, "abort", None, n, 0, 0))
@@ -192,7 +194,7 @@ class Scheduler:
 
     def stats(self, msg: StatsRequest) -> None:
         flushed = msg.flush_cache and flush_cache(self)
-        self.to_server.append(snapshot(self, msg.query_id, flushed))
+        self.to_server.append(snapshot(self, msg.query_id, flushed, self.config.dp_rank))
 
     # ------------------------------------------------------------------ one step
 

@@ -1,11 +1,12 @@
-"""The scheduler's state as the server sees it (/get_server_info), and /flush_cache."""
+"""The scheduler's state as the server sees it (/get_server_info), and /flush_cache; as the
+router sees it (--dp-size > 1): ReplicaState, its tree's changes and its load."""
 
 from __future__ import annotations
 
 import logging
 from typing import Protocol
 
-from fovea.common.messages import SchedulerStats
+from fovea.common.messages import ReplicaState, SchedulerStats
 from fovea.scheduler.batch import PlanBuilder
 from fovea.scheduler.cross_images import CrossImageSlots
 from fovea.scheduler.kv_allocator import KVAllocator
@@ -32,6 +33,7 @@ class Core(Protocol):
     images_encoded: int
     cross_kv_computed: int
     num_retractions: int
+    requests_seen: int
 
     @property
     def total_slots(self) -> int: ...
@@ -52,11 +54,12 @@ def flush_cache(core: Core) -> bool:
     return core.cache.total_size == 0
 
 
-def snapshot(core: Core, query_id: str, flushed: bool = False) -> SchedulerStats:
+def snapshot(core: Core, query_id: str, flushed: bool = False, dp_rank: int = 0) -> SchedulerStats:
     images = core.cross_images
     local = core.local
     return SchedulerStats(
         query_id=query_id,
+        dp_rank=dp_rank,
         flushed=flushed,
         total_slots=core.total_slots,
         free_slots=core.allocator.available,
@@ -82,3 +85,29 @@ def snapshot(core: Core, query_id: str, flushed: bool = False) -> SchedulerStats
         local_freed_early=local.freed_early if local else 0,
         sliding_window=local.window if local else 0,
     )
+
+
+def load_tokens(core: Core) -> int:
+    """The replica's load as the router weighs it: tokens of its waiting and running
+    sequences (prompt and output so far)."""
+    return sum(s.num_tokens for s in core.waiting) + sum(s.num_tokens for s in core.running)
+
+
+class ReplicaPublisher:
+    """Builds the ReplicaState messages of one replica: each carries the tree events recorded
+    since the previous one; none is built while nothing changed."""
+
+    def __init__(self, core: Core, dp_rank: int) -> None:
+        self.core, self.dp_rank = core, dp_rank
+        core.cache.record_events()
+        self.last = (0, 0)  # (seen, load) of the last message
+
+    def take(self) -> ReplicaState | None:
+        core = self.core
+        events = core.cache.events or []
+        now = (core.requests_seen, load_tokens(core))
+        if not events and now == self.last:
+            return None
+        core.cache.events = []
+        self.last = now
+        return ReplicaState(self.dp_rank, events, *now)

@@ -25,9 +25,14 @@ class ServerContext:
     def __init__(self, args: ServerArgs, model: ModelInfo, drain: Drain) -> None:
         self.args, self.model, self.drain = args, model, drain
         self._manager: RequestManager | None = None
-        # /health is 503 until one generation went through end to end (the launcher's warm-up
-        # does one before it reports ready), so a load balancer never routes to a cold server.
-        self.warm = False
+        # /health is 503 until one generation went through end to end on every replica (the
+        # launcher's warm-up does one each before it reports ready), so a load balancer never
+        # routes to a cold server. The dp ranks that completed one:
+        self.warm_replicas: set[int] = set()
+
+    @property
+    def warm(self) -> bool:
+        return len(self.warm_replicas) == self.args.dp_size
 
     @property
     def manager(self) -> RequestManager:

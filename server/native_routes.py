@@ -29,7 +29,7 @@ from fovea.server.request_build import (
     prompt_request,
     split_prompts,
 )
-from fovea.server.requests import RequestFailed
+from fovea.server.requests import RequestFailed, merge_stats
 
 router = APIRouter()
 metrics_router = APIRouter()
@@ -69,8 +69,16 @@ async def generate(body: GenerateReqInput, request: Request, ctx: Ctx) -> Respon
         raise APIError(400, str(e), "image_data") from e
     rid = body.rid or new_id("gen")
     rids = [rid] if len(prompts) == 1 else [f"{rid}-{p}" for p in range(len(prompts))]
+    dp_rank = body.data_parallel_rank
+    if dp_rank is not None and dp_rank >= ctx.args.dp_size:
+        raise APIError(
+            400,
+            f"data_parallel_rank {dp_rank} is out of range: the server runs "
+            f"{ctx.args.dp_size} replica(s) (--dp-size)",
+            "data_parallel_rank",
+        )
     reqs = [
-        prompt_request(r, p, sampling, imgs)
+        msgspec.structs.replace(prompt_request(r, p, sampling, imgs), dp_rank=dp_rank)
         for r, p, imgs in zip(rids, prompts, images, strict=True)
     ]
     field = unsupported_field(body)
@@ -94,27 +102,44 @@ async def flush_cache(ctx: Ctx) -> Response:
     return PlainTextResponse(FLUSHED, status_code=200 if stats.flushed else 400)
 
 
-# /health is 503 until one generation went through end to end (the launcher's warm-up does one
-# before it reports ready), so a load balancer never routes to a cold server.
+# /health is 503 until one generation went through end to end on every replica (the launcher's
+# warm-up does one each before it reports ready), so a load balancer never routes to a cold
+# server. With --dp-size > 1 it names each replica's state.
 @router.get("/health")
 async def health(ctx: Ctx) -> Response:
     if ctx.manager.failed:
         return responses.error(503, ctx.manager.failed or "unavailable")
     if not ctx.warm:
-        return responses.error(503, "starting: no generation has completed yet")
-    return Response(status_code=200)
+        cold = sorted(set(range(ctx.args.dp_size)) - ctx.warm_replicas)
+        where = "" if ctx.args.dp_size == 1 else f" on dp_rank {', '.join(map(str, cold))}"
+        return responses.error(503, f"starting: no generation has completed yet{where}")
+    if ctx.args.dp_size == 1:
+        return Response(status_code=200)
+    replicas = [{"dp_rank": d, "status": "ready"} for d in range(ctx.args.dp_size)]
+    return responses.json({"status": "ready", "replicas": replicas})
 
 
 @router.get("/health_generate")
 async def health_generate(ctx: Ctx) -> Response:
+    """One token generated on each replica (all at once); 503 naming those that failed."""
     sampling = SamplingParams(max_new_tokens=1, temperature=0.0)
-    req = GenerateRequest(rid=new_id("health"), sampling=sampling, input_ids=[0])
-    render = NativeRenderer([req.rid], sampling)
-    try:
-        await asyncio.wait_for(render.collect(ctx.manager.generate(req)), 60)
-    except (RequestFailed, TimeoutError) as e:
-        return responses.error(503, f"generation failed: {e}")
-    ctx.warm = True
+
+    async def one(dp_rank: int) -> str | None:
+        pinned = dp_rank if ctx.args.dp_size > 1 else None
+        req = GenerateRequest(
+            rid=new_id("health"), sampling=sampling, input_ids=[0], dp_rank=pinned
+        )
+        render = NativeRenderer([req.rid], sampling)
+        try:
+            await asyncio.wait_for(render.collect(ctx.manager.generate(req)), 60)
+        except (RequestFailed, TimeoutError) as e:
+            return f"generation failed: {e}" if pinned is None else f"dp_rank {dp_rank}: {e}"
+        ctx.warm_replicas.add(dp_rank)
+        return None
+
+    failed = [f for f in await asyncio.gather(*map(one, range(ctx.args.dp_size))) if f]
+    if failed:
+        return responses.error(503, "; ".join(failed))
     return Response(status_code=200)
 
 
@@ -142,27 +167,35 @@ def sglang_load(stats: SchedulerStats, dp_rank: int = 0) -> dict[str, int]:
 @router.get("/get_load")
 async def load(ctx: Ctx) -> Response:
     """SGLang's shape: a list with one entry per data-parallel rank."""
-    return responses.json([sglang_load(await ctx.manager.stats())])
+    return responses.json([sglang_load(s, s.dp_rank) for s in await ctx.manager.replica_stats()])
 
 
 @router.get("/get_server_info")
 @router.get("/server_info")
 async def server_info(ctx: Ctx) -> Response:
-    """SGLang's shape: the server arguments at the top level, the scheduler's state in
-    internal_states (one entry per scheduler) and as `scheduler`, the version."""
-    stats: dict[str, Any] = msgspec.to_builtins(await ctx.manager.stats())
-    stats.pop("query_id", None)
-    stats.pop("flushed", None)
-    stats["kv_pools"] = kv_pools(stats)
+    """SGLang's shape: the server arguments at the top level, each replica's scheduler state
+    in internal_states (one entry per scheduler, with its dp_rank), their sum as `scheduler`,
+    the version."""
+    replicas = await ctx.manager.replica_stats()
+    states: list[dict[str, Any]] = []
+    for stats in (*replicas, merge_stats(replicas)):
+        state: dict[str, Any] = msgspec.to_builtins(stats)
+        state.pop("query_id", None)
+        state.pop("flushed", None)
+        state["kv_pools"] = kv_pools(state)
+        states.append(state)
+    total = states.pop()
+    if len(replicas) > 1:
+        total.pop("dp_rank")  # a sum over the replicas
     args = responses.public_args(ctx.args)
     info: dict[str, Any] = {
         **args,
         "args": args,
         "status": "ready",
-        "max_total_num_tokens": stats["total_slots"],
+        "max_total_num_tokens": total["total_slots"],
         "max_req_input_len": ctx.model.context_length - 1,
-        "internal_states": [stats],
-        "scheduler": stats,
+        "internal_states": states,
+        "scheduler": total,
         "inflight_requests": ctx.inflight,
         "version": responses.VERSION,
     }

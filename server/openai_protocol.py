@@ -298,6 +298,8 @@ class GenerateReqInput(BaseModel):
     logprob_start_len: int = Field(-1, ge=-1)
     top_logprobs_num: int = Field(0, json_schema_extra={"minimum": 0, "maximum": MAX_TOP_LOGPROBS})
     return_text_in_logprobs: bool = False
+    # --dp-size > 1: the replica to run on (SGLang's field); None: the router picks.
+    data_parallel_rank: int | None = Field(None, ge=0)
 
     @property
     def is_batch(self) -> bool:

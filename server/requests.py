@@ -3,7 +3,9 @@
 One task reads every message addressed to this process (server_in) and routes it to the
 request it belongs to. A request's iterator ends after its n sequences finished; if it is
 abandoned early (client gone, task cancelled), the scheduler is told to abort it at once so its
-KV slots are freed.
+KV slots are freed. With --dp-size > 1, aborts and stats queries go to every replica's
+scheduler (the tokenizer service alone knows where a request runs; a replica ignores an abort
+of a request it does not hold).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import zmq
 
 from fovea.common.ipc import Addresses, AsyncReceiver, Sender
@@ -57,12 +60,13 @@ class RequestManager:
         self.log_requests = log_requests
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._to_tokenizer = Sender(self._ctx, addrs.tokenizer_in, bind=False)
-        self._to_scheduler = Sender(self._ctx, addrs.scheduler_in, bind=False)
+        self._to_schedulers = [Sender(self._ctx, a, bind=False) for a in addrs.schedulers]
         self._inbox: AsyncReceiver[ToServer] = AsyncReceiver(
             self._ctx, addrs.server_in, ToServer, bind=True
         )
         self._inflight: dict[str, _InFlight] = {}
-        self._stats: dict[str, asyncio.Future[SchedulerStats]] = {}
+        # Stats queries in flight: the answers so far (one per replica) and who waits for all.
+        self._stats: dict[str, tuple[list[SchedulerStats], asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self.failed: str | None = None  # set when the backend is gone: refuse new work
         self._routes = {
@@ -91,13 +95,21 @@ class RequestManager:
             req.queue.put_nowait(err)
 
     def _on_stats(self, stats: SchedulerStats) -> None:
-        fut = self._stats.pop(stats.query_id, None)
-        if fut is not None and not fut.done():
-            fut.set_result(stats)
+        query = self._stats.get(stats.query_id)
+        if query is None:
+            return
+        answers, fut = query
+        answers.append(stats)
+        if len(answers) == self.dp_size and not fut.done():
+            fut.set_result(None)
 
     @property
     def num_inflight(self) -> int:
         return len(self._inflight)
+
+    @property
+    def dp_size(self) -> int:
+        return len(self._to_schedulers)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TextDelta]:
         """Deltas of all the request's sequences, interleaved, until each has finished."""
@@ -132,7 +144,8 @@ class RequestManager:
             del self._inflight[req.rid]
             if not done:
                 log.info("rid=%s abandoned by the client: aborting", req.rid)
-                self._to_scheduler.send(AbortRequest(req.rid, None, "client"))
+                for sender in self._to_schedulers:
+                    sender.send(AbortRequest(req.rid, None, "client"))
                 reasons.append("abort")
             record.finish(",".join(sorted(set(reasons))))
 
@@ -142,21 +155,47 @@ class RequestManager:
         for rid, req in self._inflight.items():
             req.queue.put_nowait(RequestError(rid=rid, message=message, status=503))
 
-    async def stats(self, timeout: float = 10.0, flush_cache: bool = False) -> SchedulerStats:
-        """The scheduler's state; with `flush_cache`, after it emptied its prefix cache (if
-        nothing ran or waited: `flushed` says whether it did)."""
+    async def replica_stats(
+        self, timeout: float = 10.0, flush_cache: bool = False
+    ) -> list[SchedulerStats]:
+        """Each replica's scheduler state, by dp rank; with `flush_cache`, after each emptied
+        its prefix cache (if nothing ran or waited there: `flushed` says whether it did)."""
         qid = uuid.uuid4().hex
-        fut: asyncio.Future[SchedulerStats] = asyncio.get_running_loop().create_future()
-        self._stats[qid] = fut
-        self._to_scheduler.send(StatsRequest(qid, flush_cache))
+        answers: list[SchedulerStats] = []
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stats[qid] = (answers, fut)
+        for sender in self._to_schedulers:
+            sender.send(StatsRequest(qid, flush_cache))
         try:
-            return await asyncio.wait_for(fut, timeout)
+            await asyncio.wait_for(fut, timeout)
         finally:
             self._stats.pop(qid, None)
+        return sorted(answers, key=lambda a: a.dp_rank)
+
+    async def stats(self, timeout: float = 10.0, flush_cache: bool = False) -> SchedulerStats:
+        """The schedulers' state summed over the replicas (the one scheduler's without
+        --dp-size); `flushed` only if every replica emptied its cache."""
+        return merge_stats(await self.replica_stats(timeout, flush_cache))
 
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        for s in (self._to_tokenizer, self._to_scheduler, self._inbox):
-            s.close()
+        for sender in (self._to_tokenizer, *self._to_schedulers):
+            sender.close()
+        self._inbox.close()
         self._ctx.term()
+
+
+_NOT_SUMMED = ("dp_rank", "sliding_window")  # the same for every replica, or a label
+
+
+def merge_stats(replicas: list[SchedulerStats]) -> SchedulerStats:
+    """The replicas' counts summed (so free + tree == total still holds when idle)."""
+    if len(replicas) == 1:
+        return replicas[0]
+    fields = msgspec.structs.asdict(replicas[0])
+    for name, value in fields.items():
+        if isinstance(value, int) and not isinstance(value, bool) and name not in _NOT_SUMMED:
+            fields[name] = sum(getattr(r, name) for r in replicas)
+    fields["flushed"] = all(r.flushed for r in replicas)
+    return SchedulerStats(**fields)

@@ -2,7 +2,9 @@
 HTTP server, which sends it GenerateRequests, and the scheduler, which sends it TokenBatches.
 Both arrive on one socket, in order, so a request's stop strings are registered before its
 first tokens can arrive; requests with images or a grammar run as tasks on the event loop
-meanwhile.
+meanwhile. With --dp-size > 1 each tokenized request goes to the replica the Router
+(tokenizer_service/router.py) picks, from the ReplicaStates the schedulers send on the same
+socket; aborts go to every replica.
 """
 
 from __future__ import annotations
@@ -18,15 +20,23 @@ from typing import Any
 import msgspec
 import zmq
 
+from fovea.common.architectures import architecture
 from fovea.common.config import ServerArgs
 from fovea.common.ipc import Addresses, AsyncReceiver, Sender
-from fovea.common.messages import GenerateRequest, TokenBatch, ToTokenizer
+from fovea.common.messages import (
+    GenerateRequest,
+    ReplicaState,
+    TokenBatch,
+    TokenizedRequest,
+    ToTokenizer,
+)
 from fovea.common.model_config import ModelInfo
 from fovea.common.process import report_ready, setup_process
 from fovea.tokenizer_service.chat_templates import ChatRenderer, ChatTemplateError
 from fovea.tokenizer_service.grammar import GrammarChecker
 from fovea.tokenizer_service.media import MediaLoader, MediaPolicy
 from fovea.tokenizer_service.processors import load_processor
+from fovea.tokenizer_service.router import Router, RoutingPolicy
 from fovea.tokenizer_service.tokenizer import Outbox, Tokenizer, load_hf_tokenizer
 from fovea.tokenizer_service.video import VideoLimits
 
@@ -53,9 +63,16 @@ def run_tokenizer_service(args: ServerArgs, addrs: Addresses, model: ModelInfo) 
     if processor is not None and chat.image_refusal:
         log.warning("%s", chat.image_refusal)
     grammars = GrammarChecker(hf, model, args.grammar_compile_timeout)
+    router = None
+    if addrs.dp_size > 1:
+        policy = RoutingPolicy(
+            args.dp_cache_threshold, args.dp_balance_abs_threshold, args.dp_balance_rel_threshold
+        )
+        salted = architecture(model.architecture).capabilities.cross_attention_images
+        router = Router(addrs.dp_size, args.page_size, policy, salted)
     service = Tokenizer(hf, model, chat, processor, grammars=grammars)
     service.video_limits = VideoLimits.from_args(args)
-    asyncio.run(_serve(args, addrs, service))
+    asyncio.run(_serve(args, addrs, service, router))
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -68,7 +85,9 @@ def _read_config(path: str) -> dict[str, Any]:
     return cfg
 
 
-async def _serve(args: ServerArgs, addrs: Addresses, service: Tokenizer) -> None:
+async def _serve(
+    args: ServerArgs, addrs: Addresses, service: Tokenizer, router: Router | None
+) -> None:
     service.media = MediaLoader(MediaPolicy.from_args(args))
     # Sends are synchronous (they never block: no HWM); only the inbox waits on the loop.
     ctx: zmq.Context[Any] = zmq.Context()
@@ -76,19 +95,33 @@ async def _serve(args: ServerArgs, addrs: Addresses, service: Tokenizer) -> None
         ctx, addrs.tokenizer_in, ToTokenizer, bind=True
     )
     to_server = Sender(ctx, addrs.server_in, bind=False)
-    to_scheduler = Sender(ctx, addrs.scheduler_in, bind=False)
+    to_schedulers = [Sender(ctx, a, bind=False) for a in addrs.schedulers]
     log.info(
-        "role=tokenizer pid=%d sockets: pull %s, push %s (server), push %s (scheduler)",
-        os.getpid(), addrs.tokenizer_in, addrs.server_in, addrs.scheduler_in,
+        "role=tokenizer pid=%d sockets: pull %s, push %s (server), push %s (schedulers)",
+        os.getpid(), addrs.tokenizer_in, addrs.server_in, ", ".join(addrs.schedulers),
     )  # fmt: skip
     report_ready(ctx, addrs, "tokenizer")
 
     def send(box: Outbox) -> None:
         # Scheduler first: a stop-string abort should free KV before the client hears "done".
+        # A box holds one request's sequences (to one replica) or aborts (to every replica:
+        # a replica that does not hold the request ignores an abort of it).
+        reqs = [m for m in box.to_scheduler if isinstance(m, TokenizedRequest)]
+        if reqs:
+            d = router.route(reqs, box.dp_rank) if router is not None else 0
+            for req in reqs:
+                to_schedulers[d].send(req)
         for m in box.to_scheduler:
-            to_scheduler.send(m)
+            if not isinstance(m, TokenizedRequest):
+                for sender in to_schedulers:
+                    sender.send(m)
         for r in box.to_server:
             to_server.send(r)
+
+    def on_replica_state(state: ReplicaState) -> Outbox:
+        assert router is not None  # only replicas of a --dp-size > 1 server send these
+        router.apply(state)
+        return Outbox()
 
     async def off_loop(req: GenerateRequest) -> None:
         send(await service.handle_generate_async(req))
@@ -98,6 +131,7 @@ async def _serve(args: ServerArgs, addrs: Addresses, service: Tokenizer) -> None
     handlers: dict[type, Callable[[Any], Outbox]] = {
         GenerateRequest: service.handle_generate,
         TokenBatch: service.handle_tokens,
+        ReplicaState: on_replica_state,
     }
     while True:
         try:

@@ -66,6 +66,7 @@ class Outbox:
 
     to_server: list[DeltaBatch | RequestError] = field(default_factory=list)
     to_scheduler: list[TokenizedRequest | AbortRequest] = field(default_factory=list)
+    dp_rank: int | None = None  # the replica the request named (GenerateRequest.dp_rank)
 
 
 def image_hash(file_hash: bytes, processed: ProcessedImage) -> bytes:
@@ -145,7 +146,7 @@ class Tokenizer:
 
     def handle_generate(self, req: GenerateRequest) -> Outbox:
         try:
-            return Outbox(to_scheduler=list(self.tokenize(req)))
+            return Outbox(to_scheduler=list(self.tokenize(req)), dp_rank=req.dp_rank)
         except Exception as e:
             return self._refusal(req, e)
 
@@ -165,7 +166,7 @@ class Tokenizer:
     async def handle_generate_async(self, req: GenerateRequest) -> Outbox:
         """handle_generate for a request that may carry images or a grammar."""
         try:
-            return Outbox(to_scheduler=list(await self.tokenize_async(req)))
+            return Outbox(to_scheduler=list(await self.tokenize_async(req)), dp_rank=req.dp_rank)
         except Exception as e:
             return self._refusal(req, e)
 

@@ -3,6 +3,7 @@ and rank 0 sends StepResults (PUSH)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -28,8 +29,9 @@ from fovea.common.messages import (
 from fovea.common.model_config import ModelInfo
 from fovea.common.process import report_ready, setup_process
 from fovea.worker.cpu_malloc import allocator_name, keep_freed_memory
-from fovea.worker.cpu_threads import set_cpu_threads
+from fovea.worker.cpu_threads import numa_nodes, replica_cpus, set_cpu_threads
 from fovea.worker.distributed import destroy_distributed, init_distributed
+from fovea.worker.kv_pool import CPU_DEFAULT_FRACTION, CUDA_DEFAULT_FRACTION
 from fovea.worker.model_runner import ModelRunner, pick_device
 
 SILENCE_S = 30
@@ -41,15 +43,31 @@ def dist_init_method(args: ServerArgs, addrs: Addresses) -> str:
     if args.nnodes > 1:
         return f"tcp://{args.dist_init_addr}"
     base = addrs.ipc_dir or tempfile.gettempdir()
-    return f"file://{os.path.join(base, 'torch_dist_init')}"
+    return f"file://{os.path.join(base, addrs.role('torch_dist_init'))}"  # one per replica
 
 
 def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) -> None:
-    log = setup_process(f"worker{rank}", args.log_level, args.log_format)
+    role = addrs.role(f"worker{rank}")
+    log = setup_process(role, args.log_level, args.log_format)
     device = pick_device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+    if device.type == "cuda":  # replica d's ranks take devices d*tp .. d*tp + tp-1
+        count = torch.cuda.device_count()
+        device = torch.device("cuda", (addrs.dp_rank * args.tp_size + rank) % count)
         torch.cuda.set_device(device)
+        # More replicas' ranks than devices: those sharing a device share its memory.
+        sharing = -(-addrs.dp_size * args.tp_size // count)
+        if addrs.dp_size > 1 and sharing > 1:
+            fraction = args.mem_fraction_static or CUDA_DEFAULT_FRACTION
+            args = dataclasses.replace(args, mem_fraction_static=fraction / sharing)
+    elif addrs.dp_size > 1:
+        # Replicas on CPU: each on its own CPUs (its threads: their share of them), each
+        # sizing its caches on its share of the memory.
+        if hasattr(os, "sched_setaffinity"):
+            usable = sorted(os.sched_getaffinity(0))
+            cpus = replica_cpus(usable, numa_nodes(), addrs.dp_rank, addrs.dp_size)
+            os.sched_setaffinity(0, cpus)
+        fraction = args.mem_fraction_static or CPU_DEFAULT_FRACTION
+        args = dataclasses.replace(args, mem_fraction_static=fraction / addrs.dp_size)
     local_ranks = max(1, args.tp_size // args.nnodes)
     threads = set_cpu_threads(args.cpu_threads, local_ranks) if device.type == "cpu" else 0
     if device.type == "cpu":
@@ -60,16 +78,16 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
     plans: Receiver[ToWorker] = Receiver(ctx, addrs.worker_plan, ToWorker, bind=False, sub=True)
     results = Sender(ctx, addrs.worker_result, bind=False)
     log.info(
-        "role=worker rank=%d pid=%d device=%s dtype=%s threads=%s malloc=%s kv_pool=%d slots "
+        "role=%s rank=%d pid=%d device=%s dtype=%s threads=%s malloc=%s kv_pool=%d slots "
         "local_pool=%d slots (window %d) (%.0f MiB, %.0f resident) sockets: sub %s, push %s",
-        rank, os.getpid(), runner.device, str(runner.dtype).removeprefix("torch."),
+        role, rank, os.getpid(), runner.device, str(runner.dtype).removeprefix("torch."),
         threads or "-", allocator_name(), runner.num_slots, runner.num_local_slots,
         runner.sliding_window, runner.pool.nbytes() / 2**20,
         runner.pool.committed_bytes() / 2**20, addrs.worker_plan,
         addrs.worker_result,
     )  # fmt: skip
     report_ready(
-        ctx, addrs, f"worker{rank}", slots=str(runner.num_slots), device=runner.device.type
+        ctx, addrs, role, slots=str(runner.num_slots), device=runner.device.type
     )
 
     def on_ping(msg: SyncPing) -> bool:

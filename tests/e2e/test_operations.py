@@ -156,20 +156,22 @@ def test_metrics_count_exactly_and_requests_log_one_line_each(
     time.sleep(1.5)  # the scheduler publishes its figures once a second
     m = metric_values(srv)
     # The warm-up (1 prompt token, 1 new token) and the two requests; the second hit 2 tokens.
-    assert m["fovea:prompt_tokens_total"] == 1 + 3 + 3
-    assert m["fovea:generation_tokens_total"] == 1 + 4 + 4
-    assert m["fovea:cached_tokens_total"] == 2
+    # The scheduler's figures carry its replica (dp_rank; one replica here).
+    assert m['fovea:prompt_tokens_total{dp_rank="0"}'] == 1 + 3 + 3
+    assert m['fovea:generation_tokens_total{dp_rank="0"}'] == 1 + 4 + 4
+    assert m['fovea:cached_tokens_total{dp_rank="0"}'] == 2
     assert m['fovea:requests_total{finish_reason="length"}'] == 3
     assert m["fovea:time_to_first_token_seconds_count"] == 3
     assert m["fovea:e2e_request_latency_seconds_count"] == 3
     assert m["fovea:inter_token_latency_seconds_count"] == 3 + 3  # 3 gaps in each request
     # Steps: each request's prefill (the warm-up's too), then 3 decode steps each.
-    assert m['fovea:step_forward_seconds_count{kind="prefill"}'] == 3
-    assert m['fovea:step_forward_seconds_count{kind="decode"}'] == 3 + 3
-    assert 0 < m['fovea:step_forward_seconds_sum{kind="decode"}'] < 60
-    assert m["fovea:num_running_reqs"] == 0 and m["fovea:num_queue_reqs"] == 0
-    assert m["fovea:token_usage"] == 0
-    assert m["fovea:cache_hit_rate"] == pytest.approx(2 / 7)
+    assert m['fovea:step_forward_seconds_count{dp_rank="0",kind="prefill"}'] == 3
+    assert m['fovea:step_forward_seconds_count{dp_rank="0",kind="decode"}'] == 3 + 3
+    assert 0 < m['fovea:step_forward_seconds_sum{dp_rank="0",kind="decode"}'] < 60
+    assert m['fovea:num_running_reqs{dp_rank="0"}'] == 0
+    assert m['fovea:num_queue_reqs{dp_rank="0"}'] == 0
+    assert m['fovea:token_usage{dp_rank="0"}'] == 0
+    assert m['fovea:cache_hit_rate{dp_rank="0"}'] == pytest.approx(2 / 7)
     for role in ("scheduler", "tokenizer", "http", "worker0"):
         assert m[f'fovea:process_up{{role="{role}"}}'] == 1
     done = [r for r in json_lines(srv, role="http") if str(r["message"]).startswith("request done")]
