@@ -1,4 +1,5 @@
-"""The paged KV cache: per layer one K and one V tensor indexed by slot.
+"""The paged KV cache: per layer one K and one V tensor indexed by slot (or, for an MLA
+model's latent cache, one tensor of latent rows and no V).
 
 Slot convention (the scheduler relies on it): slots 0..page_size-1 are a scratch page, never
 handed out; attention reads padding from slot 0 and masks it. Usable slots are
@@ -14,6 +15,7 @@ committed rows commits up to COMMIT_AHEAD_ROWS past its highest slot.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +23,29 @@ CPU_DEFAULT_FRACTION = 0.25
 CUDA_DEFAULT_FRACTION = 0.88
 COMMIT_AT_START_BYTES = 2 << 30
 COMMIT_AHEAD_ROWS = 512
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What the pool holds for one token in every layer, on one rank.
+
+    kind "kv": a K row and a V row of [kv_heads, head_dim] each. kind "mla_latent" (DeepSeek-V2
+    MLA): one row [1, head_dim] holding the normalized compressed KV (kv_lora_rank values) then
+    the rotated shared rope key (qk_rope_head_dim values), and no V: attention reads values
+    from the same row (worker/attention/base.py, forward_latent)."""
+
+    kind: str
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def has_values(self) -> bool:
+        return self.kind == "kv"
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        tensors = 2 if self.has_values else 1
+        return tensors * self.num_layers * self.kv_heads * self.head_dim * dtype.itemsize
 
 
 def total_memory_bytes(device: torch.device) -> int:
@@ -54,16 +79,24 @@ def plan_num_slots(
     `weight_bytes`), capped by max_total_tokens, rounded down to whole pages. Raises if not
     even one page fits."""
     budget = kv_budget_bytes(device, weight_bytes, mem_fraction)
-    slots = max(budget, 0) // bytes_per_slot
-    if max_total_tokens is not None:
-        slots = min(slots, max_total_tokens)
-    slots -= slots % page_size
+    slots = slots_in_budget(budget, bytes_per_slot, page_size, max_total_tokens)
     if slots < page_size:
         raise RuntimeError(
             f"no memory left for the KV cache (budget {budget} bytes after {weight_bytes} bytes "
             f"of weights); raise --mem-fraction-static"
         )
     return slots
+
+
+def slots_in_budget(
+    budget: int, bytes_per_slot: int, page_size: int, max_total_tokens: int | None = None
+) -> int:
+    """Slots (tokens) whose cache rows fit in `budget` bytes, capped by max_total_tokens,
+    rounded down to whole pages (0 when not even one page fits)."""
+    slots = max(budget, 0) // bytes_per_slot
+    if max_total_tokens is not None:
+        slots = min(slots, max_total_tokens)
+    return slots - slots % page_size
 
 
 class KVPool:
@@ -77,17 +110,22 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        kind: str = "kv",
     ) -> None:
+        """kind: KVLayout's; "mla_latent" keeps only `k` (latent rows) and leaves `v` empty."""
+        self.layout = KVLayout(kind, num_layers, kv_heads, head_dim)
+        self.dtype = dtype
         self.num_slots = num_slots
         self.page_size = page_size
         rows = num_slots + page_size
-        # torch.empty: pages never written cost no physical memory on CPU.
+
+        def layer() -> torch.Tensor:
+            # torch.empty: pages never written cost no physical memory on CPU.
+            return torch.empty(rows, kv_heads, head_dim, dtype=dtype, device=device)
+
         # Each: [num_slots + page_size, kv_heads, head_dim]
-        self.k = [torch.empty(rows, kv_heads, head_dim, dtype=dtype, device=device)]
-        self.v = [torch.empty(rows, kv_heads, head_dim, dtype=dtype, device=device)]
-        for _ in range(num_layers - 1):
-            self.k.append(torch.empty(rows, kv_heads, head_dim, dtype=dtype, device=device))
-            self.v.append(torch.empty(rows, kv_heads, head_dim, dtype=dtype, device=device))
+        self.k = [layer() for _ in range(num_layers)]
+        self.v = [layer() for _ in range(num_layers)] if self.layout.has_values else []
         self.rows = rows
         # Rows [0, committed) of every tensor have been written (zeroed or stored); no step
         # has written a row at or above it. GPU memory is committed when allocated.
@@ -116,6 +154,24 @@ class KVPool:
         """Bytes the pool reserves (on CPU resident once committed)."""
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
+    @property
+    def kind(self) -> str:
+        return self.layout.kind
+
+    def bytes_per_token(self) -> int:
+        return self.layout.bytes_per_token(self.dtype)
+
+    @classmethod
+    def for_layout(
+        cls, layout: KVLayout, *, num_slots: int, page_size: int, dtype: torch.dtype,
+        device: torch.device,
+    ) -> KVPool:  # fmt: skip
+        return cls(
+            num_layers=layout.num_layers, num_slots=num_slots, page_size=page_size,
+            kv_heads=layout.kv_heads, head_dim=layout.head_dim, dtype=dtype, device=device,
+            kind=layout.kind,
+        )  # fmt: skip
+
     @staticmethod
     def bytes_per_slot(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * kv_heads * head_dim * dtype.itemsize
+        return KVLayout("kv", num_layers, kv_heads, head_dim).bytes_per_token(dtype)

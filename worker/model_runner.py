@@ -124,32 +124,25 @@ class ModelRunner:
                 cap=max(args.max_running_requests, args.max_images_per_request),
                 mem_fraction=args.mem_fraction_static, mm_cache=self.mm_cache,
             )  # fmt: skip
-        kv_heads = self.model.num_kv_heads
+        layout = self.model.kv_layout(mla_latent=args.mla_kv_cache == "latent")
         num_slots = plan_num_slots(
             device=self.device,
-            bytes_per_slot=KVPool.bytes_per_slot(
-                cfg.num_layers, kv_heads, cfg.head_dim, self.dtype
-            ),
+            bytes_per_slot=layout.bytes_per_token(self.dtype),
             weight_bytes=weight_bytes + (self.cross.pool.nbytes if self.cross else 0),
             page_size=args.page_size,
             mem_fraction=args.mem_fraction_static,
             max_total_tokens=args.max_total_tokens,
         )
-        self.pool = KVPool(
-            num_layers=cfg.num_layers,
-            num_slots=num_slots,
-            page_size=args.page_size,
-            kv_heads=kv_heads,
-            head_dim=cfg.head_dim,
-            dtype=self.dtype,
+        self.pool = KVPool.for_layout(
+            layout, num_slots=num_slots, page_size=args.page_size, dtype=self.dtype,
             device=self.device,
-        )
+        )  # fmt: skip
         backend = TorchNativeBackend
         if kernels is not None:
             if not kernels.result():
                 why = "cannot be built on this machine (the warning above says why)"
-            elif not kernel_supports(cfg.head_dim, self.dtype):
-                why = f"does not take head_dim {cfg.head_dim} with a {self.dtype} cache"
+            elif not kernel_supports(layout.head_dim, self.dtype):
+                why = f"does not take head_dim {layout.head_dim} with a {self.dtype} cache"
             else:
                 why, backend = "", CpuPagedBackend
             if why and args.attention_backend == "cpu_paged":
@@ -157,8 +150,8 @@ class ModelRunner:
         self.attn: AttentionBackend = backend(
             self.pool,
             self.model.num_heads,
-            kv_heads,
-            cfg.head_dim,
+            layout.kv_heads,
+            layout.head_dim,
             scale=self.model.attention_scale,
             layer_windows=self.model.layer_windows,
         )
