@@ -113,6 +113,15 @@ class StatsRequest(msgspec.Struct, tag=True):
 # ---------------------------------------------------------------- scheduler -> server
 
 
+class KVPoolUsage(msgspec.Struct, kw_only=True):
+    """One KV pool of the workers, as /get_server_info reports it."""
+
+    kind: str  # "kv" (K and V rows) or "mla_latent" (one latent row a token; worker/kv_pool.py)
+    bytes_per_token: int  # on each rank, all layers
+    total_tokens: int
+    free_tokens: int
+
+
 class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     """A snapshot of the scheduler. Invariant with nothing running:
     free_slots + tree_slots == total_slots."""
@@ -134,6 +143,7 @@ class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     # Invariant with nothing running: free_image_slots == image_slots.
     image_slots: int = 0
     free_image_slots: int = 0
+    kv_pools: list[KVPoolUsage] = []  # the token KV pools (free_tokens: free_slots' count)
     flushed: bool = False  # the StatsRequest asked to flush the cache, and it was emptied
 
 
@@ -216,6 +226,8 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     device: str  # torch device type the rank computes on: "cpu", "cuda"
     # Images whose cross-attention K/V the rank can hold at once (Mllama); 0: no such state.
     cross_image_slots: int = 0
+    kv_kind: str = "kv"  # what the KV pool holds per token (worker/kv_pool.py KVLayout)
+    kv_bytes_per_token: int = 0  # on this rank, all layers
 
 
 class StepResult(msgspec.Struct, tag=True, gc=False):

@@ -52,8 +52,9 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
     to_server = Sender(ctx, addrs.server_in, bind=False)
     limits = handshake(plans, results, args.tp_size, log)
     config = SchedulerConfig.from_args(
-        args, model, limits.max_seqs, limits.device, limits.cross_image_slots
-    )
+        args, model, limits.max_seqs, limits.device, limits.cross_image_slots,
+        kv_kind=limits.kv_kind, kv_bytes_per_token=limits.kv_bytes_per_token,
+    )  # fmt: skip
     core = Scheduler(config, limits.num_slots)
     log.info(
         "role=scheduler pid=%d slots=%d page_size=%d max_running=%d prefill_batch=%d "
@@ -148,6 +149,8 @@ class RankLimits(NamedTuple):
     max_seqs: int
     cross_image_slots: int
     device: str  # torch device type, the same on every rank
+    kv_kind: str  # what the pool holds per token, the same on every rank
+    kv_bytes_per_token: int  # rank 0's
 
 
 def handshake(
@@ -170,6 +173,8 @@ def handshake(
         min(r.max_seqs for r in ready.values()),
         min(r.cross_image_slots for r in ready.values()),
         ready[0].device,
+        ready[0].kv_kind,
+        ready[0].kv_bytes_per_token,
     )
 
 

@@ -53,14 +53,24 @@ class SchedulerConfig:
     # The workers' cross-attention image slots (Mllama; scheduler/cross_images.py); 0: the
     # model keeps no per-image state beside the KV cache.
     cross_image_slots: int = 0
+    # What the workers' KV pool holds per token, for /get_server_info (worker/kv_pool.py).
+    kv_kind: str = "kv"
+    kv_bytes_per_token: int = 0
 
     @staticmethod
     def from_args(
-        args: ServerArgs, model: ModelInfo, max_seqs: int, device: str, cross_image_slots: int = 0
+        args: ServerArgs,
+        model: ModelInfo,
+        max_seqs: int,
+        device: str,
+        cross_image_slots: int = 0,
+        *,
+        kv_kind: str = "kv",
+        kv_bytes_per_token: int = 0,
     ) -> SchedulerConfig:
         """`max_seqs`: rows in the workers' request table, a hard cap on running sequences;
         `device`: the workers' device type; `cross_image_slots`: the smallest image pool of
-        the ranks."""
+        the ranks; `kv_kind` / `kv_bytes_per_token`: the pool's layout, reported only."""
         auto_batch = CPU_PREFILL_BATCH_TOKENS if device == "cpu" else None
         return SchedulerConfig(
             context_length=model.context_length,
@@ -74,6 +84,8 @@ class SchedulerConfig:
             disable_radix_cache=args.disable_radix_cache,
             whole_images=images_attend_bidirectionally(model.architecture),
             cross_image_slots=cross_image_slots,
+            kv_kind=kv_kind,
+            kv_bytes_per_token=kv_bytes_per_token,
         )
 
     @property

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from fovea.common.messages import SchedulerStats
+from fovea.common.messages import KVPoolUsage, SchedulerStats
 from fovea.scheduler.batch import PlanBuilder
 from fovea.scheduler.cross_images import CrossImageSlots
 from fovea.scheduler.kv_allocator import KVAllocator
+from fovea.scheduler.policy import SchedulerConfig
 from fovea.scheduler.radix_cache import RadixCache
 from fovea.scheduler.request import Sequence
 
@@ -18,6 +19,7 @@ log = logging.getLogger("fovea.scheduler")
 class Core(Protocol):
     """What these functions read of the Scheduler (scheduler/scheduler.py), which imports them."""
 
+    config: SchedulerConfig
     running: list[Sequence]
     waiting: list[Sequence]
     allocator: KVAllocator
@@ -63,4 +65,12 @@ def snapshot(core: Core, query_id: str, flushed: bool = False) -> SchedulerStats
         retractions=core.num_retractions,
         image_slots=images.capacity if images else 0,
         free_image_slots=images.free if images else 0,
+        kv_pools=[
+            KVPoolUsage(
+                kind=core.config.kv_kind,
+                bytes_per_token=core.config.kv_bytes_per_token,
+                total_tokens=core.total_slots,
+                free_tokens=core.allocator.available,
+            )
+        ],
     )

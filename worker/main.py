@@ -79,6 +79,8 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
             max_seqs=runner.max_seqs,
             device=runner.device.type,
             cross_image_slots=runner.cross_image_slots,
+            kv_kind=runner.pool.kind,
+            kv_bytes_per_token=runner.pool.bytes_per_token(),
         )
         results.send(ready)
         return True

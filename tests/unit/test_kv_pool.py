@@ -1,5 +1,6 @@
 """The CPU KV pool's memory commit: the first rows at start-up, then ahead of each step's
-highest slot, never touching a row a step has written."""
+highest slot, never touching a row a step has written; its per-token bytes for MLA's latent
+layout against the decompressed one (DeepSeek-VL2-small's shapes)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 import torch
 from worker_driver import Driver, generate_together, make_runner
 
+from fovea.common.families.deepseek_vl2 import DeepseekV2TextConfig
 from fovea.worker import kv_pool
-from fovea.worker.kv_pool import KVPool
+from fovea.worker.kv_pool import KVLayout, KVPool, slots_in_budget
+from fovea.worker.models.deepseek_v2 import kv_layout
 
 ROW_BYTES = 2 * 2 * 2 * 4 * 4  # 2 layers x (K, V) x 2 heads x 4 dims x float32
 
@@ -76,3 +79,38 @@ def test_steps_commit_ahead_of_their_slots_and_generate_the_same_tokens(
     assert got == want
     assert driver.next_slot == 21
     assert runner.pool.committed == 21
+
+
+# DeepSeek-VL2-small's language_config, the keys that size the KV pool (its published
+# config.json; bench/README.md cites it).
+VL2_SMALL = {"num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+             "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128,
+             "qk_rope_head_dim": 64, "v_head_dim": 128, "hidden_size": 2048}  # fmt: skip
+
+
+def test_deepseek_vl2_small_keeps_the_latent_per_token() -> None:
+    """576 values a token and layer (kv_lora_rank 512 + rope key 64) against the decompressed
+    K/V's 2 x 16 heads x 192; in bf16 1 GiB holds 34521 tokens against 3236 (10.67x)."""
+    cfg = DeepseekV2TextConfig.from_hf(VL2_SMALL)
+    latent, old = kv_layout(cfg), kv_layout(cfg, mla_latent=False)
+    assert latent == KVLayout("mla_latent", 27, 1, 576)
+    assert old == KVLayout("kv", 27, 16, 192)
+    assert latent.bytes_per_token(torch.bfloat16) == 27 * 576 * 2 == 31104
+    assert old.bytes_per_token(torch.bfloat16) == 2 * 27 * 16 * 192 * 2 == 331776
+    assert slots_in_budget(1 << 30, 31104, 1) == 34521
+    assert slots_in_budget(1 << 30, 331776, 1) == 3236
+    assert slots_in_budget(1 << 30, 31104, 16, max_total_tokens=20000) == 20000
+    assert slots_in_budget(100, 31104, 1) == 0
+    # Tensor parallel: every rank keeps the whole latent, and its own heads' K/V.
+    assert kv_layout(cfg, tp=2) == latent
+    assert kv_layout(cfg, mla_latent=False, tp=2) == KVLayout("kv", 27, 8, 192)
+
+
+def test_a_latent_pool_has_no_values() -> None:
+    pool = KVPool(
+        num_layers=2, num_slots=8, page_size=4, kv_heads=1, head_dim=40, dtype=torch.float32,
+        device=torch.device("cpu"), kind="mla_latent",
+    )  # fmt: skip
+    assert pool.v == [] and [tuple(k.shape) for k in pool.k] == [(12, 1, 40)] * 2
+    assert pool.bytes_per_token() == 2 * 40 * 4 and pool.nbytes() == 12 * 2 * 40 * 4
+    assert torch.count_nonzero(pool.k[1][:4]).item() == 0
