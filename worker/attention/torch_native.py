@@ -225,11 +225,11 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
             end, kv = p.start + p.q_len, p.views[0]
             src = rows[p.start : end] if kv.slots is None else _gather(cache, kv.slots)[:, 0]
             k, v = mla.expand(src)  # [n, heads, qk], [n, heads, v_dim]
-            o = F.scaled_dot_product_attention(
+            chunk = F.scaled_dot_product_attention(
                 q[p.start : end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                 attn_mask=kv.mask, is_causal=kv.mask is None, scale=self.scale,
-            )  # fmt: skip
-            out[p.start : end] = o.transpose(0, 1)
+            )  # fmt: skip  [heads, q_len, v_dim]
+            out[p.start : end] = chunk.transpose(0, 1)
         return out
 
     def _latent_decode(
