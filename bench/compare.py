@@ -16,6 +16,8 @@ chat request with `image_url` parts fetched from a local image server (JPEG):
   all distinct) + 40 text tokens, 64 output tokens. W4data: the same with data: URIs.
 - W5 repeated image: W4 with 8 distinct images each sent 8 times.
 - W6 multi-image: 32 requests, concurrency 4, three 448×448 images interleaved with the text.
+- W2+W4: W2 on the VLM server alone ("W2vlm"), then W2 while W4's client runs beside it
+  (text latency while images are fetched, prepared and encoded).
 `--image-requests N` runs N requests of each instead (a slow CPU); W5 at least 16, so that each
 of its 8 images is sent at least twice.
 Fovea's vision-encoder runs during each workload are read from /get_server_info.
@@ -37,6 +39,8 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
+import time
 from typing import Any
 
 import httpx
@@ -73,8 +77,18 @@ IMAGE_WORKLOADS: dict[str, list[str]] = {
            "--concurrency", "4", "--input-len", "40", "--output-len", "64", "--seed", "7",
            "--image-offset", "200000", "--request-timeout", "3600"],
     "W4data": [*_W4, "--seed", "8", "--image-transport", "data", "--image-offset", "300000"],
+    # 16 requests of a 10-second 640x360 video, 4 distinct (each sent 4 times: 4 cold, 12
+    # repeats), concurrency 4.
+    "W7": ["--videos", "1", "--video-seconds", "10", "--video-size", "640x360",
+           "--distinct-videos", "4", "--num-prompts", "16", "--concurrency", "4",
+           "--input-len", "40", "--output-len", "64", "--seed", "9", "--request-timeout", "3600"],
 }  # fmt: skip
 WORKLOADS.update(IMAGE_WORKLOADS)
+# W2 on the VLM server, alone ("W2vlm") and then while W4 runs beside it ("W2+W4"): text
+# latency under image load. W4's client starts first and is stopped once W2 is done.
+BESIDE = "W2+W4"
+IMAGE_WORKLOADS[BESIDE] = []
+IMAGE_ROWS = {*IMAGE_WORKLOADS, "W2vlm"}  # the rows of RESULTS.md's image section
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vlm-model", default="", help="local VLM dir for W4-W6 (make_vlm.py)")
     p.add_argument("--image-requests", type=int, default=0, help="requests per image workload")
     p.add_argument("--w2-requests", type=int, default=8)
+    p.add_argument(
+        "--beside-delay", type=float, default=20.0, help="W2+W4: seconds of W4 before W2 starts"
+    )
     p.add_argument("--cpus", default=f"0-{(os.cpu_count() or 1) - 1}", help="tuned mode pinning")
     p.add_argument("--dtype", default="auto", help="auto: bf16 only on CPUs with native bf16")
     p.add_argument("--port", type=int, default=31500)
@@ -133,9 +150,8 @@ def resolve_dtype(name: str) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
-def client(
-    base_url: str, model_dir: str, label: str, workload: str, args: argparse.Namespace
-) -> Row:
+def client_cmd(base_url: str, model_dir: str, label: str, workload: str, args: argparse.Namespace
+               ) -> list[str]:  # fmt: skip
     extra = WORKLOADS[workload]
     if workload == "W2":
         extra = [*extra, "--num-prompts", str(args.w2_requests)]
@@ -143,13 +159,37 @@ def client(
         # W5 keeps every one of its 8 images sent at least twice.
         n = max(args.image_requests, 16) if workload == "W5" else args.image_requests
         extra = [*extra, "--num-prompts", str(n)]
-    cmd = [sys.executable, "-m", "fovea.bench.serving", "--base-url", base_url, "--model", "m",
-           "--tokenizer", model_dir, "--system", label, *extra]  # fmt: skip
+    return [sys.executable, "-m", "fovea.bench.serving", "--base-url", base_url, "--model", "m",
+            "--tokenizer", model_dir, "--system", label, *extra]  # fmt: skip
+
+
+def client(
+    base_url: str, model_dir: str, label: str, workload: str, args: argparse.Namespace
+) -> Row:
+    cmd = client_cmd(base_url, model_dir, label, workload, args)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     row: Row = json.loads(out.stdout.strip().splitlines()[-1])
     if row["errors"]:  # the client's own account of the first failures
         print("\n".join(out.stderr.strip().splitlines()[:3]), file=sys.stderr)
     return row
+
+
+def w2_beside_w4(base_url: str, model_dir: str, label: str, args: argparse.Namespace
+                 ) -> tuple[Row, Row]:  # fmt: skip
+    """W2 alone, then W2 with W4's client running beside it (started --beside-delay seconds
+    earlier, so images are being fetched, prepared and encoded when W2 starts)."""
+    alone = client(base_url, model_dir, label, "W2", args) | {"workload": "W2vlm"}
+    load = subprocess.Popen(  # all 64 of W4's requests: the load outlasts W2
+        [*client_cmd(base_url, model_dir, label, "W4", args), "--num-prompts", "64"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(args.beside_delay)
+        beside = client(base_url, model_dir, label, "W2", args) | {"workload": BESIDE}
+    finally:
+        load.terminate()  # its requests are aborted when their connections close
+        load.wait()
+    return alone, beside
 
 
 def images_encoded(run: peers.ServerRun) -> int | None:
@@ -172,23 +212,28 @@ def run_server(
     try:
         peers.wait_ready(run)
         print(f"{system}/{mode}: ready in {run.startup_s:.1f} s", file=sys.stderr)
+        label = system + args.label
         for w in workloads:
             before = images_encoded(run)
             with MemorySampler(run.proc.pid) as mem:
-                res = client(run.base_url, model_dir, system + args.label, w, args)
-            res |= {"mode": mode, "workload": w, "startup_s": round(run.startup_s, 1),
-                    "memory": mem.report()}  # fmt: skip
-            if before is not None and (after := images_encoded(run)) is not None:
-                res["encoder_runs"] = after - before
-            print(json.dumps(res), flush=True)
-            rows.append(res)
+                if w == BESIDE:
+                    got = list(w2_beside_w4(run.base_url, model_dir, label, args))
+                else:
+                    got = [client(run.base_url, model_dir, label, w, args) | {"workload": w}]
+            for res in got:
+                res |= {"mode": mode, "startup_s": round(run.startup_s, 1),
+                        "memory": mem.report()}  # fmt: skip
+                if before is not None and (after := images_encoded(run)) is not None:
+                    res["encoder_runs"] = after - before
+                print(json.dumps(res), flush=True)
+                rows.append(res)
     finally:
         peers.stop(run)
     return rows
 
 
 def images_per_request(workload: str) -> int:
-    flags = WORKLOADS[workload]
+    flags = WORKLOADS["W4" if workload == BESIDE else workload]
     return int(flags[flags.index("--images") + 1]) if "--images" in flags else 0
 
 
@@ -201,10 +246,42 @@ def run_hf(args: argparse.Namespace, model_dir: str) -> list[Row]:
         cmd = [sys.executable, "-m", "fovea.bench.hf_generate", "--model", model_dir,
                "--batch-size", str(batch), "--num-prompts", str(n), "--input-len", "200",
                "--output-len", str(out_len), "--seed", "0" if w == "W1" else "2"]  # fmt: skip
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        res = json.loads(out.stdout.strip().splitlines()[-1]) | {"mode": "-", "workload": w}
-        print(json.dumps(res), flush=True)
-        rows.append(res)
+        rows.append(hf_row(cmd, w))
+    return rows
+
+
+def hf_row(cmd: list[str], workload: str, env: dict[str, str] | None = None) -> Row:
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    res: Row = json.loads(out.stdout.strip().splitlines()[-1]) | {"mode": "-", "workload": workload}
+    res["peer"] = "hf"  # its "system" names the device and dtype too
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def run_hf_images(args: argparse.Namespace) -> list[Row]:
+    """The image floor: W4 and W6 as padded batches of their concurrency, the same requests'
+    text and JPEGs, in vLLM's bench venv (its transformers' Qwen2-VL processor needs the
+    torchvision bench/peers.py made importable there), on this checkout's bench code."""
+    python = os.path.join(args.vllm_venv, "bin", "python")
+    peers.ensure_torchvision(python)
+    link = tempfile.mkdtemp()
+    os.symlink(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f"{link}/fovea")
+    env = os.environ | {"PYTHONPATH": link}
+    rows = []
+    for w in ("W4", "W6"):
+        if w not in args.workloads.split(","):
+            continue
+        flags = WORKLOADS[w]
+        value = {flags[i]: flags[i + 1] for i in range(len(flags) - 1) if flags[i][:2] == "--"}
+        n = args.image_requests or int(value["--num-prompts"])
+        cmd = [python, "-m", "fovea.bench.hf_generate", "--model", args.vlm_model,
+               "--dtype", args.dtype, "--batch-size", value["--concurrency"],
+               "--num-prompts", str(n), "--input-len", value["--input-len"],
+               "--output-len", value["--output-len"], "--seed", value["--seed"],
+               "--images", value["--images"], "--image-size", value["--image-size"],
+               "--image-offset", value.get("--image-offset", "0"),
+               *(["--interleave"] if "--interleave" in flags else [])]  # fmt: skip
+        rows.append(hf_row(cmd, w, env))
     return rows
 
 
@@ -225,7 +302,8 @@ def run_overhead(args: argparse.Namespace, model_dir: str) -> list[Row]:
 
 def pick(rows: list[Row], system: str, mode: str, workload: str) -> Row | None:
     for r in rows:
-        if r["system"] == system and r.get("mode") in (mode, "-") and r["workload"] == workload:
+        name = r.get("peer", r["system"])
+        if name == system and r.get("mode") in (mode, "-") and r["workload"] == workload:
             return r
     return None
 
@@ -276,17 +354,25 @@ def image_ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
                 if w == "W4":
                     r["W4_ttft_p50"] = f["ttft_ms"]["p50"] / v["ttft_ms"]["p50"]
                     r["W4_memory"] = f["memory"]["peak_total_mb"] / v["memory"]["peak_total_mb"]
+            hf = pick(rows, "hf", mode, w)
+            if f and hf:
+                r[f"{w}_req_s_over_hf"] = requests_per_s(f) / requests_per_s(hf)
         for system in ("fovea", "vllm"):
             w4, w5 = pick(rows, system, mode, "W4"), pick(rows, system, mode, "W5")
             if w4 and w5:
                 r[f"W5_over_W4_ttft_{system}"] = w5["ttft_ms"]["p50"] / w4["ttft_ms"]["p50"]
+            alone, beside = pick(rows, system, mode, "W2vlm"), pick(rows, system, mode, BESIDE)
+            if alone and beside:
+                r[f"W2_beside_W4_ttft_{system}"] = (
+                    beside["ttft_ms"]["p50"] / alone["ttft_ms"]["p50"]
+                )
         out[mode] = {k: round(v, 3) for k, v in r.items()}
     return out
 
 
 # Sections of RESULTS.md measured by hand, not by this script: kept, as they are, at the end of
 # the page it rewrites (from the heading to the end of the file).
-KEPT_SECTIONS = ("## Structured output",)
+KEPT_SECTIONS = ("## Structured output", "## KV capacity")
 
 
 def split_page(text: str) -> tuple[str, str, str]:
@@ -321,8 +407,8 @@ def write_results(
             head, images, kept = split_page(f.read())
     except OSError:
         head, images, kept = "", "", ""
-    text_rows = [r for r in rows if r["workload"] not in IMAGE_WORKLOADS]
-    image_rows = [r for r in rows if r["workload"] in IMAGE_WORKLOADS]
+    text_rows = [r for r in rows if r["workload"] not in IMAGE_ROWS]
+    image_rows = [r for r in rows if r["workload"] in IMAGE_ROWS]
     if text_rows:
         head = render(text_rows, ratios(text_rows, modes), machine, date, overhead)
     if image_rows:
@@ -349,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     for system in args.systems.split(","):
         if system == "hf":
             rows += run_hf(args, model_dir)
+            rows += run_hf_images(args) if image_workloads else []
             continue
         for mode in modes:
             for model, group in groups:

@@ -7,20 +7,30 @@ TTFT at the first decoding step, ITL between steps, E2E at the end of the batch.
 line in serving.py's shape.
 
     python -m fovea.bench.hf_generate --model SmolLM2-135M-Instruct --num-prompts 128
+
+With `--images K` (a VLM from bench/make_vlm.py) each request is serving.py's chat request with
+K images (the same JPEG bytes, ids and interleaving as serving.py sends), run through the
+model's AutoProcessor and AutoModelForImageTextToText; a batch's time includes decoding its
+JPEGs and the processor. transformers' Qwen2-VL-style processors import torchvision, so
+bench/compare.py runs this mode with vLLM's bench venv's interpreter (bench/peers.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
 import sys
 import time
 from typing import Any
 
 import torch
+from PIL import Image
 
-from fovea.bench.prompts import build_prompts, load_tokenizer, resolve_model_dir
-from fovea.bench.serving import Result, report
+from fovea.bench.image_server import FORMATS, image_bytes, parse_sizes, size_of
+from fovea.bench.prompts import Prompt, build_prompts, load_tokenizer, resolve_model_dir
+from fovea.bench.serving import Result, image_ids, report, request_body
 
 
 class StepClock:
@@ -46,7 +56,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    return p.parse_args(argv)
+    p.add_argument("--images", type=int, default=0, help="images per request (a VLM)")
+    p.add_argument("--image-size", default="448x448", help="WxH[,WxH...]: image i has size i mod n")
+    p.add_argument("--image-format", choices=sorted(FORMATS), default="jpeg")
+    p.add_argument("--image-offset", type=int, default=0)
+    p.add_argument("--distinct-images", type=int, default=0)
+    p.add_argument("--interleave", action="store_true")
+    args = p.parse_args(argv)
+    args.image_sizes = parse_sizes(args.image_size)
+    return args
 
 
 def pick_dtype(device: str, requested: str) -> torch.dtype:
@@ -62,47 +80,77 @@ def pick_dtype(device: str, requested: str) -> torch.dtype:
 
 
 def generate_batch(
-    model: Any, tokenizer: Any, token_ids: list[list[int]], output_len: int, device: str
+    model: Any, inputs: dict[str, torch.Tensor], pad: int, output_len: int, start: float
 ) -> tuple[list[Result], torch.Tensor]:
-    width = max(len(ids) for ids in token_ids)
-    pad = tokenizer.pad_token_id
-    # Left padding: every row's last prompt token sits in the final column.
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in token_ids])
-    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in token_ids])
+    """Greedy `output_len` tokens for a left-padded batch; latencies from `start`."""
+    width = inputs["input_ids"].shape[1]
     clock = StepClock()
-    start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
+            **inputs,
             do_sample=False,
             max_new_tokens=output_len,
             min_new_tokens=output_len,
             pad_token_id=pad,
             logits_processor=[clock],
         )
-    if device.startswith("cuda"):
+    if out.device.type == "cuda":
         torch.cuda.synchronize()
     end = time.perf_counter()
     new = out[:, width:]  # [batch, output_len]
-    itl = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    itl = [b - a for a, b in itertools.pairwise(clock.times)]
+    lengths = inputs["attention_mask"].sum(dim=1).tolist()
     results = [
         Result(
             ok=True,
-            input_tokens=len(ids),
+            input_tokens=int(n),
             output_tokens=int(new.shape[1]),
             ttft_s=clock.times[0] - start,
             e2e_s=end - start,
             itl_s=itl,
         )
-        for ids in token_ids
+        for n in lengths
     ]
     return results, new
 
 
+def text_inputs(token_ids: list[list[int]], pad: int, device: str) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids in token_ids)
+    # Left padding: every row's last prompt token sits in the final column.
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in token_ids])
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in token_ids])
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+
+def image_inputs(
+    args: argparse.Namespace, processor: Any, prompts: list[Prompt], first: int
+) -> dict[str, torch.Tensor]:
+    """serving.py's chat requests `first`, `first + 1`, ... as the processor's batch: the same
+    text pieces and image order, the images decoded from the same JPEG bytes."""
+    texts, images = [], []
+    shape = argparse.Namespace(**(vars(args) | {"model": "m", "endpoint": "chat"}))
+    for i, prompt in enumerate(prompts, start=first):
+        ids = image_ids(shape, i)
+        body = request_body(shape, prompt, args.output_len, [str(n) for n in ids])
+        content = [
+            {"type": "image"} if part["type"] == "image_url" else part
+            for part in body["messages"][0]["content"]
+        ]
+        texts.append(
+            processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+        )
+        for n in ids:
+            data = image_bytes(n, *size_of(n, args.image_sizes), args.image_format)
+            images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    return {k: v.to(args.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(args.tokenizer or model_dir)
@@ -112,14 +160,28 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer, args.num_prompts, args.input_len, args.shared_prefix_len, args.seed
     )
     dtype = pick_dtype(args.device, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
+    processor = None
+    if args.images:
+        processor = AutoProcessor.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = model.to(args.device).eval()
     print(f"hf_generate: {model_dir} on {args.device} in {dtype}", file=sys.stderr)
 
     results: list[Result] = []
     start = time.perf_counter()
     for i in range(0, len(prompts), args.batch_size):
-        batch = [p.token_ids for p in prompts[i : i + args.batch_size]]
-        batch_results, new = generate_batch(model, tokenizer, batch, args.output_len, args.device)
+        batch = prompts[i : i + args.batch_size]
+        t0 = time.perf_counter()
+        if processor is not None:
+            inputs = image_inputs(args, processor, batch, i)
+        else:
+            inputs = text_inputs([p.token_ids for p in batch], tokenizer.pad_token_id, args.device)
+        batch_results, new = generate_batch(
+            model, inputs, tokenizer.pad_token_id, args.output_len, t0
+        )
         if new.shape[1] != args.output_len:
             raise RuntimeError(f"generate made {new.shape[1]} tokens, not {args.output_len}")
         results += batch_results

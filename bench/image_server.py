@@ -43,6 +43,17 @@ def image_bytes(i: int, width: int, height: int, fmt: str = "jpeg") -> bytes:
     return buf.getvalue()
 
 
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """Sizes from text like 448x448,1024x768 (ValueError on anything else)."""
+    sizes = []
+    for wh in text.lower().split(","):
+        w, h = (int(v) for v in wh.split("x", 1))
+        if w <= 0 or h <= 0:
+            raise ValueError(wh)
+        sizes.append((w, h))
+    return sizes
+
+
 def size_of(i: int, sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
     return sizes[i % len(sizes)]
 

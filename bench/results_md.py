@@ -29,6 +29,10 @@ RATIO_NOTES = {
     "W5_over_W4_ttft_vllm": "W5 TTFT p50 / W4 TTFT p50, vLLM",
     "W6_req_s": "W6 requests/s, Fovea / vLLM (target ≥ 1.2)",
     "W4data_req_s": "W4 with data: URIs, requests/s, Fovea / vLLM",
+    "W4_req_s_over_hf": "W4 requests/s, Fovea / transformers batched generate",
+    "W6_req_s_over_hf": "W6 requests/s, Fovea / transformers batched generate",
+    "W2_beside_W4_ttft_fovea": "W2 TTFT p50 beside W4 / alone, Fovea (target: no growth)",
+    "W2_beside_W4_ttft_vllm": "W2 TTFT p50 beside W4 / alone, vLLM",
 }
 
 IMAGE_HEADING = "## Image workloads"

@@ -19,6 +19,12 @@ Image i has size i mod the list `--image-size` (e.g. `448x448,1024x768`: half an
 `--distinct-images K` cycles K different images (1: every request repeats the same image, so
 all but the first are prefix hits; default: a new image per request, all cold). The line
 reports how many image GETs the image server answered (`image_fetches`).
+
+With `--videos 1` (W7) each request is a chat request with one synthetic `--video-seconds`
+video of `--video-size` at `--video-fps` (bench/video_source.py), sent as a data: URI, before its
+text; `--distinct-videos K` cycles K videos. The line adds TTFT of the requests that sent a video
+for the first time (`ttft_cold_ms`) and again (`ttft_repeat_ms`), TTFT p50 per second of video,
+and Fovea's own probe + decode time per second of video, timed in the bench process.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ from typing import Any
 
 import aiohttp
 
-from fovea.bench.image_server import FORMATS, ImageServer, data_uri
+from fovea.bench.image_server import FORMATS, ImageServer, data_uri, parse_sizes
 from fovea.bench.prompts import Prompt, build_prompts, load_tokenizer
+from fovea.bench.video_source import decode_ms_per_video_second, video_uri
 
 
 @dataclass
@@ -48,6 +55,7 @@ class Result:
     ttft_s: float = 0.0
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
+    first_video: bool = False  # its video was sent for the first time (W7)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--distinct-images", type=int, default=0, help="different images in all (0: one each)"
     )
+    p.add_argument("--videos", type=int, choices=[0, 1], default=0, help="a video per request")
+    p.add_argument("--video-seconds", type=float, default=10.0)
+    p.add_argument("--video-size", default="640x360", help="WxH")
+    p.add_argument("--video-fps", type=int, default=30, help="the source's frame rate")
+    p.add_argument("--distinct-videos", type=int, default=0, help="different videos (0: one each)")
     p.add_argument(
         "--json-schema",
         default=None,
@@ -88,18 +101,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         with open(args.json_schema) as f:
             args.schema = json.load(f)
     try:
-        args.image_sizes = [
-            tuple(int(v) for v in wh.split("x", 1)) for wh in args.image_size.lower().split(",")
-        ]
+        args.image_sizes = parse_sizes(args.image_size)
     except ValueError:
         p.error(f"--image-size must be WxH[,WxH...], got {args.image_size!r}")
-    if args.images:
+    try:
+        args.video_wh = tuple(int(v) for v in args.video_size.lower().split("x", 1))
+    except ValueError:
+        p.error(f"--video-size must be WxH, got {args.video_size!r}")
+    if args.images or args.videos:
         args.endpoint = "chat"
     return args
 
 
 def request_body(
-    args: argparse.Namespace, prompt: Prompt, max_tokens: int, image_urls: Sequence[str] = ()
+    args: argparse.Namespace,
+    prompt: Prompt,
+    max_tokens: int,
+    image_urls: Sequence[str] = (),
+    video_url: str = "",
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": args.model,
@@ -114,7 +133,12 @@ def request_body(
             "type": "json_schema",
             "json_schema": {"name": "bench", "schema": args.schema},
         }
-    if image_urls:
+    if video_url:
+        video = {"type": "video_url", "video_url": {"url": video_url}}
+        body["messages"] = [
+            {"role": "user", "content": [video, {"type": "text", "text": prompt.text}]}
+        ]
+    elif image_urls:
         images = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
         pieces = len(images) + 1 if args.interleave else 1
         texts = [{"type": "text", "text": t} for t in text_pieces(prompt.text, pieces)]
@@ -247,18 +271,51 @@ def report(
         "itl_ms": summarize_ms([x for r in ok for x in r.itl_s]),
         "e2e_ms": summarize_ms([r.e2e_s for r in ok]),
         "errors": args.num_prompts - len(ok),
+        **(video_report(args, ok) if getattr(args, "videos", 0) else {}),
     }
+
+
+def video_report(args: argparse.Namespace, ok: list[Result]) -> dict[str, Any]:
+    cold = summarize_ms([r.ttft_s for r in ok if r.first_video])
+    repeat = summarize_ms([r.ttft_s for r in ok if not r.first_video])
+    width, height = args.video_wh
+    return {
+        "video": f"{args.video_seconds:g}s {width}x{height} @{args.video_fps}",
+        "distinct_videos": args.distinct_videos,
+        "ttft_cold_ms": cold,
+        "ttft_repeat_ms": repeat,
+        "repeat_over_cold_ttft_p50": round(repeat["p50"] / cold["p50"], 3) if cold["p50"] else None,
+        "ttft_p50_ms_per_video_second": round(
+            summarize_ms([r.ttft_s for r in ok])["p50"] / args.video_seconds, 3
+        ),
+        "decode_ms_per_video_second": decode_ms_per_video_second(
+            args.video_seconds, width, height, args.video_fps
+        ),
+    }
+
+
+def video_of(args: argparse.Namespace, i: int) -> tuple[str, int]:
+    """(the data: URI of request i's video, its id); "" without --videos. Warm-up requests
+    (i < 0) use videos of their own."""
+    if not args.videos:
+        return "", -1
+    n = i % args.distinct_videos if args.distinct_videos and i >= 0 else i
+    width, height = args.video_wh
+    return video_uri(n, args.video_seconds, width, height, args.video_fps), n
+
+
+def image_ids(args: argparse.Namespace, i: int) -> list[int]:
+    """The image server's ids of request i's images (bench/hf_generate.py sends the same)."""
+    k = i * args.images
+    distinct = args.distinct_images
+    ids = [(k + j) % distinct if distinct and i >= 0 else k + j for j in range(args.images)]
+    return [n + args.image_offset + 10**6 * (i < 0) for n in ids]
 
 
 def images_of(args: argparse.Namespace, server: ImageServer | None, i: int) -> list[str]:
     """Image URLs (or data: URIs) of request i (warm-up requests are i < 0 and use images of
     their own)."""
-    if not args.images:
-        return []
-    k = i * args.images
-    distinct = args.distinct_images
-    ids = [(k + j) % distinct if distinct and i >= 0 else k + j for j in range(args.images)]
-    ids = [n + args.image_offset + 10**6 * (i < 0) for n in ids]
+    ids = image_ids(args, i)
     if server is None:
         return [data_uri(n, args.image_sizes, args.image_format) for n in ids]
     return [server.url(n) for n in ids]
@@ -290,7 +347,8 @@ async def _run(
         # first as warm-up would be a prefix-cache hit when timed.
         warm_prompts, prompts = prompts[args.num_prompts :], prompts[: args.num_prompts]
         for i, prompt in enumerate(warm_prompts):
-            body = request_body(args, prompt, 8, images_of(args, images, -1 - i))
+            video, _ = video_of(args, -1 - i)
+            body = request_body(args, prompt, 8, images_of(args, images, -1 - i), video)
             warm = await send_one(session, url, body)
             if not warm.ok:
                 print(f"warm-up request failed: {warm.error}", file=sys.stderr)
@@ -299,11 +357,19 @@ async def _run(
         for i in range(len(prompts)):
             queue.put_nowait(i)
 
+        sent_videos: set[int] = set()
+
         async def worker() -> None:
             while not queue.empty():
                 i = queue.get_nowait()
-                body = request_body(args, prompts[i], args.output_len, images_of(args, images, i))
+                video, vid = video_of(args, i)
+                body = request_body(
+                    args, prompts[i], args.output_len, images_of(args, images, i), video
+                )
+                first = vid not in sent_videos
+                sent_videos.add(vid)
                 results[i] = await send_one(session, url, body)
+                results[i].first_video = first
                 if not results[i].ok:
                     print(f"request {i} failed: {results[i].error}", file=sys.stderr)
 

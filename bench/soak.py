@@ -1,29 +1,38 @@
 """Soak test: N concurrent streaming chat requests (text, and a share with an image from a local
 image server) for a fixed time against a running Fovea server. Checks that nothing is lost:
 every response completes with a finish_reason, no request errors, the KV cache is all free or in
-the prefix tree afterwards; samples the resident memory of the server's processes in six equal
-windows. Prints one JSON line.
+the prefix tree afterwards; samples the resident memory of each of the server's processes in
+equal windows (`--windows`) and reports each one's growth from the first window to the last.
+Prints one JSON line.
 
     launch_server --model-path M --chat-template T --allow-private-media-urls &
     python -m fovea.bench.soak --base-url http://127.0.0.1:30000 --model M \\
         --concurrency 256 --duration 60 --image-share 0.25 --server-pid $!
+
+W4 in a loop (issue 26's memory check: every request one new JPEG, 448x448 or 1024x768, 64
+tokens out), ten one-minute windows:
+
+    python -m fovea.bench.soak --model M --server-pid $! --concurrency 8 --duration 600 \\
+        --windows 10 --image-share 1 --distinct-images 0 --image-size 448x448,1024x768 \\
+        --image-format jpeg --max-tokens 64 --exact-tokens --request-timeout 3600
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from fovea.bench.image_server import ImageServer
+from fovea.bench.image_server import FORMATS, ImageServer, parse_sizes
+from fovea.bench.procmem import label, rss_bytes, tree_pids
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
 
@@ -33,32 +42,35 @@ class SoakResult:
     completed: int = 0
     incomplete: int = 0  # a stream ended without a finish_reason
     errors: list[str] = field(default_factory=list)
-    rss_windows_mb: list[float] = field(default_factory=list)
+    memory: MemoryWindows | None = None
 
 
-def process_tree_rss_mb(pid: int) -> float:
-    """Resident memory of `pid` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        p = int(entry.name)
-        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(p)
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                rss[p] = int(line.split()[1])
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        total += rss.get(p, 0)
-        todo.extend(children.get(p, []))
-    return total / 1024
+class MemoryWindows:
+    """Resident memory of each process under the launcher, as the largest RSS each process
+    reached in each of `n` equal time windows (a process is named by procmem.label + pid)."""
+
+    def __init__(self, root: int, n: int) -> None:
+        self.root, self.n = root, n
+        self.by_process: dict[str, list[float]] = {}
+        self.total: list[float] = []
+
+    def add_window(self, samples: list[dict[str, int]]) -> None:
+        k = len(self.total)
+        self.total.append(round(max(sum(s.values()) for s in samples) / 2**20, 1))
+        for name in {n for s in samples for n in s}:
+            row = self.by_process.setdefault(name, [0.0] * k)
+            row.extend([0.0] * (k - len(row)))
+            row.append(round(max(s.get(name, 0) for s in samples) / 2**20, 1))
+
+    def sample(self) -> dict[str, int]:
+        return {f"{label(p)} [{p}]": rss_bytes(p) for p in tree_pids(self.root)}
+
+
+def growth(windows: list[float]) -> float | None:
+    """Growth of the last window's peak over the first window's (the warm-up minute)."""
+    if len(windows) < 2 or not windows[0]:
+        return None
+    return round(windows[-1] / windows[0] - 1, 4)
 
 
 async def one_request(
@@ -74,7 +86,8 @@ async def one_request(
         ]
     body = {
         "model": args.model, "messages": [{"role": "user", "content": content}],
-        "max_tokens": rng.randint(4, args.max_tokens), "temperature": 0.7, "stream": True,
+        "max_tokens": args.max_tokens if args.exact_tokens else rng.randint(4, args.max_tokens),
+        "temperature": 0.7, "stream": True, "ignore_eos": args.exact_tokens,
     }  # fmt: skip
     finish = None
     try:
@@ -92,7 +105,8 @@ async def one_request(
 
 async def soak(args: argparse.Namespace) -> SoakResult:
     res = SoakResult()
-    images = ImageServer([(64, 64)], "png") if args.image_share > 0 else None
+    images = ImageServer(args.image_sizes, args.image_format) if args.image_share > 0 else None
+    fresh = itertools.count(10**6)  # --distinct-images 0: every image request a new image
     end = time.monotonic() + args.duration
     limits = httpx.Limits(max_connections=args.concurrency)
     async with httpx.AsyncClient(
@@ -104,7 +118,8 @@ async def soak(args: argparse.Namespace) -> SoakResult:
             while time.monotonic() < end:
                 url = None
                 if images is not None and rng.random() < args.image_share:
-                    url = images.url(rng.randrange(args.distinct_images))
+                    n = rng.randrange(args.distinct_images) if args.distinct_images else next(fresh)
+                    url = images.url(n)
                 err = await one_request(client, args, rng, url)
                 if err is None:
                     res.completed += 1
@@ -113,19 +128,20 @@ async def soak(args: argparse.Namespace) -> SoakResult:
                 else:
                     res.errors.append(err)
 
-        async def sample_memory() -> None:
-            window = args.duration / 6
-            for _ in range(6):
+        async def sample_memory(mem: MemoryWindows) -> None:
+            window = args.duration / mem.n
+            for _ in range(mem.n):
                 samples = []
                 w_end = time.monotonic() + window
                 while time.monotonic() < w_end:
-                    samples.append(process_tree_rss_mb(args.server_pid))
+                    samples.append(mem.sample())
                     await asyncio.sleep(min(1.0, window / 4))
-                res.rss_windows_mb.append(round(max(samples), 1))
+                mem.add_window(samples)
 
         tasks = [asyncio.create_task(worker(i)) for i in range(args.concurrency)]
         if args.server_pid:
-            tasks.append(asyncio.create_task(sample_memory()))
+            res.memory = MemoryWindows(args.server_pid, args.windows)
+            tasks.append(asyncio.create_task(sample_memory(res.memory)))
         await asyncio.gather(*tasks)
     if images is not None:
         images.close()
@@ -144,20 +160,28 @@ def idle_stats(base_url: str, timeout: float = 60.0) -> dict[str, int]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     res = asyncio.run(soak(args))
     s = idle_stats(args.base_url)
-    w = res.rss_windows_mb
+    mem = res.memory or MemoryWindows(0, 0)
+    procs = [
+        {"name": name, "rss_windows_mb": w, "growth_after_first_window": growth(w)}
+        for name, w in sorted(mem.by_process.items(), key=lambda kv: -max(kv[1]))
+    ]
+    growths = [p["growth_after_first_window"] for p in procs]
     return {
         "bench": "soak",
         "concurrency": args.concurrency,
         "duration_s": args.duration,
         "image_share": args.image_share,
+        "image_sizes": args.image_size,
         "completed": res.completed,
         "incomplete": res.incomplete,
         "errors": len(res.errors),
         "first_errors": res.errors[:5],
         "kv_leak_slots": s["total_slots"] - s["free_slots"] - s["tree_slots"],
         "idle": s["running"] == 0 and s["waiting"] == 0,
-        "rss_windows_mb": w,
-        "rss_growth_2nd_to_6th": round(w[5] / w[1] - 1, 4) if len(w) == 6 and w[1] else None,
+        "rss_windows_mb": mem.total,
+        "rss_growth_after_first_window": growth(mem.total),
+        "max_process_growth": max((g for g in growths if g is not None), default=None),
+        "processes": procs,
     }
 
 
@@ -169,10 +193,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--image-share", type=float, default=0.25, help="requests with an image")
-    p.add_argument("--distinct-images", type=int, default=16)
+    p.add_argument(
+        "--distinct-images", type=int, default=16, help="0: every image request a new image"
+    )
+    p.add_argument("--image-size", default="64x64", help="WxH[,WxH...]: image i has size i mod n")
+    p.add_argument("--image-format", choices=sorted(FORMATS), default="png")
+    p.add_argument(
+        "--exact-tokens", action="store_true", help="every request --max-tokens, ignore_eos"
+    )
+    p.add_argument("--windows", type=int, default=6, help="memory sampling windows")
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--server-pid", type=int, default=0, help="launcher pid: sample its RSS")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.image_sizes = parse_sizes(args.image_size)
+    except ValueError:
+        p.error(f"--image-size must be WxH[,WxH...], got {args.image_size!r}")
+    if args.windows < 2:
+        p.error("--windows must be at least 2")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -139,6 +139,17 @@ class ServerArgs:
         ("lpm", "fcfs"),
     )
     disable_radix_cache: bool = _opt(False, "Turn the prefix cache off.")
+    swa_full_tokens_ratio: float = _opt(
+        0.8,
+        "Models with sliding-window layers (Gemma 3): slots of the local layers' KV pool per "
+        "slot of the global layers' pool. Local layers keep only each sequence's window, so "
+        "long contexts need few (gemma-3-4b-it at 8k tokens: 0.15 fits ~3.6x the tokens of "
+        "one pool); short ones need one per token.",
+    )
+    disable_hybrid_swa_memory: bool = _opt(
+        False,
+        "Keep every layer's KV for every token in one pool, sliding-window layers included.",
+    )
     allowed_local_media_path: str | None = _opt(
         None, "A directory under which image_url may name local files (path or file://)."
     )
@@ -153,6 +164,20 @@ class ServerArgs:
     max_image_pixels: int = _opt(
         50_000_000, "Largest image accepted, in pixels (checked before decoding)."
     )
+    max_video_bytes: int = _opt(64 * 1024 * 1024, "Largest video file accepted, in bytes.")
+    max_video_seconds: float = _opt(
+        600.0,
+        "Longest video accepted, in seconds (from the container's metadata, before decoding).",
+    )
+    max_video_frames: int = _opt(
+        768, "Most frames sampled from one video (a request's max_frames may not exceed it)."
+    )
+    max_video_tokens: int = _opt(
+        16384,
+        "Most placeholder tokens one video may take; a longer video is sampled at fewer frames "
+        "to fit, or refused (400) when the request pinned fps or max_frames.",
+    )
+    video_fps: float = _opt(2.0, "Frames sampled per second of video when a request gives no fps.")
     media_url_ttl: float = _opt(
         60.0,
         "Seconds an http(s) image URL's bytes are reused without a request; after that they "
@@ -301,6 +326,8 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--mem-fraction-static must be in (0, 1), got {a.mem_fraction_static}"
     if a.max_total_tokens is not None and a.max_total_tokens < 2:
         return f"--max-total-tokens must be >= 2, got {a.max_total_tokens}"
+    if not 0.0 < a.swa_full_tokens_ratio <= 1.0:
+        return f"--swa-full-tokens-ratio must be in (0, 1], got {a.swa_full_tokens_ratio}"
     if a.chunked_prefill_size == 0 or a.chunked_prefill_size < -1:
         return f"--chunked-prefill-size must be -1 or >= 1, got {a.chunked_prefill_size}"
     if a.max_prefill_tokens < 1:
@@ -321,6 +348,10 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--media-fetch-timeout must be > 0, got {a.media_fetch_timeout}"
     if a.max_image_bytes < 1 or a.max_image_pixels < 1:
         return "--max-image-bytes and --max-image-pixels must be >= 1"
+    if a.max_video_bytes < 1 or a.max_video_frames < 1 or a.max_video_tokens < 1:
+        return "--max-video-bytes, --max-video-frames and --max-video-tokens must be >= 1"
+    if a.max_video_seconds <= 0 or a.video_fps <= 0:
+        return "--max-video-seconds and --video-fps must be > 0"
     if a.media_url_ttl < 0:
         return f"--media-url-ttl must be >= 0, got {a.media_url_ttl}"
     if a.media_url_cache_mb < 0:

@@ -45,6 +45,22 @@ class ImageRef(msgspec.Struct, array_like=True, frozen=True):
     data: bytes | None = None
 
 
+class VideoRef(msgspec.Struct, array_like=True, frozen=True):
+    """A video as a client gave it, unfetched: exactly one of `url` and `data` (as ImageRef)
+    or `frames` (image URLs, one per frame, all taken: SGLang's image parts with "modalities":
+    "video"), and the sampling the client asked for (None: the server's default). `fps`: frames
+    sampled per second of video; `max_frames`: most frames sampled; `min_pixels`/`max_pixels`:
+    the per-frame pixel range where the family resizes by pixel count (Qwen2-VL)."""
+
+    url: str | None = None
+    data: bytes | None = None
+    fps: float | None = None
+    max_frames: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    frames: list[str] | None = None
+
+
 class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
     """Exactly one of `text`, `input_ids` and `messages` is set (the server checks).
     Images of a chat request are parts of its messages; `images` carries those of a raw
@@ -63,6 +79,7 @@ class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
     # Function tools the chat template renders (OpenAI's shape, as the client sent them).
     tools: list[dict[str, Any]] = []
     images: list[ImageRef] = []
+    videos: list[VideoRef] = []  # a raw prompt's videos, one per video placeholder
     arrival_time: float = 0.0
 
 
@@ -79,6 +96,9 @@ class ImageInput(msgspec.Struct, array_like=True, gc=False):
     num_tokens: int
     pixel_values: np.ndarray  # float32; the family's layout (Qwen2-VL: [patches, C*T*P*P])
     grid: list[int]  # the family's geometry (Qwen2-VL: [t, h, w] in patches)
+    # A video's seconds per temporal grid step (Qwen2.5-VL's M-RoPE spaces its frames by
+    # tokens_per_second * this); 0.0 for a still image.
+    second_per_grid_t: float = 0.0
 
 
 class TokenizedRequest(msgspec.Struct, tag=True, kw_only=True):
@@ -113,15 +133,6 @@ class StatsRequest(msgspec.Struct, tag=True):
 # ---------------------------------------------------------------- scheduler -> server
 
 
-class KVPoolUsage(msgspec.Struct, kw_only=True):
-    """One KV pool of the workers, as /get_server_info reports it."""
-
-    kind: str  # "kv" (K and V rows) or "mla_latent" (one latent row a token; worker/kv_pool.py)
-    bytes_per_token: int  # on each rank, all layers
-    total_tokens: int
-    free_tokens: int
-
-
 class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     """A snapshot of the scheduler. Invariant with nothing running:
     free_slots + tree_slots == total_slots."""
@@ -133,17 +144,36 @@ class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     evictable_slots: int
     running: int
     waiting: int
+    waiting_tokens: int = 0  # tokens of the waiting sequences (prompts, and outputs if retracted)
     steps: int
     cache_hit_tokens: int
     prompt_tokens: int
     generated_tokens: int
     images_encoded: int = 0  # vision-encoder runs on rank 0 since start
     retractions: int = 0  # sequences sent back to the queue for lack of KV memory
-    # Cross-attention image state (Mllama): slots in the workers' pool, and free ones.
-    # Invariant with nothing running: free_image_slots == image_slots.
+    # Cross-attention image state (Mllama): slots in the workers' pool, free ones, references
+    # to slots in use by running sequences (more than the slots in use when images are
+    # shared), slots with two or more references, and images whose K/V rank 0 computed since
+    # start (a shared or still-held image's K/V are not computed again).
+    # Invariant with nothing running: free_image_slots == image_slots, image_slot_users == 0.
     image_slots: int = 0
     free_image_slots: int = 0
-    kv_pools: list[KVPoolUsage] = []  # the token KV pools (free_tokens: free_slots' count)
+    image_slot_users: int = 0
+    shared_image_slots: int = 0
+    cross_kv_computed: int = 0
+    # What the workers' pools hold per token (worker/kv_pool.py KVLayout): kind "kv" (K and V
+    # rows) or "mla_latent" (one latent row), the same in both pools; bytes a token takes in
+    # the global pool and in the local one, on each rank, all the pool's layers.
+    kv_kind: str = "kv"
+    kv_bytes_per_token: int = 0
+    local_kv_bytes_per_token: int = 0
+    # The sliding-window layers' pool (0 when the model keeps one pool); invariant with
+    # nothing running: local_free_slots + local_tree_slots == local_slots.
+    local_slots: int = 0
+    local_free_slots: int = 0
+    local_tree_slots: int = 0
+    local_freed_early: int = 0  # local slots running sequences gave back (left the window)
+    sliding_window: int = 0
     flushed: bool = False  # the StatsRequest asked to flush the cache, and it was emptied
 
 
@@ -170,6 +200,12 @@ class NewSequence(msgspec.Struct, array_like=True, gc=False):
     sampling: SamplingParams
     prefix_slots: list[int]
     images: list[ImageInput] = []  # every image of the prompt, cached prefix or not
+    # Cross-attention images (Mllama): each image's slot in the workers' image pool, shared by
+    # every sequence with that image (scheduler/cross_images.py); [] for other models.
+    image_slots: list[int] = []
+    # With a local (sliding-window) pool: the prefix's local slots, 0 where freed (no local
+    # layer reads them: they lie outside every window).
+    prefix_local_slots: list[int] = []
 
 
 class ScheduledChunk(msgspec.Struct, array_like=True, gc=False):
@@ -179,6 +215,8 @@ class ScheduledChunk(msgspec.Struct, array_like=True, gc=False):
     key: str
     new_slots: list[int]
     sample: bool
+    # With a local (sliding-window) pool: where the local layers' K/V of the same tokens go.
+    new_local_slots: list[int] = []
 
 
 class StepPlan(msgspec.Struct, tag=True, gc=False):
@@ -222,12 +260,16 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     nonce: int
     rank: int
     num_slots: int  # KV slots in the pool (same on every rank)
+    # Slots of the local (sliding-window) layers' pool, and their window; 0: one pool.
+    num_local_slots: int = 0
+    sliding_window: int = 0
     max_seqs: int  # rows in the worker's request table
     device: str  # torch device type the rank computes on: "cpu", "cuda"
     # Images whose cross-attention K/V the rank can hold at once (Mllama); 0: no such state.
     cross_image_slots: int = 0
-    kv_kind: str = "kv"  # what the KV pool holds per token (worker/kv_pool.py KVLayout)
-    kv_bytes_per_token: int = 0  # on this rank, all layers
+    kv_kind: str = "kv"  # what the KV pools hold per token (worker/kv_pool.py KVLayout)
+    kv_bytes_per_token: int = 0  # in the global pool, on this rank, all its layers
+    local_kv_bytes_per_token: int = 0  # in the local pool (0: one pool)
 
 
 class StepResult(msgspec.Struct, tag=True, gc=False):
@@ -243,6 +285,7 @@ class StepResult(msgspec.Struct, tag=True, gc=False):
     # positions after those it computed: a chunk of tokens [start, end) gives the entries of
     # prompt tokens start+1 .. min(end, num_prompt - 1), in order (possibly none).
     prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+    cross_kv_computed: int = 0  # image slots whose cross-attention K/V were written this step
 
 
 class WorkerAlive(msgspec.Struct, tag=True):

@@ -24,9 +24,9 @@ from fovea.common.config import ServerArgs, check_args
 from fovea.common.messages import GenerateRequest, TextDelta
 from fovea.common.sampling import SamplingParams, validate_sampling
 from fovea.launcher.launch import ChildDied, ProcessGroup, prepare
-from fovea.server.native_responses import NativeRenderer
+from fovea.server.native_responses import NativeRenderer, kv_pools
 from fovea.server.openai_protocol import native_sampling
-from fovea.server.request_build import images_per_prompt, prompt_request
+from fovea.server.request_build import images_per_prompt, prompt_request, videos_per_prompt
 from fovea.server.requests import RequestFailed, RequestManager
 
 T = TypeVar("T")
@@ -81,6 +81,7 @@ class Engine:
         prompts: Prompt | list[Prompt],
         sampling_params: dict[str, Any] | list[dict[str, Any]] | None,
         image_data: Any = None,
+        video_data: Any = None,
     ) -> tuple[list[GenerateRequest], bool]:
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
@@ -94,14 +95,16 @@ class Engine:
         if len(params) != len(plist):
             raise ValueError(f"{len(plist)} prompts but {len(params)} sampling_params")
         images = images_per_prompt(_encode_pil(image_data), len(plist))
+        videos = videos_per_prompt(video_data, len(plist))
         reqs = [
             prompt_request(
                 uuid.uuid4().hex,
                 prompt if isinstance(prompt, str) else list(prompt),
                 _sampling(p),
                 imgs,
+                vids,
             )
-            for prompt, p, imgs in zip(plist, params, images, strict=True)
+            for prompt, p, imgs, vids in zip(plist, params, images, videos, strict=True)
         ]
         return reqs, single
 
@@ -110,6 +113,7 @@ class Engine:
         prompts: Prompt | list[Prompt],
         sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
         image_data: Any = None,
+        video_data: Any = None,
     ) -> Any:
         """Outputs in SGLang's shape ({"text", "output_ids", "meta_info"}): one dict for one
         prompt, else a list in prompt order (a list per prompt when n > 1).
@@ -117,8 +121,13 @@ class Engine:
         image_data: for one prompt, an image or a list of images; for several, one entry per
         prompt (None, an image or a list). An image is a URL, data URI, local path (under
         allowed_local_media_path), bytes of an image file, or a PIL image. Each prompt holds
-        one image placeholder of the model's chat template per image, in order."""
-        reqs, single = self._requests(prompts, sampling_params, image_data)
+        one image placeholder of the model's chat template per image, in order.
+
+        video_data: the same shapes for videos. A video is a URL, data URI, local path, the
+        file's bytes, or a dict with one of "url" / "data" and any of "fps", "max_frames",
+        "min_pixels", "max_pixels"; one video placeholder (<|video_pad|> for Qwen2-VL) per
+        video, in order."""
+        reqs, single = self._requests(prompts, sampling_params, image_data, video_data)
 
         async def run_all() -> list[Any]:
             return await asyncio.gather(
@@ -134,10 +143,12 @@ class Engine:
         sampling_params: dict[str, Any] | None = None,
         stream: bool = False,
         image_data: Any = None,
+        video_data: Any = None,
     ) -> Any:
         """One prompt. stream=False: the output dict; stream=True: an async iterator of
-        cumulative outputs, one per new piece of text. image_data as for generate."""
-        (req,), _ = self._requests(prompt, sampling_params, image_data)
+        cumulative outputs, one per new piece of text. image_data and video_data as for
+        generate."""
+        (req,), _ = self._requests(prompt, sampling_params, image_data, video_data)
         if stream:
             return self._stream(req)
         fut = asyncio.run_coroutine_threadsafe(
@@ -180,8 +191,9 @@ class Engine:
             raise ValueError(e.message) from e
 
     def get_server_info(self) -> dict[str, Any]:
-        stats = self._call(self._mgr.stats())
-        return {"scheduler": msgspec.to_builtins(stats)}
+        stats: dict[str, Any] = msgspec.to_builtins(self._call(self._mgr.stats()))
+        stats["kv_pools"] = kv_pools(stats)
+        return {"scheduler": stats}
 
     # ------------------------------------------------------------------ lifetime
 

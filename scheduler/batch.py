@@ -29,8 +29,11 @@ class PlanBuilder:
             self._dropped.append(seq.key)
             seq.sent = False
 
-    def add_chunk(self, seq: Sequence, new_slots: list[int], sample: bool) -> None:
-        """Schedule `len(new_slots)` more tokens of `seq` (its slots already include them)."""
+    def add_chunk(
+        self, seq: Sequence, new_slots: list[int], sample: bool, new_local: list[int] | None = None
+    ) -> None:
+        """Schedule `len(new_slots)` more tokens of `seq` (its slots already include them);
+        `new_local`: their local-pool slots, with a sliding-window pool."""
         if not seq.sent:
             self._new.append(
                 NewSequence(
@@ -40,10 +43,12 @@ class PlanBuilder:
                     sampling=seq.worker_sampling,
                     prefix_slots=seq.slots[: seq.prefix_len],
                     images=seq.images,
+                    image_slots=seq.image_slots,
+                    prefix_local_slots=seq.local_slots[: seq.prefix_len],
                 )
             )
             seq.sent = True
-        self._chunks.append(ScheduledChunk(seq.key, new_slots, sample))
+        self._chunks.append(ScheduledChunk(seq.key, new_slots, sample, new_local or []))
 
     def build(self) -> StepPlan | None:
         """The plan of everything added since the last one; None when there is nothing to

@@ -53,14 +53,18 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
     limits = handshake(plans, results, args.tp_size, log)
     config = SchedulerConfig.from_args(
         args, model, limits.max_seqs, limits.device, limits.cross_image_slots,
-        kv_kind=limits.kv_kind, kv_bytes_per_token=limits.kv_bytes_per_token,
+        limits.sliding_window, kv_kind=limits.kv_kind,
+        kv_bytes_per_token=limits.kv_bytes_per_token,
+        local_kv_bytes_per_token=limits.local_kv_bytes_per_token,
     )  # fmt: skip
-    core = Scheduler(config, limits.num_slots)
+    core = Scheduler(config, limits.num_slots, num_local_slots=limits.num_local_slots)
     log.info(
-        "role=scheduler pid=%d slots=%d page_size=%d max_running=%d prefill_batch=%d "
-        "image_slots=%d sockets: in=%s plan=%s result=%s tokenizer=%s server=%s",
-        os.getpid(), core.total_slots, args.page_size, config.max_running_requests,
-        config.batch_target, limits.cross_image_slots,
+        "role=scheduler pid=%d slots=%d local_slots=%d window=%d page_size=%d max_running=%d "
+        "prefill_batch=%d image_slots=%d sockets: in=%s plan=%s result=%s tokenizer=%s "
+        "server=%s",
+        os.getpid(), core.total_slots, limits.num_local_slots, limits.sliding_window,
+        args.page_size, config.max_running_requests, config.batch_target,
+        limits.cross_image_slots,
         addrs.scheduler_in, addrs.worker_plan, addrs.worker_result, addrs.tokenizer_in,
         addrs.server_in,
     )  # fmt: skip
@@ -149,8 +153,11 @@ class RankLimits(NamedTuple):
     max_seqs: int
     cross_image_slots: int
     device: str  # torch device type, the same on every rank
-    kv_kind: str  # what the pool holds per token, the same on every rank
-    kv_bytes_per_token: int  # rank 0's
+    kv_kind: str  # what the pools hold per token, the same on every rank
+    kv_bytes_per_token: int  # rank 0's, global pool
+    local_kv_bytes_per_token: int  # rank 0's, local pool (0: one pool)
+    num_local_slots: int = 0  # the sliding-window layers' pool; 0: one pool
+    sliding_window: int = 0
 
 
 def handshake(
@@ -175,6 +182,9 @@ def handshake(
         ready[0].device,
         ready[0].kv_kind,
         ready[0].kv_bytes_per_token,
+        ready[0].local_kv_bytes_per_token,
+        min(r.num_local_slots for r in ready.values()),
+        ready[0].sliding_window,
     )
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from fovea.common.config import ServerArgs
 from fovea.common.messages import ImageInput
 from fovea.common.model_config import ModelInfo, images_attend_bidirectionally
-from fovea.scheduler.radix_cache import RadixCache
+from fovea.scheduler.radix_cache import RadixCache, RadixNode
 from fovea.scheduler.request import Sequence
 
 LPM_MIN_WAITING = 8
@@ -53,9 +53,12 @@ class SchedulerConfig:
     # The workers' cross-attention image slots (Mllama; scheduler/cross_images.py); 0: the
     # model keeps no per-image state beside the KV cache.
     cross_image_slots: int = 0
-    # What the workers' KV pool holds per token, for /get_server_info (worker/kv_pool.py).
+    # The local layers' window when the workers keep a second pool for them (0: one pool).
+    sliding_window: int = 0
+    # What the workers' pools hold per token, for /get_server_info (worker/kv_pool.py).
     kv_kind: str = "kv"
     kv_bytes_per_token: int = 0
+    local_kv_bytes_per_token: int = 0
 
     @staticmethod
     def from_args(
@@ -64,13 +67,16 @@ class SchedulerConfig:
         max_seqs: int,
         device: str,
         cross_image_slots: int = 0,
+        sliding_window: int = 0,
         *,
         kv_kind: str = "kv",
         kv_bytes_per_token: int = 0,
+        local_kv_bytes_per_token: int = 0,
     ) -> SchedulerConfig:
         """`max_seqs`: rows in the workers' request table, a hard cap on running sequences;
         `device`: the workers' device type; `cross_image_slots`: the smallest image pool of
-        the ranks; `kv_kind` / `kv_bytes_per_token`: the pool's layout, reported only."""
+        the ranks; `sliding_window`: the window of the workers' local pool (0: none);
+        `kv_kind` / `*kv_bytes_per_token`: the pools' layout, reported only."""
         auto_batch = CPU_PREFILL_BATCH_TOKENS if device == "cpu" else None
         return SchedulerConfig(
             context_length=model.context_length,
@@ -84,8 +90,10 @@ class SchedulerConfig:
             disable_radix_cache=args.disable_radix_cache,
             whole_images=images_attend_bidirectionally(model.architecture),
             cross_image_slots=cross_image_slots,
+            sliding_window=sliding_window,
             kv_kind=kv_kind,
             kv_bytes_per_token=kv_bytes_per_token,
+            local_kv_bytes_per_token=local_kv_bytes_per_token,
         )
 
     @property
@@ -166,3 +174,21 @@ def whole_image_prefix(images: list[ImageInput], prefix_len: int, page_size: int
                 prefix_len = img.offset - img.offset % page_size
                 cut = True
     return prefix_len
+
+
+def usable_prefix(
+    cache: RadixCache, seq: Sequence, use_cache: bool, whole_images: bool
+) -> tuple[list[int], list[int], RadixNode]:
+    """The cached prefix `seq` may start from (global slots, local slots, node): at least its
+    last known token is computed, to get the logits of the next one; the tree cuts a hit
+    whose window is not whole, and a hit ending inside an image computed whole is cut back
+    to the image's start, until neither applies."""
+    key = seq.match_key if use_cache else []
+    while True:
+        slots, local, node = cache.match(key)
+        cut = len(slots)
+        if whole_images and seq.images:
+            cut = whole_image_prefix(seq.images, cut, cache.page_size)
+        if cut == len(slots):
+            return slots, local, node
+        key = seq.cache_key[:cut]

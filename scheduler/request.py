@@ -3,7 +3,8 @@
 A sequence is WAITING (holds no slots, no lock) or RUNNING (holds KV slots and possibly a
 locked radix node). Invariant while RUNNING: `slots[i]` holds the KV of `token_ids[i]` for
 `i < num_computed == len(slots)`; the first `prefix_len` slots belong to the radix tree (the
-locked `node`'s path), the rest to the sequence.
+locked `node`'s path), the rest to the sequence. With a local (sliding-window) pool the same
+holds of `local_slots`, whose entries are 0 where the sequence freed them.
 
 The radix key of a sequence is its token ids with each image's placeholder tokens replaced by
 values derived from the image's content hash (`image_key_values`): the same image gives the
@@ -70,6 +71,12 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     slots: list[int] = field(default_factory=list)
+    # While RUNNING, with cross-attention images (Mllama): each image's slot (cross_images.py).
+    image_slots: list[int] = field(default_factory=list)
+    # With a local (sliding-window) pool: one local slot per token of `slots`, 0 once freed
+    # (scheduler/window_slots.py); positions below `local_cursor` were considered for freeing.
+    local_slots: list[int] = field(default_factory=list)
+    local_cursor: int = 0
     prefix_len: int = 0
     node: RadixNode | None = None
     # Prefix-cache hit at the first admission (reported to the client); None until admitted.

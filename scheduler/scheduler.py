@@ -9,6 +9,12 @@ retracted, up to and including the one asking. A retracted sequence's computed t
 the radix tree (so its re-admission can hit them) and it returns to the front of the waiting
 queue with prompt + outputs so far as input. The oldest running sequence therefore always
 progresses, and each sequence alone fits (checked on arrival): no deadlock.
+
+Sliding-window models (`num_local_slots > 0`): a second pool for the local layers
+(scheduler/window_slots.py). Every allocation takes the same number of slots from both pools,
+eviction frees from both, and before each step a running sequence gives back the local pages
+that left its window. The tree matches only prefixes whose window is whole
+(scheduler/radix_cache.py).
 """
 
 from __future__ import annotations
@@ -39,12 +45,13 @@ from fovea.scheduler.policy import (
     StepBudget,
     admission_order,
     decode_reserve,
+    usable_prefix,
     whole_image_chunk,
-    whole_image_prefix,
 )
 from fovea.scheduler.radix_cache import RadixCache
 from fovea.scheduler.request import SeqStatus, Sequence
 from fovea.scheduler.stats import flush_cache, snapshot
+from fovea.scheduler.window_slots import WindowSlots
 
 log = logging.getLogger("fovea.scheduler")
 
@@ -57,10 +64,19 @@ class Scheduler:
         config: SchedulerConfig,
         num_slots: int,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        num_local_slots: int = 0,
     ) -> None:
+        """num_local_slots: the workers' local (sliding-window) pool; 0: one pool for all."""
         self.config = config
         self.allocator = KVAllocator(num_slots, config.page_size)
-        self.cache = RadixCache(config.page_size, disabled=config.disable_radix_cache)
+        self.local: WindowSlots | None = None
+        if num_local_slots:
+            self.local = WindowSlots(num_local_slots, config.page_size, config.sliding_window)
+        window = config.sliding_window if self.local else 0
+        self.cache = RadixCache(
+            config.page_size, disabled=config.disable_radix_cache, window=window
+        )
         self.plans = PlanBuilder()
         self.cross_images = (
             CrossImageSlots(config.cross_image_slots) if config.cross_image_slots else None
@@ -79,6 +95,7 @@ class Scheduler:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.images_encoded = 0
+        self.cross_kv_computed = 0
         self.images_received = 0
         self.handlers: dict[type, Callable[[Any], None]] = {
             TokenizedRequest: self.add_request,
@@ -108,7 +125,7 @@ class Scheduler:
         assert max_new is not None, "the tokenizer resolves max_new_tokens"
         need = len(req.input_ids) + max_new
         too_many_images = (
-            self.cross_images.refusal(req.rid, len(req.images)) if self.cross_images else None
+            self.cross_images.refusal(req.rid, req.images) if self.cross_images else None
         )
         if not req.input_ids:
             self._reject(req.rid, f"request {req.rid}: empty prompt")
@@ -120,6 +137,15 @@ class Scheduler:
                 f"request {req.rid} needs {need} KV slots ({len(req.input_ids)} prompt + "
                 f"{max_new} max new tokens) but the cache holds only {self.total_slots}; "
                 "lower max_tokens or shorten the prompt",
+            )
+        elif self.local and (
+            (local_need := self.local.request_need(req, need, self.config)) > self._local_total
+        ):
+            self._reject(
+                req.rid,
+                f"request {req.rid} needs {local_need} slots of the sliding-window layers' pool "
+                f"but it holds only {self._local_total}; raise --swa-full-tokens-ratio or "
+                "lower --chunked-prefill-size",
             )
         else:
             seq = Sequence(
@@ -184,6 +210,10 @@ class Scheduler:
             self._admit_waiting(budget)
         return self.plans.build()
 
+    @property
+    def _local_total(self) -> int:
+        return self.local.total_slots if self.local else 0
+
     def _schedule_running(self, budget: StepBudget) -> None:
         """Decode every running sequence (oldest first) and continue chunked prefills within
         the budget, retracting the newest sequences when memory runs out."""
@@ -194,34 +224,34 @@ class Scheduler:
             if want > 1 and self.config.whole_images:
                 want = whole_image_chunk(seq.images, seq.num_computed, want)
             if want > 0:
-                got = self._grow(i, want)
-                if got is None:  # seq was the newest left and gave way
+                grown = self._grow(i, want)
+                if grown is None:  # seq was the newest left and gave way
                     return
+                got, got_local = grown
                 if seq.pending > 1:
                     budget.take(len(got))
                 sample = len(got) == seq.pending
                 seq.slots.extend(got)
-                self.plans.add_chunk(seq, got, sample)
+                seq.local_slots.extend(got_local)
+                self.plans.add_chunk(seq, got, sample, got_local)
             i += 1
 
-    def _grow(self, i: int, want: int) -> list[int] | None:
-        """Slots for up to `want` more tokens of running[i] (a prefill chunk may shrink to what
-        memory holds). Evicts the tree, then retracts the newest running sequences, ending
-        with running[i] itself (then None)."""
+    def _grow(self, i: int, want: int) -> tuple[list[int], list[int]] | None:
+        """Global and local slots for up to `want` more tokens of running[i] (a prefill chunk
+        may shrink to what memory holds). Evicts the tree, then retracts the newest running
+        sequences, ending with running[i] itself (then None)."""
         seq = self.running[i]
         alloc = self.allocator
+        if self.local is not None:
+            self.local.trim(seq)
         while True:
-            short = alloc.slots_needed(seq.num_computed, want) - alloc.available
-            if short > 0:
-                alloc.free(self.cache.evict(short))
-            room = -seq.num_computed % alloc.page_size + alloc.available
+            self._evict_for(alloc.slots_needed(seq.num_computed, want))
+            room = -seq.num_computed % alloc.page_size + self._available
             n = min(want, room)
             if n < want and self.config.whole_images:
                 n = whole_image_chunk(seq.images, seq.num_computed, n, extend=False)
             if n == want or (n >= 1 and want > 1):
-                got = alloc.extend(seq.slots, n)
-                assert got is not None
-                return got
+                return self._extend(seq.slots, seq.local_slots, n)
             victim = self.running[-1]
             self._retract(victim)
             if victim is seq:
@@ -233,18 +263,15 @@ class Scheduler:
             if len(self.running) >= cap or not self._admit(seq, budget):
                 return
 
-    def _admit(self, seq: Sequence, budget: StepBudget) -> bool:
+    def _admit(self, seq: Sequence, budget: StepBudget, use_cache: bool = True) -> bool:
         """Admit `seq` with its first chunk if budget and memory allow; False otherwise."""
         alloc = self.allocator
         if self.cross_images is not None and not self.cross_images.fits(seq):
             return False  # its images' cross-attention state waits for free image slots
-        # At least the last known token is computed, to get the logits of the next one.
-        prefix_slots, node = self.cache.match_prefix(seq.match_key)
+        prefix_slots, prefix_local, node = usable_prefix(
+            self.cache, seq, use_cache, self.config.whole_images
+        )
         whole = self.config.whole_images and bool(seq.images)
-        if whole:  # a hit ending inside an image is cut back to the image's start
-            cut = whole_image_prefix(seq.images, len(prefix_slots), alloc.page_size)
-            if cut < len(prefix_slots):
-                prefix_slots, node = self.cache.match_prefix(seq.cache_key[:cut])
         prefix_len = len(prefix_slots)
         extend = seq.num_tokens - prefix_len
         n = budget.prefill_chunk(extend)
@@ -253,11 +280,10 @@ class Scheduler:
         if whole:
             n = whole_image_chunk(seq.images, prefix_len, n)
         self.cache.inc_lock(node)
-        room = (
-            alloc.available
-            + self.cache.evictable_size
-            - decode_reserve(len(self.running), alloc.page_size)
-        )
+        room = alloc.available + self.cache.evictable_size
+        if self.local is not None:
+            room = min(room, self.local.available + self.cache.evictable_local)
+        room -= decode_reserve(len(self.running), alloc.page_size)
         if alloc.slots_needed(prefix_len, n) > room:
             # The prefix is page-aligned, so m tokens take ceil(m / page) pages.
             n = room - room % alloc.page_size if budget.chunking else 0
@@ -265,18 +291,21 @@ class Scheduler:
                 n = whole_image_chunk(seq.images, prefix_len, n, extend=False)
             if n <= 0:
                 self.cache.dec_lock(node)
+                if prefix_len and not self.running:
+                    # The hit's locked path may hold more local slots than the sequence
+                    # needs; alone, it is admitted without it (each sequence alone fits).
+                    return self._admit(seq, budget, use_cache=False)
                 return False
-        short = alloc.slots_needed(prefix_len, n) - alloc.available
-        if short > 0:
-            alloc.free(self.cache.evict(short))
-        got = alloc.extend(prefix_slots, n)
-        assert got is not None
+        self._evict_for(alloc.slots_needed(prefix_len, n))
+        got, got_local = self._extend(prefix_slots, prefix_local, n)
         self.waiting.remove(seq)
         self.running.append(seq)
         seq.status = SeqStatus.RUNNING
         if self.cross_images is not None:
             self.cross_images.take(seq)
         seq.slots = prefix_slots + got
+        seq.local_slots = prefix_local + got_local
+        seq.local_cursor = prefix_len
         seq.prefix_len = prefix_len
         seq.node = node
         seq.admitted_at = self._admissions
@@ -288,7 +317,7 @@ class Scheduler:
             seq.cached_tokens = prefix_len
             self.cache_hit_tokens += prefix_len
         budget.take(n)
-        self.plans.add_chunk(seq, got, n == extend)
+        self.plans.add_chunk(seq, got, n == extend, got_local)
         return True
 
     # ------------------------------------------------------------------ results
@@ -297,6 +326,7 @@ class Scheduler:
         """Append each sampled token, check stop conditions, emit one SeqOutput per token;
         the first output of a sequence computing prompt logprobs carries them all."""
         self.images_encoded += result.images_encoded
+        self.cross_kv_computed += result.cross_kv_computed
         for key, entries in result.prompt_logprobs.items():
             if (seq := self.seqs.get(key)) is not None and seq.computing_prompt_logprobs:
                 seq.prompt_logprobs.extend(entries)  # running: retractions wait for results
@@ -339,15 +369,23 @@ class Scheduler:
         lock is dropped, and the workers are told to forget it."""
         n = seq.num_computed
         aligned = n - n % self.config.page_size
-        present = self.cache.insert(seq.cache_key[:aligned], seq.slots[:aligned])
+        local = None
+        if self.local is not None:
+            self.local.trim(seq)  # the tree takes only local K/V a hit can read
+            local = seq.local_slots[:aligned]
+        present = self.cache.insert(seq.cache_key[:aligned], seq.slots[:aligned], local)
         # Slots [prefix_len, present) duplicate the tree's; [aligned, n) is a partial page.
         self.allocator.free(seq.slots[seq.prefix_len : present] + seq.slots[aligned:])
+        if self.local is not None:
+            self.local.free(seq.local_slots[seq.prefix_len : present] + seq.local_slots[aligned:])
         if seq.node is not None:
             self.cache.dec_lock(seq.node)
         if self.cross_images is not None:
-            self.cross_images.release(seq)  # the workers free them when they drop it
+            self.cross_images.release(seq)  # the slots' K/V stay until given to another image
         seq.node = None
         seq.slots = []
+        seq.local_slots = []
+        seq.local_cursor = 0
         seq.prefix_len = 0
         self.plans.drop(seq)
 
@@ -362,6 +400,31 @@ class Scheduler:
             "request %s: sequence %s retracted (out of KV slots) after %d output tokens",
             seq.rid, seq.key, len(seq.output_ids),
         )  # fmt: skip
+
+    @property
+    def _available(self) -> int:
+        """Free slots of every pool (an allocation takes as many from each)."""
+        free = self.allocator.available
+        return min(free, self.local.available) if self.local else free
+
+    def _evict_for(self, need: int) -> None:
+        """Evict the tree until `need` slots are free in every pool (or nothing is left)."""
+        short = need - self.allocator.available
+        short_local = need - self.local.available if self.local else 0
+        if short > 0 or short_local > 0:
+            freed, freed_local = self.cache.evict_pages(max(short, 0), max(short_local, 0))
+            self.allocator.free(freed)
+            if self.local is not None:
+                self.local.free(freed_local)
+
+    def _extend(
+        self, held: list[int], held_local: list[int], n: int
+    ) -> tuple[list[int], list[int]]:
+        """n more slots of each pool after `held` (the caller made room)."""
+        got = self.allocator.extend(held, n)
+        got_local = self.local.extend(held_local, n) if self.local else []
+        assert got is not None and got_local is not None
+        return got, got_local
 
     # ------------------------------------------------------------------ helpers
 

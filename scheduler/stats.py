@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from fovea.common.messages import KVPoolUsage, SchedulerStats
+from fovea.common.messages import SchedulerStats
 from fovea.scheduler.batch import PlanBuilder
 from fovea.scheduler.cross_images import CrossImageSlots
 from fovea.scheduler.kv_allocator import KVAllocator
 from fovea.scheduler.policy import SchedulerConfig
 from fovea.scheduler.radix_cache import RadixCache
 from fovea.scheduler.request import Sequence
+from fovea.scheduler.window_slots import WindowSlots
 
 log = logging.getLogger("fovea.scheduler")
 
@@ -23,6 +24,7 @@ class Core(Protocol):
     running: list[Sequence]
     waiting: list[Sequence]
     allocator: KVAllocator
+    local: WindowSlots | None
     cache: RadixCache
     plans: PlanBuilder
     cross_images: CrossImageSlots | None
@@ -30,6 +32,7 @@ class Core(Protocol):
     prompt_tokens: int
     generated_tokens: int
     images_encoded: int
+    cross_kv_computed: int
     num_retractions: int
 
     @property
@@ -41,13 +44,19 @@ def flush_cache(core: Core) -> bool:
     sequence holds a lock in the tree and every cached slot is evictable. True if emptied."""
     if core.running or core.waiting:
         return False
-    core.allocator.free(core.cache.evict(core.cache.evictable_size))
+    freed, freed_local = core.cache.evict_pages(
+        core.cache.evictable_size, core.cache.evictable_local
+    )
+    core.allocator.free(freed)
+    if core.local is not None:
+        core.local.free(freed_local)
     log.info("flush_cache: prefix cache emptied (%d slots free)", core.allocator.available)
     return core.cache.total_size == 0
 
 
 def snapshot(core: Core, query_id: str, flushed: bool = False) -> SchedulerStats:
     images = core.cross_images
+    local = core.local
     return SchedulerStats(
         query_id=query_id,
         flushed=flushed,
@@ -57,6 +66,7 @@ def snapshot(core: Core, query_id: str, flushed: bool = False) -> SchedulerStats
         evictable_slots=core.cache.evictable_size,
         running=len(core.running),
         waiting=len(core.waiting),
+        waiting_tokens=sum(len(seq.prompt_ids) + len(seq.output_ids) for seq in core.waiting),
         steps=core.plans.step,
         cache_hit_tokens=core.cache_hit_tokens,
         prompt_tokens=core.prompt_tokens,
@@ -65,12 +75,15 @@ def snapshot(core: Core, query_id: str, flushed: bool = False) -> SchedulerStats
         retractions=core.num_retractions,
         image_slots=images.capacity if images else 0,
         free_image_slots=images.free if images else 0,
-        kv_pools=[
-            KVPoolUsage(
-                kind=core.config.kv_kind,
-                bytes_per_token=core.config.kv_bytes_per_token,
-                total_tokens=core.total_slots,
-                free_tokens=core.allocator.available,
-            )
-        ],
+        image_slot_users=images.users if images else 0,
+        shared_image_slots=images.shared if images else 0,
+        cross_kv_computed=core.cross_kv_computed,
+        kv_kind=core.config.kv_kind,
+        kv_bytes_per_token=core.config.kv_bytes_per_token,
+        local_kv_bytes_per_token=core.config.local_kv_bytes_per_token,
+        local_slots=local.total_slots if local else 0,
+        local_free_slots=local.available if local else 0,
+        local_tree_slots=core.cache.local_size,
+        local_freed_early=local.freed_early if local else 0,
+        sliding_window=local.window if local else 0,
     )

@@ -46,8 +46,10 @@ class ServerContext:
             self._manager.fail_all(message)
 
     def check_model(self, name: str | None) -> None:
-        """The served name and the local path it resolved to both name this model."""
-        if name not in (None, "", "default", self.args.model_name, self.args.model_path):
+        """The served name and the local path it resolved to both name this model; no name
+        (also SGLang's router's "unknown", which it writes where the client gave none) means it."""
+        unnamed = (None, "", "default", "unknown")
+        if name not in (*unnamed, self.args.model_name, self.args.model_path):
             raise APIError(404, f"The model `{name}` does not exist.", "model")
 
     def checked(self, sampling: SamplingParams) -> SamplingParams:

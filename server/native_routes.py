@@ -1,5 +1,5 @@
-"""SGLang's native routes (/generate, /flush_cache, /get_model_info, /get_server_info), the
-health probes and /metrics."""
+"""SGLang's native routes (/generate, /flush_cache, /get_model_info, /get_server_info,
+/get_load, and the newer names /model_info and /server_info), the health probes and /metrics."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from fovea.common import metrics as fovea_metrics
-from fovea.common.messages import GenerateRequest
+from fovea.common.messages import GenerateRequest, SchedulerStats
 from fovea.common.sampling import SamplingParams
 from fovea.server import responses
 from fovea.server.context import Ctx
-from fovea.server.native_responses import NativeRenderer
+from fovea.server.native_responses import NativeRenderer, kv_pools
 from fovea.server.openai_protocol import (
     GenerateReqInput,
     native_sampling,
@@ -57,6 +57,7 @@ def _native_sampling(body: GenerateReqInput) -> SamplingParams:
 
 @router.post("/generate")
 async def generate(body: GenerateReqInput, request: Request, ctx: Ctx) -> Response:
+    ctx.check_model(body.model)
     if (body.text is None) == (body.input_ids is None):
         raise APIError(400, "give exactly one of text and input_ids", "text")
     sampling = ctx.checked(_native_sampling(body))
@@ -117,18 +118,42 @@ async def health_generate(ctx: Ctx) -> Response:
     return Response(status_code=200)
 
 
+# SGLang serves both names; its router asks for /server_info and /model_info first and falls
+# back to the /get_ names with a deprecation warning.
 @router.get("/get_model_info")
+@router.get("/model_info")
 async def model_info(ctx: Ctx) -> Response:
     return responses.json(responses.model_info(ctx.args, ctx.model))
 
 
+def sglang_load(stats: SchedulerStats, dp_rank: int = 0) -> dict[str, int]:
+    """One scheduler's entry of /get_load. num_tokens (what SGLang's router balances by)
+    counts the KV slots running sequences hold (not the evictable cache) and the tokens of the
+    waiting ones; an idle scheduler reports 0."""
+    held = stats.total_slots - stats.free_slots - stats.evictable_slots
+    return {
+        "dp_rank": dp_rank,
+        "num_reqs": stats.running + stats.waiting,
+        "num_waiting_reqs": stats.waiting,
+        "num_tokens": held + stats.waiting_tokens,
+    }
+
+
+@router.get("/get_load")
+async def load(ctx: Ctx) -> Response:
+    """SGLang's shape: a list with one entry per data-parallel rank."""
+    return responses.json([sglang_load(await ctx.manager.stats())])
+
+
 @router.get("/get_server_info")
+@router.get("/server_info")
 async def server_info(ctx: Ctx) -> Response:
     """SGLang's shape: the server arguments at the top level, the scheduler's state in
     internal_states (one entry per scheduler) and as `scheduler`, the version."""
     stats: dict[str, Any] = msgspec.to_builtins(await ctx.manager.stats())
     stats.pop("query_id", None)
     stats.pop("flushed", None)
+    stats["kv_pools"] = kv_pools(stats)
     args = responses.public_args(ctx.args)
     info: dict[str, Any] = {
         **args,

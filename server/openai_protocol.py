@@ -84,9 +84,27 @@ class ImageURL(BaseModel):
 class ImagePart(BaseModel):
     type: Literal["image_url"]
     image_url: ImageURL
+    # SGLang's: consecutive image parts marked "video" are the frames of one video.
+    modalities: Literal["image", "multi-images", "video"] | None = None
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(BaseModel):
+    """A video and, optionally, how to sample it (these win over the body's fields)."""
+
+    url: str = Field(min_length=1)
+    fps: float | None = Field(None, gt=0)
+    max_frames: int | None = Field(None, ge=1)
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+VIDEO_FIELDS = ("fps", "max_frames", "min_pixels", "max_pixels")
 
 
 class ChatMessageParam(BaseModel):
@@ -101,11 +119,17 @@ class ChatMessageParam(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
-    def to_message(self, index: int = 0) -> ChatMessage:
-        """APIError 400 (naming messages.`index`) for malformed tool calls."""
+    def to_message(
+        self, index: int = 0, video_defaults: dict[str, Any] | None = None
+    ) -> ChatMessage:
+        """APIError 400 (naming messages.`index`) for malformed tool calls. `video_defaults`:
+        the body's video sampling fields, filled into each video part that lacks them."""
         content: str | list[dict[str, Any]] | None
         if isinstance(self.content, list):
             content = [p.model_dump(exclude_none=True) for p in self.content]
+            for part in content:
+                if part["type"] == "video_url" and video_defaults:
+                    part["video_url"] = {**video_defaults, **part["video_url"]}
         else:
             content = self.content
         calls = None
@@ -212,6 +236,14 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Video sampling for every video part that does not set its own (None: the server's).
+    fps: float | None = Field(None, gt=0)
+    max_frames: int | None = Field(None, ge=1)
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+    def video_defaults(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in VIDEO_FIELDS if getattr(self, k) is not None}
 
     def sampling(self) -> SamplingParams:
         limit = (
@@ -251,6 +283,7 @@ class GenerateReqInput(BaseModel):
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
+    model: str | None = None  # SGLang's router forwards the client's (or null); checked if given
     # One prompt: an image or a list; several: one entry (None, image or list) per prompt.
     image_data: str | list[str | list[str] | None] | None = None
     # A dict, so an unknown key gets native_sampling's message naming it; its schema in
@@ -361,11 +394,36 @@ def _empty(value: Any) -> bool:
     return value is None or value == [] or value == ""
 
 
+# SGLang's extension fields that its router (sglang-router) writes into every request it
+# forwards, at these defaults: at exactly that value each asks for nothing Fovea does not do
+# (no reasoning parser, no hidden states, every request logged and answered in the
+# foreground), so it passes; any other value is refused by name like every unknown field.
+ROUTER_DEFAULTS: dict[str, bool] = {
+    "no_stop_trim": False,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+    "return_hidden_states": False,
+    "return_routed_experts": False,
+    "log_metrics": True,
+    "background": False,
+    "no_logs": False,
+    "return_bytes": False,
+    "return_entropy": False,
+}
+
+
+def _inert(key: str, value: Any) -> bool:
+    if value is None:
+        return True
+    default = ROUTER_DEFAULTS.get(key)
+    return type(value) is type(default) and value == default
+
+
 def unsupported_field(body: _SamplingFields | GenerateReqInput) -> str | None:
     """The first request field Fovea does not implement (a dotted path), or None. A field sent
-    as null asks for nothing and passes."""
+    as null, or as the router's default (ROUTER_DEFAULTS), asks for nothing and passes."""
     for key, value in (body.model_extra or {}).items():
-        if value is not None:
+        if not _inert(key, value):
             return key
     if isinstance(body, ChatCompletionRequest):
         for i, m in enumerate(body.messages):

@@ -61,7 +61,7 @@ async def chat(body: ChatCompletionRequest, request: Request, ctx: Ctx) -> Respo
     req = GenerateRequest(
         rid=new_id("chatcmpl"),
         sampling=sampling,
-        messages=[m.to_message(i) for i, m in enumerate(body.messages)],
+        messages=[m.to_message(i, body.video_defaults()) for i, m in enumerate(body.messages)],
         add_generation_prompt=add_generation_prompt,
         continue_final_message=body.continue_final_message,
         chat_template_kwargs=body.chat_template_kwargs or {},

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import msgspec
 
-from fovea.common.messages import GenerateRequest, ImageRef, TextDelta
+from fovea.common.messages import GenerateRequest, ImageRef, TextDelta, VideoRef
 from fovea.common.sampling import SamplingParams
+
+T = TypeVar("T")
 
 
 class APIError(Exception):
@@ -66,6 +68,7 @@ def prompt_request(
     prompt: str | list[int],
     sampling: SamplingParams,
     images: list[ImageRef] | None = None,
+    videos: list[VideoRef] | None = None,
 ) -> GenerateRequest:
     text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
     return GenerateRequest(
@@ -74,7 +77,54 @@ def prompt_request(
         text=text,
         input_ids=ids,
         images=images or [],
+        videos=videos or [],
         arrival_time=time.time(),
+    )
+
+
+def _per_prompt(data: Any, n_prompts: int, name: str, ref: Callable[[Any], T]) -> list[list[T]]:
+    """`data` aligned with the prompts: for one prompt an item or a list of items; for several,
+    a list with one entry (None, an item or a list) per prompt."""
+
+    def refs(entry: Any) -> list[T]:
+        items = entry if isinstance(entry, list) else [] if entry is None else [entry]
+        return [ref(item) for item in items]
+
+    if data is None:
+        return [[] for _ in range(n_prompts)]
+    if n_prompts == 1:
+        return [refs(data)]
+    if not isinstance(data, list) or len(data) != n_prompts:
+        raise ValueError(
+            f"{name} must be a list with one entry for each of the {n_prompts} prompts"
+        )
+    return [refs(entry) for entry in data]
+
+
+def _image_ref(item: Any) -> ImageRef:
+    if isinstance(item, str):
+        return ImageRef(url=item)
+    if isinstance(item, bytes | bytearray):
+        return ImageRef(data=bytes(item))
+    raise ValueError(f"an image must be a URL, data URI, path or bytes, not {type(item).__name__}")
+
+
+def _video_ref(item: Any) -> VideoRef:
+    if isinstance(item, str):
+        return VideoRef(url=item)
+    if isinstance(item, bytes | bytearray):
+        return VideoRef(data=bytes(item))
+    if isinstance(item, dict):
+        fields = VideoRef.__struct_fields__
+        unknown = sorted(set(item) - set(fields))
+        if unknown:
+            raise ValueError(f"a video dict has unknown keys {unknown}; known: {list(fields)}")
+        try:  # VideoRef is array-like: its fields in order
+            return msgspec.convert([item.get(f) for f in fields], VideoRef)
+        except msgspec.ValidationError as e:
+            raise ValueError(f"a video dict is malformed: {e}") from None
+    raise ValueError(
+        f"a video must be a URL, data URI, path, bytes or a dict, not {type(item).__name__}"
     )
 
 
@@ -82,30 +132,14 @@ def images_per_prompt(image_data: Any, n_prompts: int) -> list[list[ImageRef]]:
     """SGLang's `image_data` aligned with the prompts: for one prompt an image or a list of
     images; for several, a list with one entry (None, an image or a list) per prompt. An
     image is a URL / data URI / path string, or the file's bytes. ValueError if misshapen."""
+    return _per_prompt(image_data, n_prompts, "image_data", _image_ref)
 
-    def refs(entry: Any) -> list[ImageRef]:
-        items = entry if isinstance(entry, list) else [] if entry is None else [entry]
-        out = []
-        for item in items:
-            if isinstance(item, str):
-                out.append(ImageRef(url=item))
-            elif isinstance(item, bytes | bytearray):
-                out.append(ImageRef(data=bytes(item)))
-            else:
-                raise ValueError(
-                    f"an image must be a URL, data URI, path or bytes, not {type(item).__name__}"
-                )
-        return out
 
-    if image_data is None:
-        return [[] for _ in range(n_prompts)]
-    if n_prompts == 1:
-        return [refs(image_data)]
-    if not isinstance(image_data, list) or len(image_data) != n_prompts:
-        raise ValueError(
-            f"image_data must be a list with one entry for each of the {n_prompts} prompts"
-        )
-    return [refs(entry) for entry in image_data]
+def videos_per_prompt(video_data: Any, n_prompts: int) -> list[list[VideoRef]]:
+    """`video_data` aligned with the prompts as image_data is. A video is a URL / data URI /
+    path string, the file's bytes, or a dict with one of "url" and "data" and any of "fps",
+    "max_frames", "min_pixels", "max_pixels". ValueError if misshapen."""
+    return _per_prompt(video_data, n_prompts, "video_data", _video_ref)
 
 
 async def merge_streams(

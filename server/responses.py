@@ -364,7 +364,9 @@ def model_info(args: ServerArgs, model: ModelInfo) -> dict[str, Any]:
         "tokenizer_path": args.tokenizer_path or args.model_path,
         "served_model_name": args.model_name,
         "is_generation": True,
+        "model_type": model.model_type,
         "architecture": model.architecture,
+        "architectures": [model.architecture],  # SGLang's name (its router labels workers by it)
         "context_length": model.context_length,
     }
 

@@ -8,8 +8,13 @@ import pytest
 # Servers the tests start compare greedy tokens with float32 references; on a CPU with native
 # bf16 `--dtype auto` would serve bfloat16 and diverge. (A test's own --dtype still wins.)
 os.environ.setdefault("FOVEA_DTYPE", "float32")
+# transformers' video processors (the video fidelity tests' reference) import torchvision, which
+# lives beside the venv, not in it (tests/fixtures/video_helpers.py says why; README: Test).
+_TORCHVISION = Path(__file__).resolve().parents[1] / ".venv" / "torchvision-tests"
+if _TORCHVISION.is_dir():
+    os.environ.setdefault("FOVEA_TEST_TORCHVISION", str(_TORCHVISION))
 
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_model  # noqa: E402 (after the environment it reads)
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ CHATML = (
 # chat_template_kwargs variable) prefixes "Picture k: ".
 QWEN2_VL = (
     "{% set image_count = namespace(value=0) %}"
+    "{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -45,6 +46,10 @@ QWEN2_VL = (
     "{% set image_count.value = image_count.value + 1 %}"
     "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
     "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}"
     "{% endif %}"
     "{% endfor %}<|im_end|>\n"
@@ -124,6 +129,8 @@ def _llava_template(head: str, turn: str, blank: str, system: str) -> str:
         "{%- for p in m['content'] -%}"
         "{%- if p['type'] in ('image_url', 'image', 'input_image') -%}"
         "{%- set ns.text = ns.text + '<image>\\n' -%}"
+        "{%- elif p['type'] == 'video' -%}"
+        "{%- set ns.text = ns.text + '<video>\\n' -%}"
         "{%- elif p['type'] == 'text' -%}"
         "{%- set ns.text = ns.text + p['text'] -%}"
         "{%- endif -%}"

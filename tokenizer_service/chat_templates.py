@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 import msgspec
 
-from fovea.common.messages import ChatMessage, ImageRef
+from fovea.common.messages import ChatMessage, ImageRef, VideoRef
 from fovea.tokenizer_service.builtin_templates import BUILTIN_TEMPLATES
 
 # apply_chat_template arguments that chat_template_kwargs may not override.
@@ -35,6 +35,9 @@ _RESERVED_KWARGS = frozenset(
     }
 )
 _IMAGE_PART_TYPES = frozenset({"image_url", "image", "input_image"})
+_VIDEO_PART_TYPES = frozenset({"video_url", "video"})
+# Sampling fields a video part may carry (in its video_url object or beside it).
+VIDEO_FIELDS = ("fps", "max_frames", "min_pixels", "max_pixels")
 
 
 class ChatTemplateError(ValueError):
@@ -124,6 +127,11 @@ def _image_url(part: dict[str, Any]) -> str:
     return url
 
 
+def _is_frame(part: dict[str, Any]) -> bool:
+    """An image part that is a frame of a video (SGLang's "modalities": "video")."""
+    return part.get("type") in _IMAGE_PART_TYPES and part.get("modalities") == "video"
+
+
 def image_refs(messages: list[ChatMessage]) -> list[ImageRef]:
     """The images of a chat request in the order a template places them (message order)."""
     return [
@@ -131,18 +139,84 @@ def image_refs(messages: list[ChatMessage]) -> list[ImageRef]:
         for m in messages
         if isinstance(m.content, list)
         for part in m.content
-        if part.get("type") in _IMAGE_PART_TYPES
+        if part.get("type") in _IMAGE_PART_TYPES and not _is_frame(part)
     ]
 
 
-def _flatten_content(content: str | list[dict[str, Any]] | None, image_refusal: str | None) -> Any:
+def _video_url(part: dict[str, Any]) -> str:
+    url = part.get("video_url", part.get("video"))
+    if isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str) or not url:
+        raise ChatRenderError("a video_url content part must carry video_url.url")
+    return url
+
+
+def video_ref(part: dict[str, Any]) -> VideoRef:
+    """A video part's reference and sampling fields (those in its video_url object win)."""
+    inner = part.get("video_url")
+    fields = {**part, **inner} if isinstance(inner, dict) else part
+    values: dict[str, Any] = {}
+    for key in VIDEO_FIELDS:
+        value = fields.get(key)
+        if value is None:
+            continue
+        integral = key != "fps"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or value <= 0
+            or (integral and not float(value).is_integer())
+        ):
+            kind = "a positive integer" if integral else "a positive number"
+            raise ChatRenderError(f"video {key} must be {kind}, got {value!r}")
+        values[key] = int(value) if integral else float(value)
+    return VideoRef(url=_video_url(part), **values)
+
+
+def video_refs(messages: list[ChatMessage]) -> list[VideoRef]:
+    """The videos of a chat request in message order: each video part, and each run of
+    consecutive frame parts of one message (one video of those frames)."""
+    out: list[VideoRef] = []
+    for m in messages:
+        if not isinstance(m.content, list):
+            continue
+        run: list[str] = []
+        for part in [*m.content, {}]:  # {} ends a final run
+            if _is_frame(part):
+                run.append(_image_url(part))
+                continue
+            if run:
+                out.append(VideoRef(frames=run))
+                run = []
+            if part.get("type") in _VIDEO_PART_TYPES:
+                out.append(video_ref(part))
+    return out
+
+
+def _flatten_content(
+    content: str | list[dict[str, Any]] | None,
+    image_refusal: str | None,
+    video_refusal: str | None = "this model does not accept video inputs",
+) -> Any:
     """Text parts join into one string (text-model templates expect a string, as in vLLM);
-    parts with an image stay parts, unless `image_refusal` says why images cannot pass."""
+    parts with an image stay parts, unless `image_refusal` says why images cannot pass. A video
+    part reaches the template as {"type": "video", "video": url}, the shape transformers'
+    processor templates test for."""
     if content is None or isinstance(content, str):
         return content
     texts: list[str] = []
     has_image = False
+    parts: list[dict[str, Any]] = []
     for part in content:
+        if _is_frame(part):
+            if video_refusal is not None:
+                raise ChatRenderError(video_refusal)
+            _image_url(part)
+            if not (parts and parts[-1].get("frames")):  # a run of frames: one video part
+                parts.append({"type": "video", "video": "frames", "frames": True})
+            has_image = True
+            continue
         kind = part.get("type")
         if kind == "text":
             text = part.get("text")
@@ -154,22 +228,47 @@ def _flatten_content(content: str | list[dict[str, Any]] | None, image_refusal: 
                 raise ChatRenderError(image_refusal)
             _image_url(part)
             has_image = True
+        elif kind in _VIDEO_PART_TYPES:
+            if video_refusal is not None:
+                raise ChatRenderError(video_refusal)
+            part = {"type": "video", "video": video_ref(part).url}
+            has_image = True
         else:
             raise ChatRenderError(f"unsupported content part type {kind!r}")
-    return content if has_image else "\n".join(texts)
+        parts.append(part)
+    return parts if has_image else "\n".join(texts)
 
 
 def messages_to_dicts(
-    messages: list[ChatMessage], image_refusal: str | None = "this model takes no images"
+    messages: list[ChatMessage],
+    image_refusal: str | None = "this model takes no images",
+    video_refusal: str | None = "this model does not accept video inputs",
 ) -> list[dict[str, Any]]:
     """ChatMessage structs as the plain dicts jinja templates index; None fields dropped."""
     out: list[dict[str, Any]] = []
     for m in messages:
         d = {k: v for k, v in msgspec.structs.asdict(m).items() if v is not None}
         if "content" in d:
-            d["content"] = _flatten_content(d["content"], image_refusal)
+            d["content"] = _flatten_content(d["content"], image_refusal, video_refusal)
         out.append(d)
     return out
+
+
+def template_places_videos(tokenizer: Any, template: str | None, video_token: str) -> bool:
+    """Whether `template` (None: the tokenizer's own) renders one video part as exactly one
+    `video_token`."""
+    probe = [
+        {"role": "user", "content": [
+            {"type": "video", "video": "probe"}, {"type": "text", "text": "?"},
+        ]},
+    ]  # fmt: skip
+    try:
+        text = tokenizer.apply_chat_template(
+            probe, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    except Exception:  # any template error (or none at all): no videos through it
+        return False
+    return isinstance(text, str) and text.count(video_token) == 1
 
 
 class ChatRenderer:
@@ -182,6 +281,7 @@ class ChatRenderer:
         spec: str | None,
         model_takes_images: bool = False,
         image_token: str | None = None,
+        video_token: str | None = None,
     ) -> None:
         """`image_token`: the placeholder the model's processor expands (e.g. <|image_pad|>);
         with it, the tokenizer's own template is tried on one image part and trusted with
@@ -204,6 +304,16 @@ class ChatRenderer:
         self.available = self.template is not None or bool(
             getattr(tokenizer, "chat_template", None)
         )
+        # `video_token`: the model's video placeholder (None: it takes no videos).
+        self.video_refusal: str | None = "this model does not accept video inputs"
+        if video_token is not None and self.image_refusal is None:
+            if template_places_videos(tokenizer, self.template, video_token):
+                self.video_refusal = None
+            else:
+                self.video_refusal = (
+                    f"the chat template does not place a video part as one {video_token}; "
+                    "start the server with a --chat-template that does to send videos"
+                )
 
     def render(
         self,
@@ -227,7 +337,7 @@ class ChatRenderer:
             raise ChatRenderError(
                 f"chat_template_kwargs may not set {', '.join(bad)}", "chat_template_kwargs"
             )
-        conversation = messages_to_dicts(messages, self.image_refusal)
+        conversation = messages_to_dicts(messages, self.image_refusal, self.video_refusal)
         try:
             text = self._tokenizer.apply_chat_template(
                 conversation,

@@ -28,6 +28,7 @@ from fovea.tokenizer_service.grammar import GrammarChecker
 from fovea.tokenizer_service.media import MediaLoader, MediaPolicy
 from fovea.tokenizer_service.processors import load_processor
 from fovea.tokenizer_service.tokenizer import Outbox, Tokenizer, load_hf_tokenizer
+from fovea.tokenizer_service.video import VideoLimits
 
 log = logging.getLogger("fovea.tokenizer")
 
@@ -41,7 +42,9 @@ def run_tokenizer_service(args: ServerArgs, addrs: Addresses, model: ModelInfo) 
         image_token = (
             hf.convert_ids_to_tokens(processor.image_token_id) if processor is not None else None
         )
-        chat = ChatRenderer(hf, args.chat_template, processor is not None, image_token)
+        video = processor.video if processor is not None else None
+        video_token = hf.convert_ids_to_tokens(video.video_token_id) if video else None
+        chat = ChatRenderer(hf, args.chat_template, processor is not None, image_token, video_token)
     except ChatTemplateError as e:
         log.error("%s", e)  # one line; the launcher sees this child exit and stops the server
         sys.exit(2)
@@ -50,7 +53,9 @@ def run_tokenizer_service(args: ServerArgs, addrs: Addresses, model: ModelInfo) 
     if processor is not None and chat.image_refusal:
         log.warning("%s", chat.image_refusal)
     grammars = GrammarChecker(hf, model, args.grammar_compile_timeout)
-    asyncio.run(_serve(args, addrs, Tokenizer(hf, model, chat, processor, grammars=grammars)))
+    service = Tokenizer(hf, model, chat, processor, grammars=grammars)
+    service.video_limits = VideoLimits.from_args(args)
+    asyncio.run(_serve(args, addrs, service))
 
 
 def _read_config(path: str) -> dict[str, Any]:

@@ -42,6 +42,7 @@ import os
 import socket
 import urllib.parse
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import httpx
@@ -52,17 +53,18 @@ from fovea.common.messages import ImageRef
 from fovea.tokenizer_service.url_cache import Fetched, UrlCache
 
 _FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-_DATA_URI_TYPES = ("png", "jpeg", "jpg", "webp", "gif", "bmp")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _SHOWN_URL_CHARS = 200
 
 
 class MediaError(ValueError):
-    """A refused image: becomes an HTTP 400 with this message."""
+    """A refused image or video: becomes an HTTP 400 with this message, naming `param` (the
+    request field to change) when it is not the messages themselves."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,15 @@ class MediaPolicy:
     max_redirects: int = 5
     url_ttl_s: float = 60.0
     url_cache_bytes: int = 128 << 20
+    max_video_bytes: int = 64 * 1024 * 1024
+
+    @property
+    def image(self) -> MediaKind:
+        return MediaKind("image", self.max_bytes, "--max-image-bytes", IMAGE_TYPES)
+
+    @property
+    def video(self) -> MediaKind:
+        return MediaKind("video", self.max_video_bytes, "--max-video-bytes", VIDEO_TYPES)
 
     @classmethod
     def from_args(cls, args: ServerArgs) -> MediaPolicy:
@@ -88,7 +99,25 @@ class MediaPolicy:
             max_pixels=args.max_image_pixels,
             url_ttl_s=args.media_url_ttl,
             url_cache_bytes=args.media_url_cache_mb << 20,
+            max_video_bytes=args.max_video_bytes,
         )
+
+
+@dataclass(frozen=True)
+class MediaKind:
+    """What a fetched file is meant to be: named in errors, with its byte cap (and the flag that
+    sets it) and the data-URI media types it may carry."""
+
+    noun: str  # "image" | "video"
+    max_bytes: int
+    bytes_flag: str
+    mime_types: tuple[str, ...]  # "image/png", ...
+
+
+IMAGE_TYPES = tuple(f"image/{t}" for t in ("png", "jpeg", "jpg", "webp", "gif", "bmp"))
+VIDEO_TYPES = tuple(
+    f"video/{t}" for t in ("mp4", "webm", "quicktime", "x-matroska", "x-msvideo", "mpeg", "ogg")
+)
 
 
 @dataclass(frozen=True)
@@ -151,40 +180,48 @@ def _shown(url: str) -> str:
     return url if len(url) <= _SHOWN_URL_CHARS else url[:_SHOWN_URL_CHARS] + "..."
 
 
-def _too_big(what: str, max_bytes: int) -> MediaError:
-    return MediaError(f"{what} is larger than the {max_bytes}-byte limit (--max-image-bytes)")
+def _too_big(what: str, kind: MediaKind) -> MediaError:
+    return MediaError(f"{what} is larger than the {kind.max_bytes}-byte limit ({kind.bytes_flag})")
 
 
-def _decode_data_uri(url: str, max_bytes: int) -> bytes:
+def _either(names: Iterable[str]) -> str:
+    *rest, last = names
+    return f"{', '.join(rest)} or {last}"
+
+
+def _decode_data_uri(url: str, kind: MediaKind) -> bytes:
     header, comma, payload = url[len("data:") :].partition(",")
+    noun = kind.noun
     if not comma:
         raise MediaError("malformed data URI: no ',' before the payload")
     mime, *params = header.lower().split(";")
-    if not mime.startswith("image/") or mime[len("image/") :] not in _DATA_URI_TYPES:
+    if mime not in kind.mime_types:
         raise MediaError(
-            f"data URI media type {mime or '(none)'!r} is not an image type; expected "
-            "image/png, image/jpeg, image/webp, image/gif or image/bmp"
+            f"data URI media type {mime or '(none)'!r} is not {'an' if noun == 'image' else 'a'} "
+            f"{noun} type; expected "
+            f"{_either(t for t in kind.mime_types if t != 'image/jpg')}"
         )
     if not params or params[-1] != "base64":
-        raise MediaError("data URI image must be base64-encoded (data:image/...;base64,...)")
+        raise MediaError(f"data URI {noun} must be base64-encoded (data:{noun}/...;base64,...)")
     if not payload:
         raise MediaError("data URI has an empty payload")
     # The encoded length of a max_bytes file, so nothing over the limit is ever decoded.
-    if len(payload) > 4 * -(-max_bytes // 3):
-        raise _too_big("data URI image", max_bytes)
+    if len(payload) > 4 * -(-kind.max_bytes // 3):
+        raise _too_big(f"data URI {noun}", kind)
     try:
         data = base64.b64decode(payload, validate=True)
     except ValueError:
         raise MediaError("data URI payload is not valid base64") from None
-    if len(data) > max_bytes:
-        raise _too_big("data URI image", max_bytes)
+    if len(data) > kind.max_bytes:
+        raise _too_big(f"data URI {noun}", kind)
     return data
 
 
-def _read_local_file(path: str, allowed: str | None, max_bytes: int) -> bytes:
+def _read_local_file(path: str, allowed: str | None, kind: MediaKind) -> bytes:
+    noun, max_bytes = kind.noun, kind.max_bytes
     if allowed is None:
         raise MediaError(
-            "local image paths are disabled; start the server with "
+            f"local {noun} paths are disabled; start the server with "
             "--allowed-local-media-path DIR to allow them"
         )
     root = os.path.realpath(allowed)
@@ -195,20 +232,20 @@ def _read_local_file(path: str, allowed: str | None, max_bytes: int) -> bytes:
     except ValueError:
         inside = False
     if not inside:
-        raise MediaError(f"image path {path} is outside --allowed-local-media-path")
+        raise MediaError(f"{noun} path {path} is outside --allowed-local-media-path")
     if not os.path.exists(real):
-        raise MediaError(f"image file {path} does not exist")
+        raise MediaError(f"{noun} file {path} does not exist")
     if not os.path.isfile(real):
-        raise MediaError(f"image path {path} is not a regular file")
+        raise MediaError(f"{noun} path {path} is not a regular file")
     if os.path.getsize(real) > max_bytes:
-        raise _too_big(f"image file {path}", max_bytes)
+        raise _too_big(f"{noun} file {path}", kind)
     try:
         with open(real, "rb") as f:
             data = f.read(max_bytes + 1)  # the file may have grown since getsize
     except OSError as e:
-        raise MediaError(f"image file {path} could not be read: {e.strerror}") from None
+        raise MediaError(f"{noun} file {path} could not be read: {e.strerror}") from None
     if len(data) > max_bytes:
-        raise _too_big(f"image file {path}", max_bytes)
+        raise _too_big(f"{noun} file {path}", kind)
     return data
 
 
@@ -247,14 +284,19 @@ class MediaLoader:
             url_cache = UrlCache(policy.url_ttl_s, policy.url_cache_bytes)
         self.url_cache = url_cache
 
+    @property
+    def policy(self) -> MediaPolicy:
+        return self._policy
+
     async def aclose(self) -> None:
         if self._owns_client:
             await self._client.aclose()
 
-    async def load_all(self, refs: list[ImageRef]) -> list[LoadedImage]:
+    async def load_all(self, refs: list[ImageRef], count: bool = True) -> list[LoadedImage]:
         """The images of `refs`, in order. The first refusal cancels the other loads and
-        propagates; identical URLs are loaded once and their `LoadedImage` shared."""
-        if len(refs) > self._policy.max_images:
+        propagates; identical URLs are loaded once and their `LoadedImage` shared. `count`:
+        refuse more than max_images (off for a video's frames, which video limits cap)."""
+        if count and len(refs) > self._policy.max_images:
             raise MediaError(
                 f"too many images: {len(refs)} given, at most {self._policy.max_images} per request"
             )
@@ -283,25 +325,31 @@ class MediaLoader:
         return [loaded[slot] for slot in slots]
 
     async def _load_one(self, ref: ImageRef) -> LoadedImage:
-        policy = self._policy
-        if ref.data is not None:
-            if len(ref.data) > policy.max_bytes:
-                raise _too_big("image data", policy.max_bytes)
-            data = ref.data
-        else:
-            data = await self._read_url(ref.url or "")
-        return await asyncio.to_thread(_load_bytes, data, policy.max_pixels)
+        data = await self.read_bytes(ref.url, ref.data, self._policy.image)
+        return await asyncio.to_thread(_load_bytes, data, self._policy.max_pixels)
 
-    async def _read_url(self, url: str) -> bytes:
+    async def read_bytes(self, url: str | None, data: bytes | None, kind: MediaKind) -> bytes:
+        """The file's bytes from exactly one of `url` (http(s), data URI, local path or file://
+        URL) and `data`, under the policy and `kind`'s byte cap."""
+        if (url is None) == (data is None):
+            raise MediaError(f"{kind.noun} must have exactly one of url and data")
+        if data is not None:
+            if len(data) > kind.max_bytes:
+                raise _too_big(f"{kind.noun} data", kind)
+            return data
+        return await self._read_url(url or "", kind)
+
+    async def _read_url(self, url: str, kind: MediaKind) -> bytes:
         policy = self._policy
+        noun = kind.noun
         if not url:
-            raise MediaError("image URL is empty")
+            raise MediaError(f"{noun} URL is empty")
         if url[:5].lower() == "data:":
-            return await asyncio.to_thread(_decode_data_uri, url, policy.max_bytes)
+            return await asyncio.to_thread(_decode_data_uri, url, kind)
         try:
             parts = urllib.parse.urlsplit(url)
         except ValueError:
-            raise MediaError(f"image URL {_shown(url)} is not a valid URL") from None
+            raise MediaError(f"{noun} URL {_shown(url)} is not a valid URL") from None
         if parts.scheme == "":
             path = url
         elif parts.scheme == "file":
@@ -309,41 +357,46 @@ class MediaLoader:
                 raise MediaError(f"file URL {_shown(url)} names a remote host")
             path = urllib.parse.unquote(parts.path)
         elif parts.scheme in ("http", "https"):
-            return await self.url_cache.get(url, lambda headers: self._fetch(url, headers))
+            data = await self.url_cache.get(url, lambda headers: self._fetch(url, headers, kind))
+            # The cache may hold this URL's bytes from a fetch under another kind's cap.
+            if len(data) > kind.max_bytes:
+                raise _too_big(f"{noun} {_shown(url)}", kind)
+            return data
         else:
             raise MediaError(
-                f"unsupported image URL scheme {parts.scheme!r}: "
+                f"unsupported {noun} URL scheme {parts.scheme!r}: "
                 "use http(s), a data: URI or a local path"
             )
-        return await asyncio.to_thread(
-            _read_local_file, path, policy.allowed_local_path, policy.max_bytes
-        )
+        return await asyncio.to_thread(_read_local_file, path, policy.allowed_local_path, kind)
 
-    async def _fetch(self, url: str, conditional: dict[str, str]) -> Fetched:
+    async def _fetch(self, url: str, conditional: dict[str, str], kind: MediaKind) -> Fetched:
         """GET `url` (with `conditional`'s If-None-Match / If-Modified-Since, if any)."""
         shown = _shown(url)
         try:
             async with asyncio.timeout(self._policy.timeout_s * 3):
-                return await self._fetch_following_redirects(url, conditional)
+                return await self._fetch_following_redirects(url, conditional, kind)
         except (TimeoutError, httpx.TimeoutException):
-            raise MediaError(f"fetching image {shown} timed out") from None
+            raise MediaError(f"fetching {kind.noun} {shown} timed out") from None
         except httpx.HTTPError as e:
-            raise MediaError(f"fetching image {shown} failed: {type(e).__name__}") from None
+            raise MediaError(f"fetching {kind.noun} {shown} failed: {type(e).__name__}") from None
 
-    async def _fetch_following_redirects(self, url: str, conditional: dict[str, str]) -> Fetched:
+    async def _fetch_following_redirects(
+        self, url: str, conditional: dict[str, str], kind: MediaKind
+    ) -> Fetched:
         policy = self._policy
         shown = _shown(url)
+        noun = kind.noun
         hop = url
         for _ in range(policy.max_redirects + 1):
             try:
                 target = httpx.URL(hop)
             except httpx.InvalidURL:
-                raise MediaError(f"image URL {_shown(hop)} is not a valid URL") from None
+                raise MediaError(f"{noun} URL {_shown(hop)} is not a valid URL") from None
             if target.scheme not in ("http", "https"):
                 raise MediaError(
-                    f"image URL {shown} redirects to unsupported scheme {target.scheme!r}"
+                    f"{noun} URL {shown} redirects to unsupported scheme {target.scheme!r}"
                 )
-            await self._check_host(target.host)
+            await self._check_host(target.host, noun)
             async with self._client.stream(
                 "GET",
                 target,
@@ -356,52 +409,56 @@ class MediaLoader:
                     try:
                         hop = str(response.url.join(response.headers["location"]))
                     except httpx.InvalidURL:
-                        raise MediaError(f"image URL {shown} redirects to an invalid URL") from None
+                        raise MediaError(
+                            f"{noun} URL {shown} redirects to an invalid URL"
+                        ) from None
                     continue
                 headers = response.headers
                 # Only a conditional request may be answered 304 (RFC 9110 section 15.4.5).
                 not_modified = response.status_code == 304 and bool(conditional)
                 if not response.is_success and not not_modified:
-                    raise MediaError(f"fetching image {shown} failed: HTTP {response.status_code}")
+                    raise MediaError(f"fetching {noun} {shown} failed: HTTP {response.status_code}")
                 return Fetched(
-                    None if not_modified else await self._read_body(response, shown),
+                    None if not_modified else await self._read_body(response, shown, kind),
                     headers.get("etag"),
                     headers.get("last-modified"),
                     headers.get("cache-control", ""),
                 )
         raise MediaError(
-            f"fetching image {shown} failed: more than {policy.max_redirects} redirects"
+            f"fetching {noun} {shown} failed: more than {policy.max_redirects} redirects"
         )
 
-    async def _read_body(self, response: httpx.Response, shown: str) -> bytes:
-        max_bytes = self._policy.max_bytes
+    async def _read_body(self, response: httpx.Response, shown: str, kind: MediaKind) -> bytes:
+        max_bytes = kind.max_bytes
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) > max_bytes:
-            raise _too_big(f"image {shown} ({length} bytes)", max_bytes)
+            raise _too_big(f"{kind.noun} {shown} ({length} bytes)", kind)
         body = bytearray()
         async for chunk in response.aiter_bytes():
             body += chunk
             if len(body) > max_bytes:
-                raise _too_big(f"image {shown}", max_bytes)
+                raise _too_big(f"{kind.noun} {shown}", kind)
         return bytes(body)
 
-    async def _check_host(self, host: str) -> None:
+    async def _check_host(self, host: str, noun: str) -> None:
         if self._policy.allow_private:
             return
         if not host:
-            raise MediaError("image URL has no host")
+            raise MediaError(f"{noun} URL has no host")
         try:
             addresses = [ipaddress.ip_address(host)]
         except ValueError:
-            addresses = await self._resolve(host)
+            addresses = await self._resolve(host, noun)
         for address in addresses:
             if not _is_public(address):
                 raise MediaError(
-                    f"image URL host {host} resolves to a private or local address ({address}); "
+                    f"{noun} URL host {host} resolves to a private or local address ({address}); "
                     "start the server with --allow-private-media-urls to allow it"
                 )
 
-    async def _resolve(self, host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    async def _resolve(
+        self, host: str, noun: str
+    ) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -410,5 +467,5 @@ class MediaLoader:
         # A scope id (fe80::1%eth0) is dropped: it does not change the address's class.
         addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
         if not addresses:
-            raise MediaError(f"image URL host {host} could not be resolved")
+            raise MediaError(f"{noun} URL host {host} could not be resolved")
         return addresses

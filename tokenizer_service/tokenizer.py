@@ -32,13 +32,21 @@ from fovea.common.messages import (
     RequestError,
     TokenBatch,
     TokenizedRequest,
+    VideoRef,
 )
 from fovea.common.model_config import ModelInfo
-from fovea.tokenizer_service.chat_templates import ChatRenderer, ChatRenderError, image_refs
+from fovea.tokenizer_service.chat_templates import (
+    ChatRenderer,
+    ChatRenderError,
+    image_refs,
+    video_refs,
+)
 from fovea.tokenizer_service.detokenize import Detokenizer
 from fovea.tokenizer_service.grammar import GRAMMAR_PARAMS, GrammarChecker
 from fovea.tokenizer_service.media import MediaError, MediaLoader
 from fovea.tokenizer_service.processors import ImageProcessor, ProcessedImage
+from fovea.tokenizer_service.video import VideoLimits
+from fovea.tokenizer_service.video_input import expand_runs, load_videos, run_offsets
 
 log = logging.getLogger("fovea.tokenizer")
 
@@ -81,7 +89,14 @@ def image_inputs(
         for k, part in enumerate(p.parts):
             run_key = span_hash(key, k) if p.spans else key
             out.append(
-                ImageInput(run_key, next(starts), part.num_tokens, part.pixel_values, part.grid)
+                ImageInput(
+                    run_key,
+                    next(starts),
+                    part.num_tokens,
+                    part.pixel_values,
+                    part.grid,
+                    part.second_per_grid_t,
+                )
             )
     return out
 
@@ -123,6 +138,7 @@ class Tokenizer:
         self.processor = processor
         self.media = media
         self.grammars = grammars or GrammarChecker(hf_tokenizer, model)
+        self.video_limits = VideoLimits()  # the service sets the server's (--max-video-*)
         self.detokenizer = Detokenizer(hf_tokenizer)
         # Ids the tokenizer can produce may exceed the config's vocab_size (added tokens).
         self.vocab_size = max(model.vocab_size, len(hf_tokenizer))
@@ -140,7 +156,9 @@ class Tokenizer:
         if req.sampling.grammar is not None:
             return True
         try:
-            return bool(req.images) or bool(req.messages and image_refs(req.messages))
+            return bool(req.images or req.videos) or bool(
+                req.messages and (image_refs(req.messages) or video_refs(req.messages))
+            )
         except ChatRenderError:
             return True  # a malformed image part: tokenize_async refuses it with this message
 
@@ -156,7 +174,8 @@ class Tokenizer:
         if isinstance(e, PromptError | ChatRenderError):
             err = RequestError(rid=req.rid, message=e.message, param=e.param)
         elif isinstance(e, MediaError):
-            err = RequestError(rid=req.rid, message=e.message, param="messages")
+            param = e.param or ("messages" if req.messages is not None else "prompt")
+            err = RequestError(rid=req.rid, message=e.message, param=param)
         else:
             log.exception("rid=%s: tokenization failed", req.rid, exc_info=e)
             self.detokenizer.drop(req.rid)
@@ -176,7 +195,7 @@ class Tokenizer:
         Raises PromptError / ChatRenderError for a request to refuse (and for images: those
         go through tokenize_async)."""
         ids, param = self._prompt_ids(req)
-        self._check_placeholders(ids, [], param)
+        self._check_placeholders(ids, [], [], param)
         if req.sampling.grammar is not None:
             try:
                 self.grammars.check_sync(req.sampling.grammar)
@@ -189,19 +208,30 @@ class Tokenizer:
         off the loop. Also raises MediaError."""
         ids, param = self._prompt_ids(req)
         refs = image_refs(req.messages) if req.messages is not None else req.images
-        self._check_placeholders(ids, refs, param)
+        vrefs = video_refs(req.messages) if req.messages is not None else req.videos
+        self._check_placeholders(ids, refs, vrefs, param)
         if req.sampling.grammar is not None:  # before any image is fetched
             try:
                 await self.grammars.check(req.sampling.grammar)
             except GrammarError as e:
                 raise _grammar_refusal(req, e) from e
-        if not refs:
+        if not refs and not vrefs:
             return self._sequences(req, ids, [], param)
         assert self.processor is not None and self.media is not None
         processor = self.processor
+        videos: list[ImageInput] = []
+        if vrefs:
+            assert processor.video is not None  # _check_placeholders refused otherwise
+            video = processor.video
+            loaded_videos = await load_videos(self.media, video, vrefs, self.video_limits)
+            counts = [v.num_tokens for _, v in loaded_videos]
+            ids = expand_runs(ids, video.video_token_id, counts)
+            videos = image_inputs(
+                [h for h, _ in loaded_videos], [v for _, v in loaded_videos], [0] * len(counts)
+            )
         metrics = fovea_metrics.get()
         t0 = time.perf_counter()
-        loaded = await self.media.load_all(refs)
+        loaded = await self.media.load_all(refs) if refs else []
         if metrics is not None:
             metrics.image_fetch.observe(time.perf_counter() - t0)
 
@@ -220,10 +250,36 @@ class Tokenizer:
         except ValueError as e:
             raise PromptError(f"image could not be processed: {e}", param) from e
         images = image_inputs([im.hash for im in loaded], processed, offsets)
+        if videos:
+            assert processor.video is not None
+            starts = run_offsets(
+                ids, processor.video.video_token_id, [v.num_tokens for v in videos]
+            )
+            videos = [
+                msgspec.structs.replace(v, offset=at) for v, at in zip(videos, starts, strict=True)
+            ]
+            images = sorted(images + videos, key=lambda i: i.offset)
         return self._sequences(req, ids, images, param)
 
-    def _check_placeholders(self, ids: list[int], refs: list[ImageRef], param: str) -> None:
-        """Images and image placeholders in the prompt must pair up one to one."""
+    def _check_placeholders(
+        self, ids: list[int], refs: list[ImageRef], vrefs: list[VideoRef], param: str
+    ) -> None:
+        """Images and videos must pair up one to one with their placeholders in the prompt."""
+        video = self.processor.video if self.processor is not None else None
+        if vrefs and video is None:
+            raise PromptError("this model does not accept video inputs", param)
+        if video is not None and len(vrefs) != ids.count(video.video_token_id):
+            raise PromptError(
+                f"the prompt has {ids.count(video.video_token_id)} video placeholders but "
+                f"{len(vrefs)} videos were given",
+                param,
+            )
+        if vrefs and len(refs) + len(vrefs) > (limit := self._max_media()):
+            raise PromptError(
+                f"too many images and videos: {len(refs) + len(vrefs)} given, at most {limit} "
+                "per request (--max-images-per-request)",
+                param,
+            )
         if self.processor is None:
             if refs:
                 raise PromptError("this model does not accept image inputs", param)
@@ -234,6 +290,9 @@ class Tokenizer:
                 f"the prompt has {n} image placeholders but {len(refs)} images were given",
                 param,
             )
+
+    def _max_media(self) -> int:
+        return self.media.policy.max_images if self.media is not None else 1 << 30
 
     def _sequences(
         self, req: GenerateRequest, ids: list[int], images: list[ImageInput], param: str

@@ -3,15 +3,18 @@
 
 Pool: one slot holds one image's K/V for every cross-attention layer, k and v each
 [cross_layers, slots, tokens_per_image, kv_heads, head_dim]; it is not the token KV pool.
-Capacity is fixed at start-up (`plan_image_slots`) and reported to the scheduler, which never
-admits more images than that (scheduler/cross_images.py); a sequence's slots are taken when
-the workers first see it (`admit`) and given back when they drop it (finish, abort,
-retraction), so the two counts agree.
+Capacity is fixed at start-up (`plan_image_slots`) and reported to the scheduler, which owns
+the slot ids (scheduler/cross_images.py): each NewSequence names its images' slots, one slot
+per distinct image hash, shared by every running sequence with that image.
 
-K/V are computed once per admission, at the sequence's first step, from the vision states
-kept by image hash in the runner's EmbeddingCache: after a retraction or a prefix-cache hit
-they are recomputed from those states (two projections per cross layer), never by a second
-vision-encoder run while the cache holds the image.
+K/V of a slot are computed when a sequence names it for an image the slot does not hold yet
+(`slot_image`), once however many sequences of the step name it, from the vision states kept
+by image hash in the runner's EmbeddingCache (two projections per cross layer; the vision
+encoder runs only for images the cache lacks). A slot keeps its K/V after its last user is
+dropped, so a later sequence given the same slot for the same image (a re-admission after a
+retraction, a prefix hit, a new request) reuses them. `users` counts each slot's references
+by the sequences held here: a sequence naming a slot in use for another image is the
+scheduler's error, raised at once rather than computed wrong.
 
 Which images a token attends to (transformers' `get_cross_attention_token_mask`): image k
 is seen by tokens from its `<|image|>` up to the next image's token (the last image's range,
@@ -74,8 +77,8 @@ def plan_image_slots(
 
 
 class ImageSlotPool:
-    """k, v [cross_layers, slots, tokens_per_image, kv_heads, head_dim]; slot ids handed out
-    lowest first, one per image of an admitted sequence."""
+    """k, v [cross_layers, slots, tokens_per_image, kv_heads, head_dim]; slot ids come from
+    the scheduler."""
 
     def __init__(
         self, *, layers: int, slots: int, tokens: int, kv_heads: int, head_dim: int,
@@ -89,7 +92,6 @@ class ImageSlotPool:
         self.k[:, 0].zero_()
         self.v[:, 0].zero_()
         self.capacity = slots
-        self.free = list(range(slots - 1, -1, -1))
 
     @staticmethod
     def bytes_per_image(
@@ -101,17 +103,6 @@ class ImageSlotPool:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def take(self, n: int) -> list[int]:
-        if n > len(self.free):
-            raise RuntimeError(
-                f"{n} image slots asked with {len(self.free)} of {self.capacity} free: the "
-                "scheduler admitted more images than the pool holds"
-            )
-        return [self.free.pop() for _ in range(n)]
-
-    def give_back(self, slots: list[int]) -> None:
-        self.free.extend(reversed(slots))
-
 
 @dataclass
 class _SeqImages:
@@ -119,7 +110,6 @@ class _SeqImages:
     slots: list[int]
     ranges: list[tuple[int, int]]  # positions attending to each image (image_ranges)
     real_tiles: torch.Tensor  # [n_images, max_tiles] bool (CPU): the image's own tiles
-    ready: bool = False  # K/V written to the slots
 
 
 @dataclass
@@ -162,8 +152,8 @@ class CrossBatch:
 
 
 class CrossAttentionState:
-    """The runner's cross-attention side: slots per sequence, K/V filled at first sight,
-    one `CrossBatch` per step."""
+    """The runner's cross-attention side: slots per sequence, each slot's K/V filled when it
+    is first named for an image, one `CrossBatch` per step."""
 
     def __init__(
         self, model: CrossAttentionImages, pool: ImageSlotPool, mm_cache: EmbeddingCache
@@ -174,6 +164,11 @@ class CrossAttentionState:
         self.tokens = pool.k.shape[2]  # keys per image: max_tiles x patches per tile
         self.max_tiles = model.geometry.max_tiles
         self.seqs: dict[str, _SeqImages] = {}
+        n = pool.capacity
+        self.slot_image: list[bytes | None] = [None] * n  # whose K/V each slot holds
+        self.users = [0] * n  # references by the sequences in `seqs`
+        self.pending: dict[int, ImageInput] = {}  # slots to fill before the next forward
+        self.kv_computed = 0  # slots filled since start: one per (slot, image) first named
 
     @staticmethod
     def create(
@@ -201,28 +196,49 @@ class CrossAttentionState:
         )  # fmt: skip
         return CrossAttentionState(model, pool, mm_cache)
 
-    def admit(self, key: str, images: list[ImageInput]) -> None:
+    @property
+    def free_slots(self) -> int:
+        """Slots no sequence held here references."""
+        return self.users.count(0)
+
+    def admit(self, key: str, images: list[ImageInput], slots: list[int]) -> None:
+        """Sequence `key` reads `images` from `slots` (the scheduler's, one per image)."""
+        if len(slots) != len(images) or not all(0 <= s < self.pool.capacity for s in slots):
+            raise RuntimeError(
+                f"{key}: image slots {slots} for {len(images)} images in a pool of "
+                f"{self.pool.capacity}"
+            )
+        for img, slot in zip(images, slots, strict=True):
+            held = self.pending[slot].hash if slot in self.pending else self.slot_image[slot]
+            if held != img.hash:
+                if self.users[slot]:
+                    raise RuntimeError(f"{key}: image slot {slot} is in use for another image")
+                self.pending[slot] = img
+                self.slot_image[slot] = None  # until written
         if images:
-            slots = self.pool.take(len(images))
             tiles = torch.tensor([img.grid[1] for img in images])
             real = torch.arange(self.max_tiles)[None, :] < tiles[:, None]
             ranges = image_ranges([img.offset for img in images])
-            self.seqs[key] = _SeqImages(images, slots, ranges, real)
+            self.seqs[key] = _SeqImages(images, list(slots), ranges, real)
+            for slot in slots:
+                self.users[slot] += 1
 
     def drop(self, key: str) -> None:
+        """Forget `key`; its slots keep their K/V for a later user of the same image."""
         seq = self.seqs.pop(key, None)
         if seq is not None:
-            self.pool.give_back(seq.slots)
+            for slot in seq.slots:
+                self.users[slot] -= 1
 
     def fill_pending(self) -> int:
-        """Write the K/V of sequences admitted since the last step. Returns the number of
-        vision-encoder runs (images not in the embedding cache), all in one tower call."""
-        pending = [s for s in self.seqs.values() if not s.ready]
-        if not pending:
+        """Write the K/V of the slots named for a new image since the last step, each once.
+        Returns the number of vision-encoder runs (images not in the embedding cache), all in
+        one tower call."""
+        if not self.pending:
             return 0
         states: dict[bytes, torch.Tensor] = {}
         todo: dict[bytes, ImageInput] = {}
-        for img in (img for s in pending for img in s.images):
+        for img in self.pending.values():
             cached = self.mm_cache.get(img.hash)
             if cached is not None:
                 states[img.hash] = cached
@@ -234,12 +250,15 @@ class CrossAttentionState:
                     raise RuntimeError(f"vision states of {out.shape[0]} tokens, not {self.tokens}")
                 states[h] = out
                 self.mm_cache.put(h, out)
-        for s in pending:
-            k, v = self.model.cross_kv(torch.stack([states[img.hash] for img in s.images]))
-            index = torch.tensor(s.slots, device=k.device)
-            self.pool.k.index_copy_(1, index, k.to(self.pool.k.dtype))
-            self.pool.v.index_copy_(1, index, v.to(self.pool.v.dtype))
-            s.ready = True
+        slots = list(self.pending)
+        k, v = self.model.cross_kv(torch.stack([states[self.pending[s].hash] for s in slots]))
+        index = torch.tensor(slots, device=k.device)
+        self.pool.k.index_copy_(1, index, k.to(self.pool.k.dtype))
+        self.pool.v.index_copy_(1, index, v.to(self.pool.v.dtype))
+        for s in slots:
+            self.slot_image[s] = self.pending[s].hash
+        self.kv_computed += len(slots)
+        self.pending.clear()
         return len(todo)
 
     def plan(

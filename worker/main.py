@@ -61,9 +61,10 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
     results = Sender(ctx, addrs.worker_result, bind=False)
     log.info(
         "role=worker rank=%d pid=%d device=%s dtype=%s threads=%s malloc=%s kv_pool=%d slots "
-        "(%.0f MiB, %.0f resident) sockets: sub %s, push %s",
+        "local_pool=%d slots (window %d) (%.0f MiB, %.0f resident) sockets: sub %s, push %s",
         rank, os.getpid(), runner.device, str(runner.dtype).removeprefix("torch."),
-        threads or "-", allocator_name(), runner.num_slots, runner.pool.nbytes() / 2**20,
+        threads or "-", allocator_name(), runner.num_slots, runner.num_local_slots,
+        runner.sliding_window, runner.pool.nbytes() / 2**20,
         runner.pool.committed_bytes() / 2**20, addrs.worker_plan,
         addrs.worker_result,
     )  # fmt: skip
@@ -81,6 +82,9 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
             cross_image_slots=runner.cross_image_slots,
             kv_kind=runner.pool.kind,
             kv_bytes_per_token=runner.pool.bytes_per_token(),
+            local_kv_bytes_per_token=runner.pool.bytes_per_token(local=True),
+            num_local_slots=runner.num_local_slots,
+            sliding_window=runner.sliding_window if runner.num_local_slots else 0,
         )
         results.send(ready)
         return True

@@ -14,12 +14,15 @@ each a Protocol the runner checks with isinstance:
   attention backend. The scheduler never splits such an image across chunks (an image that
   is split anyway is an error, not a silent causal pass).
 The model's `layer_windows` (per-layer sliding window, 0 = global) and `attention_scale` (the
-score scale; None: head_dim ** -0.5) go to the attention backend.
+score scale; None: head_dim ** -0.5) go to the attention backend. When some layers have one
+window and others none, the windowed layers keep their K/V in a local pool of their own
+(`local_window_layers`; off with --disable-hybrid-swa-memory): every chunk then carries local
+slots beside its global ones, and a second table `req_to_local` maps tokens to them.
 
 A model that reads images through cross-attention layers instead (`CrossAttentionImages`,
-Mllama): its placeholder tokens stay token embeddings; the runner keeps each sequence's image
-K/V in an image-slot pool (worker/cross_attention.py: capacity `cross_image_slots`, reported
-to the scheduler) and passes the step's plan to `forward(..., cross=CrossBatch | None)`. Its
+Mllama): its placeholder tokens stay token embeddings; the runner keeps image K/V in an
+image-slot pool (worker/cross_attention.py: capacity `cross_image_slots`, reported to the
+scheduler, which names each image's slot, one per distinct image) and passes the step's plan to `forward(..., cross=CrossBatch | None)`. Its
 `config.num_layers` counts only the layers that take token KV slots.
 """
 
@@ -44,7 +47,7 @@ from fovea.worker.attention.torch_native import TorchNativeBackend
 from fovea.worker.cpu_threads import cpu_flags
 from fovea.worker.cross_attention import CrossAttentionState
 from fovea.worker.grammar import WorkerGrammars
-from fovea.worker.kv_pool import KVPool, plan_num_slots
+from fovea.worker.kv_pool import KVPool, plan_hybrid_slots, plan_num_slots
 from fovea.worker.loader import load_model
 from fovea.worker.mm_cache import EmbeddingCache
 from fovea.worker.models.base import CrossAttentionImages, EncodesImages, MRopePositions
@@ -95,6 +98,17 @@ class _Computed(NamedTuple):
     prompt_spans: list[PromptSpan]  # rows whose next prompt token's logprob is wanted
 
 
+def local_window_layers(windows: list[int] | None) -> tuple[frozenset[int], int]:
+    """The layers that may keep their K/V in a local pool, and their window: when some layers
+    attend within one sliding window and at least one attends globally (Gemma 3); else none."""
+    ws = windows or []
+    local = frozenset(i for i, w in enumerate(ws) if w)
+    sizes = {ws[i] for i in local}
+    if not local or len(local) == len(ws) or len(sizes) != 1:
+        return frozenset(), 0
+    return local, sizes.pop()
+
+
 def wants_cpu_kernels(args: ServerArgs, device: torch.device) -> bool:
     return device.type == "cpu" and args.attention_backend != "torch_native"
 
@@ -125,17 +139,33 @@ class ModelRunner:
                 mem_fraction=args.mem_fraction_static, mm_cache=self.mm_cache,
             )  # fmt: skip
         layout = self.model.kv_layout(mla_latent=args.mla_kv_cache == "latent")
-        num_slots = plan_num_slots(
+        local_layers, self.sliding_window = local_window_layers(self.model.layer_windows)
+        if args.disable_hybrid_swa_memory:
+            local_layers, self.sliding_window = frozenset(), 0
+        sizing = dict(
             device=self.device,
-            bytes_per_slot=layout.bytes_per_token(self.dtype),
             weight_bytes=weight_bytes + (self.cross.pool.nbytes if self.cross else 0),
             page_size=args.page_size,
             mem_fraction=args.mem_fraction_static,
             max_total_tokens=args.max_total_tokens,
         )
+        num_local_slots = 0
+        if local_layers:
+            global_layout, local_layout = layout.split(local_layers)
+            num_slots, num_local_slots = plan_hybrid_slots(
+                global_bytes_per_slot=global_layout.bytes_per_token(self.dtype),
+                local_bytes_per_slot=local_layout.bytes_per_token(self.dtype),
+                local_ratio=args.swa_full_tokens_ratio,
+                **sizing,  # type: ignore[arg-type]
+            )
+        else:
+            num_slots = plan_num_slots(
+                bytes_per_slot=layout.bytes_per_token(self.dtype),
+                **sizing,  # type: ignore[arg-type]
+            )
         self.pool = KVPool.for_layout(
             layout, num_slots=num_slots, page_size=args.page_size, dtype=self.dtype,
-            device=self.device,
+            device=self.device, local_layers=local_layers, num_local_slots=num_local_slots,
         )  # fmt: skip
         backend = TorchNativeBackend
         if kernels is not None:
@@ -156,6 +186,7 @@ class ModelRunner:
             layer_windows=self.model.layer_windows,
         )
         self.num_slots = num_slots
+        self.num_local_slots = num_local_slots  # 0: one pool
         # Images whose cross-attention K/V fit at once (0: the model has no such state).
         self.cross_image_slots = self.cross.pool.capacity if self.cross is not None else 0
         self.max_seqs = args.max_running_requests
@@ -164,6 +195,10 @@ class ModelRunner:
         self.req_to_slot = torch.zeros(
             self.max_seqs, self.context_length, dtype=torch.int64, device=self.device
         )
+        # The same for the local pool's slots (entries outside every window may be 0).
+        self.req_to_local: torch.Tensor | None = None
+        if num_local_slots:
+            self.req_to_local = torch.zeros_like(self.req_to_slot)
         self.free_rows = list(range(self.max_seqs - 1, -1, -1))
         self.seqs: dict[str, _Seq] = {}
         self.sampler = Sampler(cfg.vocab_size, list(model.eos_token_ids), args.random_seed)
@@ -195,6 +230,15 @@ class ModelRunner:
         n_prefix = len(new.prefix_slots)
         if n_prefix:
             self.req_to_slot[row, :n_prefix] = torch.tensor(new.prefix_slots, dtype=torch.int64)
+        if self.req_to_local is not None:
+            if len(new.prefix_local_slots) != n_prefix:
+                raise RuntimeError(
+                    f"{new.key}: {len(new.prefix_local_slots)} local slots for a prefix of "
+                    f"{n_prefix} tokens"
+                )
+            if n_prefix:
+                local = torch.tensor(new.prefix_local_slots, dtype=torch.int64)
+                self.req_to_local[row, :n_prefix] = local
         ids = list(new.input_ids)
         sampling = SamplingRow(new.sampling, ids[: new.num_prompt_tokens], [])
         sampling.output_ids = ids[new.num_prompt_tokens :]
@@ -209,7 +253,7 @@ class ModelRunner:
             )
             seq.mrope = mrope.to(self.device)
         if self.cross is not None:
-            self.cross.admit(new.key, seq.images)
+            self.cross.admit(new.key, seq.images, list(new.image_slots))
         self.seqs[new.key] = seq
 
     # ------------------------------------------------------------------ one step
@@ -222,6 +266,7 @@ class ModelRunner:
             self._admit(new)
         t0 = time.perf_counter()
         encoded = self.images_encoded
+        kv_computed = self.cross.kv_computed if self.cross is not None else 0
         out = self._compute(plan)
         sample_keys = out.sample_keys
         tokens, logprobs = self.sampler.sample(
@@ -247,6 +292,7 @@ class ModelRunner:
             time.perf_counter() - t0,
             self.images_encoded - encoded,
             prompt_lps,
+            (self.cross.kv_computed if self.cross is not None else 0) - kv_computed,
         )
 
     @torch.inference_mode()
@@ -279,6 +325,7 @@ class ModelRunner:
         index: list[int] = []  # each token's index in its sequence
         positions: list[torch.Tensor] = []  # M-RoPE only: [3, n] per chunk
         slots: list[int] = []
+        local_slots: list[int] = []  # with a local pool
         rows: list[int] = []
         layouts: list[ChunkLayout] = []
         sample_idx: list[int] = []
@@ -297,6 +344,10 @@ class ModelRunner:
                 raise RuntimeError(f"{chunk.key}: sample=True before the last known token")
             if start + n > self.context_length:
                 raise RuntimeError(f"{chunk.key}: exceeds context length {self.context_length}")
+            if self.req_to_local is not None and len(chunk.new_local_slots) != n:
+                raise RuntimeError(
+                    f"{chunk.key}: {len(chunk.new_local_slots)} local slots for {n} tokens"
+                )
             full: list[tuple[int, int]] = []  # images attended in full (bidirectional)
             for img in seq.images if self.cross is None else ():
                 lo, hi = max(start, img.offset), min(start + n, img.offset + img.num_tokens)
@@ -318,6 +369,7 @@ class ModelRunner:
             ids.extend(seq.token_ids[start : start + n])
             index.extend(range(start, start + n))
             slots.extend(chunk.new_slots)
+            local_slots.extend(chunk.new_local_slots)
             rows.extend([seq.row] * n)
             seq.num_computed = start + n
             if chunk.sample:
@@ -328,8 +380,16 @@ class ModelRunner:
         if slots:
             self.pool.commit(max(slots) + 1)
         slots_t = torch.tensor(slots, dtype=torch.int64, device=dev)
-        self.req_to_slot[torch.tensor(rows, dtype=torch.int64, device=dev), index_t] = slots_t
-        self.attn.plan(layouts, slots_t, self.req_to_slot)
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=dev)
+        self.req_to_slot[rows_t, index_t] = slots_t
+        local = None
+        if self.req_to_local is not None:
+            if local_slots:
+                self.pool.commit(max(local_slots) + 1, local=True)
+            local_t = torch.tensor(local_slots, dtype=torch.int64, device=dev)
+            self.req_to_local[rows_t, index_t] = local_t
+            local = (local_t, self.req_to_local)
+        self.attn.plan(layouts, slots_t, self.req_to_slot, local)
         ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
         pos_t = torch.cat(positions, dim=1) if positions else index_t  # [3, T] or [T]
         if self.cross is not None:

@@ -85,12 +85,13 @@ def test_chat_greedy_matches_reference(
 
 def test_server_info_reports_the_latent_pool(server: Server, client: openai.OpenAI) -> None:
     """One token pool, of MLA latent rows: 3 layers x (kv_lora_rank 32 + rope key 8) float32
-    a token on each rank; with nothing running its free tokens are the free slots."""
+    a token on each rank; with nothing running its used slots are the tree's."""
     client.completions.create(model=MODEL, prompt="Paris is", max_tokens=4, temperature=0)
     stats = server.wait_idle()
     pools: Any = stats["kv_pools"]
-    assert pools == [
-        {"kind": "mla_latent", "bytes_per_token": 480, "total_tokens": 4000,
-         "free_tokens": stats["free_slots"]}
-    ]  # fmt: skip
+    tree = stats["tree_slots"]
+    assert pools == {
+        "global": {"kind": "mla_latent", "bytes_per_token": 480, "total_slots": 4000,
+                   "free_slots": 4000 - tree, "tree_slots": tree, "used_slots": tree}
+    }  # fmt: skip
     assert stats["free_slots"] + stats["tree_slots"] == 4000 and stats["tree_slots"] > 0

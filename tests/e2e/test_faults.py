@@ -65,6 +65,8 @@ def test_soak_ci_sized(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
         assert out["incomplete"] == 0 and out["completed"] >= 32
         assert out["idle"] and out["kv_leak_slots"] == 0
         assert len(out["rss_windows_mb"]) == 6
+        roles = {p["name"].split(" [")[0] for p in out["processes"]}
+        assert {"fovea-scheduler", "fovea-tokenizer"} <= roles, roles
     finally:
         assert srv.stop() == 0, srv.log_tail()
 

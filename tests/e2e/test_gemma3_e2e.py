@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import torch
@@ -176,6 +177,38 @@ def test_same_image_hits_the_prefix_cache(
     assert server.stats()["images_encoded"] == encoded + 1
     s = server.wait_idle()
     assert s["free_slots"] + s["tree_slots"] == s["total_slots"]
+
+
+def test_long_prompt_hit_and_both_pools_in_server_info(
+    server: Server, client: openai.OpenAI, ref: GemmaReference, host: ImageHost
+) -> None:
+    """The sliding-window layers' pool (window 24; 0.8 x 4000 slots): the "long" conversation
+    again hits all its prompt but the last token, whose window the first run kept, and gives
+    the same answer; /get_server_info shows both pools, each free or in the tree when idle,
+    and /flush_cache frees both."""
+    messages = cases(host)["long"]
+    ids = ref.prompt(messages)[0]
+    first = chat(client, messages)
+    again = chat(client, messages)
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert again.usage.prompt_tokens_details.cached_tokens == len(ids) - 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+    server.wait_idle()
+    pools = httpx.get(server.base + "/get_server_info", timeout=10).json()["scheduler"]["kv_pools"]
+    glob, local = pools["global"], pools["local"]
+    assert (glob["total_slots"], local["total_slots"], local["sliding_window"]) == (4000, 3200, 24)
+    # K and V of 2 KV heads x 32 in float32 (tests/conftest.py's FOVEA_DTYPE): 1 full layer in
+    # the global pool, 2 sliding ones in the local pool.
+    assert (glob["kind"], glob["bytes_per_token"]) == ("kv", 2 * 1 * 2 * 32 * 4)
+    assert (local["kind"], local["bytes_per_token"]) == ("kv", 2 * 2 * 2 * 32 * 4)
+    assert local["freed_early"] > 0
+    for pool in (glob, local):
+        assert pool["free_slots"] + pool["tree_slots"] == pool["total_slots"]
+        assert pool["used_slots"] == pool["tree_slots"] > 0
+    httpx.post(server.base + "/flush_cache", timeout=10).raise_for_status()
+    s = server.stats()
+    assert (s["free_slots"], s["local_free_slots"]) == (4000, 3200)
+    assert (s["tree_slots"], s["local_tree_slots"]) == (0, 0)
 
 
 def test_text_only_model(tiny_gemma3_text: Path, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 outputs equal transformers' (the checkpoint's own template, MllamaProcessor) for one image,
 two images, text only and a second turn, in prefill chunks of 8; /generate with image_data;
 prefix hits only for the same image; bad images and requests get 400 and the next request
-works; after a client disconnect and after forced retractions every image slot is free."""
+works; two requests with one image compute its cross-attention K/V once; after a client
+disconnect and after forced retractions every image slot is free."""
 
 from __future__ import annotations
 
@@ -183,10 +184,40 @@ def test_bad_requests_get_400_and_the_server_goes_on(
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
-def assert_image_slots_all_free(server: Server) -> None:
+def assert_image_slots_all_free(server: Server) -> dict[str, int]:
     s = server.wait_idle()
     assert s["image_slots"] == s["free_image_slots"] == IMAGE_SLOTS
+    assert s["image_slot_users"] == s["shared_image_slots"] == 0
     assert s["free_slots"] + s["tree_slots"] == s["total_slots"]
+    return s
+
+
+def test_requests_with_one_image_compute_its_cross_kv_once(
+    server: Server, client: openai.OpenAI, ref: MllamaReference, host: ImageHost
+) -> None:
+    """Two requests with the same cold image at once, different questions: one
+    vision-encoder run and one cross-attention K/V fill (a slot shared while both run, or
+    kept free with its K/V for the later one); both give transformers' tokens."""
+    before = server.wait_idle()
+    msgs = {
+        q: [{"role": "user", "content": [image_part(host.url("yak")), text_part(q)]}]
+        for q in ("Hm?", "Why so?")
+    }
+    got: dict[str, str] = {}
+
+    def run(q: str) -> None:
+        got[q] = chat(client, msgs[q]).choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(q,)) for q in msgs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for q in msgs:
+        assert got[q] == ref.tok.decode(expected(ref, msgs[q])[1], skip_special_tokens=True)
+    after = assert_image_slots_all_free(server)
+    assert after["images_encoded"] - before["images_encoded"] == 1
+    assert after["cross_kv_computed"] - before["cross_kv_computed"] == 1
 
 
 def test_client_disconnect_frees_the_image_slots(server: Server, host: ImageHost) -> None:
@@ -205,7 +236,8 @@ def test_forced_retractions_free_and_retake_image_slots(
     server: Server, client: openai.OpenAI, ref: MllamaReference, host: ImageHost
 ) -> None:
     """Three requests of ~70 tokens each in a 160-token KV cache: some are retracted and
-    re-admitted (their images' K/V recomputed), all give transformers' tokens."""
+    re-admitted (into the slot that kept their image's K/V, unless another image took it),
+    all give transformers' tokens."""
     server.wait_idle()
     before = server.stats()["retractions"]
     names = ("cat", "dog", "owl")

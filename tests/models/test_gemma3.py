@@ -387,10 +387,12 @@ def serve(runner: ModelRunner, sched: Scheduler, reqs: list[TokenizedRequest]) -
 
 
 def scheduler(runner: ModelRunner, **kw: Any) -> Scheduler:
+    """The real scheduler over the runner's pools (the local one included)."""
     cfg = SchedulerConfig(
-        context_length=runner.context_length, max_prefill_tokens=64, whole_images=True, **kw
-    )
-    return Scheduler(cfg, runner.num_slots)
+        context_length=runner.context_length, max_prefill_tokens=64, whole_images=True,
+        sliding_window=runner.sliding_window, **kw,
+    )  # fmt: skip
+    return Scheduler(cfg, runner.num_slots, num_local_slots=runner.num_local_slots)
 
 
 def tokens_of(sched: Scheduler, rid: str) -> list[int]:
@@ -427,10 +429,14 @@ def test_an_image_larger_than_the_chunk_is_taken_whole(
 
 
 def test_prefix_hit_ending_inside_an_image_recomputes_the_image(
-    runner_vl: ModelRunner, prompts: dict[str, Prompt], reference: dict[str, list[int]]
+    tiny_gemma3: Path, prompts: dict[str, Prompt], reference: dict[str, list[int]]
 ) -> None:
     """After a first request, the tree is cut to end 5 tokens into image B; the same prompt
-    again is served from the tree up to B's start only, and gives transformers' tokens."""
+    again is served from the tree up to B's start only, and gives transformers' tokens. One
+    pool: every prefix of the tree is whole (a local pool keeps only windows, see
+    test_gemma3_swa.py)."""
+    runner_vl = make_runner(tiny_gemma3, disable_hybrid_swa_memory=True)
+    assert runner_vl.num_local_slots == 0
     p = prompts["two_images"]
     b = p.images[1]
     sched = scheduler(runner_vl, chunked_prefill_size=512)
@@ -443,6 +449,7 @@ def test_prefix_hit_ending_inside_an_image_recomputes_the_image(
     assert len(plans[0].new[0].prefix_slots) == b.offset
     assert tokens_of(sched, "y") == reference["two_images"]
     assert runner_vl.images_encoded == encoded  # both images' embeddings were cached
+    del runner_vl
 
 
 def test_runner_refuses_an_image_split_across_chunks(

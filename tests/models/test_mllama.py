@@ -2,9 +2,10 @@
 the real scheduler: the processor's ids and tiles equal transformers'; greedy tokens identical
 and prefill logits close for text only, one image, two images, two adjacent images and a second
 turn; the image changes the output; chunked prefill across images; prefix hits only with the
-same images (the cross-attention K/V recomputed from cached vision states); the image-slot
-pool back to full after finish, abort and retraction, admission waiting for slots and a
-request with more images than the pool refused; both checkpoint layouts and configs load."""
+same images (the cross-attention K/V kept in the image slot or recomputed from cached
+vision states); the image-slot pool back to full after finish, abort and retraction, admission
+waiting for slots and a request with more different images than the pool refused (sharing
+itself: test_mllama_shared_images.py); both checkpoint layouts and configs load."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from mllama_helpers import (
     CASES,
     N_NEW,
+    OTHER_PAIR,
     SLOTS,
     TILES,
     MllamaReference,
@@ -185,13 +187,18 @@ def test_text_and_image_sequences_in_one_batch(
     """Text, one-image and two-image sequences prefilled and decoded together: cross-attention
     layers run on the image sequences' rows only (the text rows pass them unchanged, as a
     text-only request skips them in transformers), and the decode rows attend in one call,
-    the one-image row padded to two images' keys (masked)."""
+    the one-image row padded to two images' keys (masked). Image A of both image sequences
+    is in one slot (0), its K/V computed once."""
     names = {"t": "text", "o": "one_image", "i": "two_images"}
     d = Driver(runner)
     new = [prompts[n].new_seq(k) for k, n in names.items()]
+    assert runner.cross is not None
+    a, b = prompts["two_images"].images
+    stale = (runner.cross.slot_image[0] != a.hash) + (runner.cross.slot_image[1] != b.hash)
     res = d.step(new, [(k, len(prompts[n].ids), True) for k, n in names.items()])
     out = {k: [tok] for k, tok in zip(res.keys, res.token_ids, strict=True)}
-    assert free_image_slots(runner) == SLOTS - 3
+    assert runner.cross.users == [2, 1, 0] and free_image_slots(runner) == SLOTS - 2
+    assert res.cross_kv_computed == stale  # slots still holding A and B are not refilled
     for _ in range(N_NEW - 1):
         res = d.step([], [(k, 1, True) for k in names])
         for k, tok in zip(res.keys, res.token_ids, strict=True):
@@ -238,8 +245,9 @@ def test_prefix_hits_only_with_the_same_images(
 ) -> None:  # fmt: skip
     """A text-only prompt shares its first tokens with the image prompt but is no hit for it
     (every token's KV depends on the images); the same image and text again is a hit up to
-    the last token, with no second vision-encoder run (K/V recomputed from the cached vision
-    states); another image with the same text is no hit at all."""
+    the last token, with no second vision-encoder run (K/V kept in the freed image slot, or
+    recomputed from the cached vision states); another image with the same text is no hit at
+    all."""
     text, a = prompts["text"], prompts["one_image"]
     assert text.ids[:2] == a.ids[:2]
     sched = scheduler(runner)
@@ -281,8 +289,8 @@ def test_retraction_frees_and_retakes_image_slots(
     runner: ModelRunner, prompts: dict[str, Prompt], reference: dict[str, list[int]]
 ) -> None:
     """KV memory for one sequence and a half: the newer one is retracted (its image slots
-    freed), re-admitted from its cached prefix with its images' K/V recomputed, and both
-    still give transformers' tokens."""
+    freed, their K/V kept), re-admitted from its cached prefix into them, and both still
+    give transformers' tokens."""
     a, c = prompts["one_image"], prompts["second_turn"]
     need = max(len(a.ids), len(c.ids)) + N_NEW
     sched = scheduler(runner, num_slots=need + 12)
@@ -293,36 +301,47 @@ def test_retraction_frees_and_retakes_image_slots(
 
 
 def test_admission_waits_for_image_slots(
-    runner: ModelRunner, prompts: dict[str, Prompt], reference: dict[str, list[int]]
-) -> None:
-    """Two requests of 2 images with 3 slots: the second is admitted only after the first
-    finishes (serve checks the counts every step); both give transformers' tokens."""
+    runner: ModelRunner, ref: MllamaReference, tiny_mllama: Path, prompts: dict[str, Prompt],
+    reference: dict[str, list[int]],
+) -> None:  # fmt: skip
+    """Two requests of 2 different images each with 3 slots: the second is admitted only
+    after the first finishes (serve checks the counts every step), into the never-used slot
+    and then the longest-free one; both give transformers' tokens."""
     p = prompts["two_images"]
+    q = Prompt(ref, tiny_mllama, OTHER_PAIR)
     sched = scheduler(runner)
-    plans = serve(runner, sched, [p.request("x", SHORT), p.request("y", SHORT)])
+    plans = serve(runner, sched, [p.request("x", SHORT), q.request("y", SHORT)])
     admitted = [[n.key for n in plan.new] for plan in plans]
     assert admitted[0] == ["x#0"] and admitted.index(["y#0"]) == SHORT
-    assert tokens_of(sched, "x") == tokens_of(sched, "y") == reference["two_images"][:SHORT]
+    assert plans[0].new[0].image_slots == [0, 1] and plans[SHORT].new[0].image_slots == [2, 0]
+    assert tokens_of(sched, "x") == reference["two_images"][:SHORT]
+    assert tokens_of(sched, "y") == ref.greedy(q.hf_ids, q.hf_kwargs, SHORT)
 
 
 def test_more_images_than_the_pool_is_refused(
     runner: ModelRunner, prompts: dict[str, Prompt]
 ) -> None:
+    """Four different images cannot fit 3 slots; four copies of one image take one slot."""
     img = prompts["one_image"].images[0]
     ids = [3, 400, 400, 400, 400, 9]
-    images = [ImageInput(img.hash, 1 + k, 1, img.pixel_values, img.grid) for k in range(4)]
+    hashes = [bytes([k]) + img.hash[1:] for k in range(4)]
+    images = [ImageInput(h, 1 + k, 1, img.pixel_values, img.grid) for k, h in enumerate(hashes)]
     sched = scheduler(runner)
     sp = SamplingParams(temperature=0.0, max_new_tokens=4)
     sched.handle(TokenizedRequest(rid="big", index=0, input_ids=ids, sampling=sp, images=images))
     assert sched.to_server == [
         RequestError(
             rid="big",
-            message="request big has 4 images but the model's cross-attention state holds at "
-            "most 3 at once; send fewer images",
+            message="request big has 4 different images but the model's cross-attention "
+            "state holds at most 3 at once; send fewer images",
             status=400,
         )
     ]
     assert not sched.has_work
+    same = [ImageInput(img.hash, 1 + k, 1, img.pixel_values, img.grid) for k in range(4)]
+    req = TokenizedRequest(rid="same", index=0, input_ids=ids, sampling=sp, images=same)
+    plans = serve(runner, sched, [req])
+    assert plans[0].new[0].image_slots == [0, 0, 0, 0] and len(sched.to_server) == 1
 
 
 # ---------------------------------------------------------------- checkpoints and configs

@@ -102,3 +102,35 @@ def test_rewriting_the_page_replaces_only_what_the_run_measured(tmp_path: Any) -
     assert "| default | W4 TTFT p50, Fovea / vLLM (target ≤ 1) | 0.500 |" in images
     assert "| default | W5 TTFT p50 / W4 TTFT p50, Fovea (target ≤ 0.15) | 0.100 |" in images
     assert compare.split_page("") == ("", "", "")
+
+
+def test_w2_beside_w4_rows_go_to_the_image_section_with_their_ratio(tmp_path: Any) -> None:
+    page = tmp_path / "RESULTS.md"
+    rows = [
+        _row("fovea", "W2vlm", 1.0, 80, 900), _row("fovea", "W2+W4", 1.0, 100, 950),
+        _row("vllm", "W2vlm", 1.0, 90, 1800), _row("vllm", "W2+W4", 1.0, 270, 1900),
+    ]  # fmt: skip
+    assert compare.image_ratios(rows, ["default"]) == {
+        "default": {"W2_beside_W4_ttft_fovea": 1.25, "W2_beside_W4_ttft_vllm": 3.0}
+    }
+    compare.write_results(str(page), rows, ["default"], "float32", [], "/m/qwen")
+    head, images, _ = compare.split_page(page.read_text())
+    assert head == "" and "| fovea | default | W2+W4 | 8 |" in images
+    assert (
+        "| default | W2 TTFT p50 beside W4 / alone, Fovea (target: no growth) | 1.250 |" in images
+    )
+
+
+def test_w2_beside_w4_needs_the_vlm_and_serves_images(tmp_path: Any) -> None:
+    assert compare.images_per_request("W2+W4") == 1
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--systems", "fovea", "--workloads", "W2+W4", "--model", str(tmp_path)])
+    assert "W2+W4 need --vlm-model" in str(e.value)
+
+
+def test_hf_rows_are_picked_as_hf_for_the_floor_ratios() -> None:
+    rows = [_row("fovea", "W4", 0.05, 300, 900), _row("vllm", "W4", 0.04, 600, 1800)]
+    rows.append(_row("hf-transformers-generate (cpu, float32)", "W4", 0.02, 900, 3000))
+    assert compare.image_ratios(rows, ["default"])["default"].get("W4_req_s_over_hf") is None
+    rows[-1] |= {"peer": "hf", "mode": "-"}
+    assert compare.image_ratios(rows, ["default"])["default"]["W4_req_s_over_hf"] == 2.5

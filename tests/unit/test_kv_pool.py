@@ -114,3 +114,35 @@ def test_a_latent_pool_has_no_values() -> None:
     assert pool.v == [] and [tuple(k.shape) for k in pool.k] == [(12, 1, 40)] * 2
     assert pool.bytes_per_token() == 2 * 40 * 4 and pool.nbytes() == 12 * 2 * 40 * 4
     assert torch.count_nonzero(pool.k[1][:4]).item() == 0
+
+
+def test_sliding_window_layers_split_the_layout_into_two_pools() -> None:
+    """Layers 0 and 2 of 3 local: the global pool holds layer 1's K and V a token, the local
+    one layers 0 and 2's; the same layout sizes both through hybrid_slots_in_budget."""
+    layout = KVLayout("kv", 3, 2, 32)
+    local = frozenset({0, 2})
+    glob, loc = layout.split(local)
+    assert (glob, loc) == (KVLayout("kv", 1, 2, 32), KVLayout("kv", 2, 2, 32))
+    g_bytes, l_bytes = glob.bytes_per_token(torch.float32), loc.bytes_per_token(torch.float32)
+    assert (g_bytes, l_bytes) == (512, 1024)
+    # Each global slot costs 512 + 0.5 x 1024 = 1024 bytes: 64 global, 32 local in 65536.
+    assert kv_pool.hybrid_slots_in_budget(65536, g_bytes, l_bytes, 0.5, 4, None) == (64, 32)
+    pool = KVPool.for_layout(
+        layout, num_slots=64, page_size=4, dtype=torch.float32, device=torch.device("cpu"),
+        local_layers=local, num_local_slots=32,
+    )  # fmt: skip
+    assert [tuple(k.shape) for k in pool.k] == [(36, 2, 32), (68, 2, 32), (36, 2, 32)]
+    assert [tuple(v.shape) for v in pool.v] == [(36, 2, 32), (68, 2, 32), (36, 2, 32)]
+    assert (pool.bytes_per_token(), pool.bytes_per_token(local=True)) == (512, 1024)
+    assert pool.nbytes() == 68 * 512 + 36 * 1024 == pool.committed_bytes()
+
+
+def test_a_latent_pool_with_local_layers_keeps_no_values_in_either_space() -> None:
+    pool = KVPool(
+        num_layers=2, num_slots=8, page_size=4, kv_heads=1, head_dim=40, dtype=torch.float32,
+        device=torch.device("cpu"), kind="mla_latent", local_layers=frozenset({1}),
+        num_local_slots=4,
+    )  # fmt: skip
+    assert pool.v == [] and [tuple(k.shape) for k in pool.k] == [(12, 1, 40), (8, 1, 40)]
+    assert (pool.bytes_per_token(), pool.bytes_per_token(local=True)) == (160, 160)
+    assert pool.committed_bytes() == 12 * 160 + 8 * 160

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fake_worker import assert_idle_invariant, make, outputs_of, req, run_to_idle, tokens_of
 
 from fovea.common.messages import (
-    KVPoolUsage,
     NewSequence,
     ScheduledChunk,
     SchedulerStats,
@@ -47,7 +46,6 @@ def test_one_request_exact_plans_and_outputs() -> None:
             cache_hit_tokens=0,
             prompt_tokens=3,
             generated_tokens=3,
-            kv_pools=[KVPoolUsage(kind="kv", bytes_per_token=0, total_tokens=64, free_tokens=59)],
         )
     ]
     assert_idle_invariant(sched)

@@ -12,7 +12,6 @@ import zmq
 from fovea.common.config import ServerArgs
 from fovea.common.ipc import Addresses, Receiver, Sender
 from fovea.common.messages import (
-    KVPoolUsage,
     ProcessReady,
     ScheduledChunk,
     SchedulerStats,
@@ -109,9 +108,8 @@ def test_scheduler_process_round_trip_and_worker_failure() -> None:
             cache_hit_tokens=0,
             prompt_tokens=2,
             generated_tokens=2,
-            kv_pools=[
-                KVPoolUsage(kind="mla_latent", bytes_per_token=480, total_tokens=24, free_tokens=21)
-            ],
+            kv_kind="mla_latent",
+            kv_bytes_per_token=480,
         )
 
         inbox.send(TokenizedRequest(rid="s", index=0, input_ids=[9], sampling=sampling))

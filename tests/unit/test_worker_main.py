@@ -55,7 +55,7 @@ def _start(path: Path, ctx: zmq.Context[Any]) -> tuple[Any, Sender, Receiver[Any
     itemsize = 2 if cpu_has_native_bf16() else 4
     assert answer == WorkerReady(
         nonce=answer.nonce, rank=0, num_slots=1000, max_seqs=4, device="cpu", kv_kind="kv",
-        kv_bytes_per_token=2 * 2 * 2 * 32 * itemsize,
+        kv_bytes_per_token=2 * 2 * 2 * 32 * itemsize, local_kv_bytes_per_token=0,
     )  # fmt: skip
     results.recv_all()  # later pings' answers
     return proc, plans, results, ready

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from fovea.common.messages import VideoRef
 from fovea.tokenizer_service.media import to_rgb
+from fovea.tokenizer_service.video import VideoLimits, VideoMeta
 
 CHANNELS = 3
 IMAGENET_STANDARD = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_MEAN and _STD
@@ -113,6 +115,8 @@ class ProcessedImage:
     # runs in prompt order, each a one-run ProcessedImage. The fields above then describe the
     # whole image (num_tokens: all runs together) and are not sent to the model.
     spans: tuple[ProcessedImage, ...] = ()
+    # A video's seconds per temporal grid step (Qwen2.5-VL M-RoPE); 0.0 for a still image.
+    second_per_grid_t: float = 0.0
 
     @property
     def parts(self) -> tuple[ProcessedImage, ...]:
@@ -143,6 +147,41 @@ def resize_uint8(
     return out[0].permute(1, 2, 0).numpy()
 
 
+@dataclass(frozen=True)
+class VideoPlan:
+    """How one video is sampled and sized, decided from its metadata before any frame is
+    decoded (so a video over the token budget is refused or thinned for free)."""
+
+    indices: list[int]  # frames to decode, ascending (repeats allowed)
+    height: int  # every frame is resized to height x width
+    width: int
+    num_tokens: int  # placeholder tokens the video takes
+    # Mixed into the video's hash: the same bytes sampled differently are another input.
+    variant: bytes
+    sampled_fps: float  # frames kept per second of video
+
+
+class VideoProcessor(ABC):
+    """A model family's video preprocessing (beside its ImageProcessor, `.video`)."""
+
+    video_token_id: int  # the one placeholder the chat template renders per video
+
+    @abstractmethod
+    def plan(self, meta: VideoMeta, request: VideoRef, limits: VideoLimits) -> VideoPlan:
+        """The plan for a video of `meta` under the request's sampling fields and the server's
+        limits. Raises MediaError for a video the request
+        cannot have (naming the field to change)."""
+
+    @abstractmethod
+    def frames_plan(self, n: int, height: int, width: int, limits: VideoLimits) -> VideoPlan:
+        """The plan for a video given as `n` frames of height x width (all of them taken, as
+        transformers' processors take a frame list: no sampling)."""
+
+    @abstractmethod
+    def preprocess(self, frames: np.ndarray, plan: VideoPlan) -> ProcessedImage:
+        """frames [T, H, W, 3] uint8 (the plan's indices, decoded) -> the tower's input."""
+
+
 class ImageProcessor(ABC):
     """A model family's image preprocessing. Subclasses set `image_token_id` and implement
     `preprocess`; the placeholder expansion is shared."""
@@ -150,6 +189,7 @@ class ImageProcessor(ABC):
     image_token_id: int  # the one placeholder token the chat template renders per image
     # Families that resize with `resize_uint8` read it; load_processor sets it (--image-resize).
     resize_engine: str = "pil"
+    video: VideoProcessor | None = None  # set by families that take videos
 
     @abstractmethod
     def preprocess(self, image: PIL.Image.Image) -> ProcessedImage:

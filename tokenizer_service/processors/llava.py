@@ -164,7 +164,7 @@ class LlavaProcessor(ImageProcessor):
         # LLaVA-1.5's do_pad pads square before resizing; anyres processors' do_pad pads the
         # batch (meaningless one image at a time).
         pad = spec.pad_to_square or (not spec.anyres and bool(pp.get("do_pad", False)))
-        return cls(
+        processor = cls(
             spec,
             image_token_id=token,
             size=pp["size"],
@@ -173,6 +173,12 @@ class LlavaProcessor(ImageProcessor):
             pad_square=pad,
             pixels=PIXELS.updated(pp),
         )
+        video_token = hf_config.get("video_token_index", hf_config.get("video_token_id"))
+        if hf_config.get("model_type") == "llava_onevision" and video_token is not None:
+            from fovea.tokenizer_service.processors.llava_video import LlavaOnevisionVideo
+
+            processor.video = LlavaOnevisionVideo.from_pretrained(model_dir, spec, int(video_token))
+        return processor
 
     def preprocess(self, image: PIL.Image.Image) -> ProcessedImage:
         return self.preprocess_in_request(image, 1)

@@ -114,7 +114,12 @@ class Qwen2VLProcessor(ImageProcessor):
             **{key: pp.get(key) for key in ("patch_size", "temporal_patch_size", "merge_size")},
         }
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        return cls(**kwargs, pixels=PIXELS.updated(pp))
+        processor = cls(**kwargs, pixels=PIXELS.updated(pp))
+        # Imported here: the video module builds on this one's smart_resize and PIXELS.
+        from fovea.tokenizer_service.processors.qwen2_vl_video import Qwen2VLVideo
+
+        processor.video = Qwen2VLVideo.from_pretrained(model_dir, hf_config)
+        return processor
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) an image of this size is processed at."""

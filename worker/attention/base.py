@@ -13,7 +13,9 @@ positions (a cached prefix's and earlier chunks' read back from the pool) and at
 
 Two optional refinements, both off by default (the plain causal path is unchanged):
 - `layer_windows[layer_id] = w > 0`: a sliding-window (local) layer; a token attends only to
-  the w most recent positions, itself included (kv > q - w). Every layer keeps all its KV.
+  the w most recent positions, itself included (kv > q - w). When the pool keeps these layers'
+  K/V in its local slot space (`KVPool.local_layers`), `plan` gets the step's local slots and
+  table too, and those layers store and read there; otherwise every layer keeps all its KV.
 - `ChunkLayout.full_spans`: position spans inside the chunk whose tokens attend to each other
   in full (an image under bidirectional image attention), on top of causal attention.
 """
@@ -95,9 +97,14 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def plan(
-        self, chunks: list[ChunkLayout], out_slots: torch.Tensor, req_to_slot: torch.Tensor
+        self,
+        chunks: list[ChunkLayout],
+        out_slots: torch.Tensor,
+        req_to_slot: torch.Tensor,
+        local: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Prepare this step's metadata. out_slots [T]: where each token's K/V goes."""
+        """Prepare this step's metadata. out_slots [T]: where each token's K/V goes; local:
+        (out_local_slots [T], req_to_local) for the pool's local layers, when it has any."""
 
     @abstractmethod
     def forward(

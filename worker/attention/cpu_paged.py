@@ -28,7 +28,12 @@ class CpuPagedBackend(TorchNativeBackend):  # type: ignore[misc,unused-ignore]
     output in q's dtype."""
 
     def _store(
-        self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slots: torch.Tensor,
     ) -> None:
         rows_ok = all(
             x.dim() == 3 and x.dtype == k_cache.dtype and x.stride(2) == 1
@@ -36,8 +41,8 @@ class CpuPagedBackend(TorchNativeBackend):  # type: ignore[misc,unused-ignore]
             for x in (k, v)
         )  # fmt: skip
         if not rows_ok:
-            return super()._store(k_cache, v_cache, k, v)
-        torch.ops.fovea.store_kv(k_cache, v_cache, self.out_slots, k, v)
+            return super()._store(k_cache, v_cache, k, v, slots)
+        torch.ops.fovea.store_kv(k_cache, v_cache, slots, k, v)
 
     def _decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: _Decode

@@ -9,7 +9,8 @@ there is no cached prefix, else a causal mask offset by the prefix length.
 Sliding-window layers and full spans (see base.py) get their own view per window: decode rows
 gather only the window's slots; a prefill's mask adds the spans and the window, and its keys
 start at the first position any query's window reaches. Without either, the plan is the
-plain causal one above.
+plain causal one above. With a local pool, windowed views index the local table (slots of
+positions outside the window may be 0 there: never gathered).
 
 MLA's latent pool (forward_latent) reuses the same plan: decode rows are MQA over the latent
 rows (one shared row a position, the value its first kv_lora_rank elements) with absorbed
@@ -61,10 +62,17 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
     def plan(
-        self, chunks: list[ChunkLayout], out_slots: torch.Tensor, req_to_slot: torch.Tensor
+        self,
+        chunks: list[ChunkLayout],
+        out_slots: torch.Tensor,
+        req_to_slot: torch.Tensor,
+        local: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         device = out_slots.device
         self.out_slots = out_slots
+        self.out_local = local[0] if local is not None else None
+        # The slot table each window's view reads: windowed layers' K/V sit in the local pool.
+        tables = {w: local[1] if local is not None and w else req_to_slot for w in self.windows}
         self.num_tokens = int(out_slots.shape[0])
         decodes = [c for c in chunks if c.q_len == 1]
         self.decodes: dict[int, _Decode] = {}  # by window
@@ -75,10 +83,10 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
             if len(decodes) != len(chunks):
                 token_idx = torch.tensor([c.start for c in decodes], device=device)
             for w in self.windows:
-                if w and max(totals) <= w:  # every sequence still fits its window
+                if w and max(totals) <= w and tables[w] is req_to_slot:  # all fit the window
                     self.decodes[w] = self.decodes[0]
                 else:
-                    self.decodes[w] = self._plan_decode(rows, totals, w, token_idx, req_to_slot)
+                    self.decodes[w] = self._plan_decode(rows, totals, w, token_idx, tables[w])
         self.prefills: list[_Prefill] = []
         for c in chunks:
             if c.q_len == 1:
@@ -86,7 +94,10 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
             views: dict[int, _KV] = {}
             for w in self.windows:
                 fits = w and c.prefix_len + c.q_len <= w
-                views[w] = views[0] if fits else self._plan_prefill(c, w, req_to_slot)
+                if fits and tables[w] is req_to_slot:
+                    views[w] = views[0]
+                else:  # a view that fits its window is the plain causal one, on its table
+                    views[w] = self._plan_prefill(c, 0 if fits else w, tables[w])
             self.prefills.append(_Prefill(c.start, c.q_len, views))
 
     @staticmethod
@@ -140,7 +151,10 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
         self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_id], self.pool.v[layer_id]
-        self._store(k_cache, v_cache, k, v)
+        slots = self.out_slots
+        if self.out_local is not None and self.pool.is_local(layer_id):
+            slots = self.out_local
+        self._store(k_cache, v_cache, k, v, slots)
         window = self.window(layer_id)
         decode = self.decodes.get(window)
         if decode is not None and decode.token_idx is None:
@@ -157,11 +171,16 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
         return out
 
     def _store(
-        self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slots: torch.Tensor,
     ) -> None:
-        """This step's K/V rows into their slots."""
-        k_cache.index_copy_(0, self.out_slots, k)
-        v_cache.index_copy_(0, self.out_slots, v)
+        """This step's K/V rows into their slots [T]."""
+        k_cache.index_copy_(0, slots, k)
+        v_cache.index_copy_(0, slots, v)
 
     def _decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: _Decode

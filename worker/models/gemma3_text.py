@@ -11,13 +11,9 @@ itself included; rope base `rope_local_base_freq`) or "full_attention" (global; 
 `rope_theta`, with the config's rope scaling). The model exposes `layer_windows` and
 `attention_scale` for the attention backend, whose local layers read only their window.
 
-KV memory: local layers keep the KV of every token, like global ones (one pool, one slot per
-token for all layers). Freeing what left the window would need a second, per-layer-group
-allocator: a prefix-cache hit or a re-admission after retraction needs the local KV of the
-last `sliding_window` tokens of the cached prefix, so the radix tree would have to track which
-of its tokens still hold local KV (SGLang's SWA pool with tombstoned nodes). For Gemma 3 4B
-(5 of 6 layers local, window 1024) that would save up to ~5/6 of KV memory on long contexts;
-it is left for when long-context serving needs it.
+KV memory: the model runner keeps the local layers' K/V in a pool of their own, from which the
+scheduler frees what left each sequence's window (worker/kv_pool.py, scheduler/window_slots.py;
+docs/design.md, "Sliding-window layers"); the model itself only sees the attention backend.
 """
 
 from __future__ import annotations

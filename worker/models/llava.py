@@ -19,6 +19,7 @@ deepest selected hidden state are built; the checkpoint's others are skipped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -170,9 +171,26 @@ class LlavaForConditionalGeneration(LlamaForCausalLM, EncodesImages):  # type: i
                 states[i] = x
         return [states[i] for i in self.feature_layers]
 
+    def pool_video(self, feats: torch.Tensor) -> torch.Tensor:
+        """OneVision's video features: [T, p*p, hidden] per frame -> each frame's p x p grid
+        pooled bilinearly to ceil(p / 2) a side, frames in order, then one image_newline:
+        [T * ceil(p / 2)² + 1, hidden] (transformers' get_video_features)."""
+        if self.image_newline is None:
+            raise ValueError("this model takes no videos (it has no image_newline)")
+        frames, n, hidden = feats.shape
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"{n} features per frame are not a square grid")
+        grid = feats.view(frames, side, side, hidden).permute(0, 3, 1, 2)
+        half = math.ceil(side / 2)
+        pooled = F.interpolate(grid, size=[half, half], mode="bilinear")
+        flat = pooled.permute(0, 2, 3, 1).reshape(frames * half * half, hidden)
+        return torch.cat([flat, self.image_newline[None].to(flat.dtype)])
+
     def encode_images(self, images: list[ImageInput]) -> list[torch.Tensor]:
         """One tower call over every tile of every image -> [num_tokens, hidden] each.
-        pixel_values [tiles, C, H, W]; grid [height, width] of the original image."""
+        pixel_values [tiles, C, H, W]; grid [height, width] of the original image. A video
+        (second_per_grid_t > 0): pixel_values [frames, C, H, W], grid [frames, H, W]."""
         tiles = []
         for img in images:
             shape = tuple(img.pixel_values.shape)
@@ -180,7 +198,7 @@ class LlavaForConditionalGeneration(LlamaForCausalLM, EncodesImages):  # type: i
                 raise ValueError(
                     f"image pixel_values {shape}; the tower takes [tiles, *{self.image_shape}]"
                 )
-            if not self.spec.anyres and shape[0] != 1:
+            if not self.spec.anyres and shape[0] != 1 and img.second_per_grid_t <= 0:
                 raise ValueError(f"{shape[0]} tiles for a model that takes one per image")
             tiles.append(shape[0])
         weight = self.model.embed_tokens.weight
@@ -188,7 +206,9 @@ class LlavaForConditionalGeneration(LlamaForCausalLM, EncodesImages):  # type: i
         feats = self.tile_features(pixels.to(weight.device, weight.dtype))  # [N, F, hidden]
         out = []
         for img, per_image in zip(images, torch.split(feats, tiles), strict=True):
-            if self.image_newline is None:
+            if img.second_per_grid_t > 0:  # a video (OneVision): its frames are the tiles
+                emb = self.pool_video(per_image)
+            elif self.image_newline is None:
                 emb = per_image[0]
             else:
                 height, width = (int(g) for g in img.grid)

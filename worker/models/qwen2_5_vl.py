@@ -126,6 +126,18 @@ def qwen2_5_vl_vision_config(v: dict[str, Any]) -> VisionConfig:
 class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):  # type: ignore[misc,unused-ignore]
     vision_cls: ClassVar[type[VisionTransformer]] = Qwen25VisionTransformer
 
+    def __init__(self, hf_config: dict[str, Any]) -> None:
+        super().__init__(hf_config)
+        self.tokens_per_second = int(hf_config["vision_config"].get("tokens_per_second", 4))
+
+    def temporal_positions(self, t: int, second_per_grid_t: float) -> torch.Tensor:
+        """A video's steps spaced by tokens_per_second * second_per_grid_t, truncated, in
+        float32 as transformers computes it (its second_per_grid_ts is a float32 tensor)."""
+        if second_per_grid_t <= 0:  # a still image
+            return torch.arange(t)
+        interval = self.tokens_per_second * torch.tensor(second_per_grid_t, dtype=torch.float32)
+        return (torch.arange(t) * interval).long()
+
     @staticmethod
     def vision_config(v: dict[str, Any]) -> VisionConfig:
         return qwen2_5_vl_vision_config(v)

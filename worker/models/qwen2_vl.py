@@ -304,12 +304,17 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM, EncodesImages, MRopePosi
         out = self.visual(pixels.to(weight.device, weight.dtype), grids)
         return list(out.split([img.num_tokens for img in images]))
 
+    def temporal_positions(self, t: int, second_per_grid_t: float) -> torch.Tensor:
+        """[t] int64: the temporal M-RoPE index of each grid step (Qwen2-VL: the step)."""
+        return torch.arange(t)
+
     def mrope_positions(
         self, prompt_ids: list[int], images: list[ImageInput]
     ) -> tuple[torch.Tensor, int]:
-        """transformers' get_rope_index for images: text advances all three axes by one; an
-        image's tokens take (t, row, column) of its merged grid plus the running position, and
-        the text after it starts at that image's largest position + 1."""
+        """transformers' get_rope_index: text advances all three axes by one; an image's or
+        video's tokens take (temporal index, row, column) of its merged grid plus the running
+        position, and the text after it starts max(rows, columns) later (for a video too, as
+        transformers does)."""
         parts: list[torch.Tensor] = []  # [3, n] each
         pos = at = 0  # next position, next token index
         for img in sorted(images, key=lambda i: i.offset):
@@ -318,7 +323,10 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM, EncodesImages, MRopePosi
             t, h, w = (int(g) for g in img.grid)
             gh, gw = h // self.merge_size, w // self.merge_size
             grid = torch.meshgrid(
-                torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij"
+                self.temporal_positions(t, img.second_per_grid_t),
+                torch.arange(gh),
+                torch.arange(gw),
+                indexing="ij",
             )
             parts.append(torch.stack(grid).reshape(3, -1) + pos)  # [3, t * gh * gw]
             pos += max(gh, gw)

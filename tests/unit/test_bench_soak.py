@@ -1,0 +1,46 @@
+"""bench/soak.py's memory windows, growth figure and image options (issue 26's W4 loop)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fovea.bench import soak
+from fovea.bench.image_server import parse_sizes
+
+
+def test_windows_keep_each_process_peak_and_fill_late_starters() -> None:
+    mem = soak.MemoryWindows(root=0, n=3)
+    mib = 2**20
+    mem.add_window([{"a": 10 * mib, "b": 4 * mib}, {"a": 12 * mib, "b": 2 * mib}])
+    mem.add_window([{"a": 11 * mib, "c": 1 * mib}])  # b gone, c new
+    mem.add_window([{"a": 13 * mib, "b": 5 * mib, "c": 3 * mib}])
+    assert mem.total == [14.0, 12.0, 21.0]  # the largest sum of one sample, not of peaks
+    assert mem.by_process == {
+        "a": [12.0, 11.0, 13.0],
+        "b": [4.0, 0.0, 5.0],
+        "c": [0.0, 1.0, 3.0],
+    }
+    assert soak.growth(mem.by_process["a"]) == 0.0833
+    assert soak.growth(mem.by_process["c"]) is None  # absent in the first window
+
+
+def test_sample_names_this_process_by_label_and_pid() -> None:
+    sample = soak.MemoryWindows(os.getpid(), 2).sample()
+    (name,) = [n for n in sample if n.endswith(f"[{os.getpid()}]")]
+    assert sample[name] > 0
+
+
+def test_w4_loop_options() -> None:
+    args = soak.parse_args([
+        "--model", "m", "--distinct-images", "0", "--image-size", "448x448,1024x768",
+        "--image-format", "jpeg", "--exact-tokens", "--windows", "10",
+    ])  # fmt: skip
+    assert args.image_sizes == [(448, 448), (1024, 768)]
+    assert (args.distinct_images, args.exact_tokens, args.windows) == (0, True, 10)
+    assert parse_sizes("64X32") == [(64, 32)]
+    for bad in (["--image-size", "448"], ["--image-size", "0x4"], ["--windows", "1"]):
+        with pytest.raises(SystemExit) as e:
+            soak.parse_args(["--model", "m", *bad])
+        assert e.value.code == 2
