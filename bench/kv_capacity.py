@@ -28,6 +28,12 @@ an image it did not hold). "after" sends the same image in every request (today'
 before sharing (one slot and one K/V fill per image per request).
 
     python -m fovea.bench.kv_capacity --families mllama --image-requests 1 4 16 64 --image-slots 8
+
+DeepSeek-VL2-small (bench/kv_capacity_mla.py): the MLA latent cache against the decompressed
+one in the same bytes (what --budget-tokens tokens take decompressed), by the worker's sizing
+code; `--decode` adds a decode step micro-benchmark of the two layouts.
+
+    python -m fovea.bench.kv_capacity --families deepseek --decode --dtype float32 --layers 2
 """
 
 from __future__ import annotations
@@ -39,12 +45,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from fovea.bench.kv_capacity_mla import DTYPES, decode_bench, deepseek_rows
 from fovea.common.messages import ImageInput, StepResult, TokenizedRequest
 from fovea.common.sampling import SamplingParams
 from fovea.scheduler.policy import SchedulerConfig
 from fovea.scheduler.scheduler import Scheduler
-from fovea.worker.kv_pool import hybrid_slots_in_budget, slots_in_budget
+from fovea.worker.kv_pool import KVLayout, hybrid_slots_in_budget, slots_in_budget
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,12 @@ class Gemma3Shapes:
         return sum(1 for i in range(self.num_layers) if (i + 1) % self.pattern == 0)
 
     def bytes_per_slot(self, layers: int) -> int:
-        return 2 * layers * self.kv_heads * self.head_dim * self.dtype_bytes  # K and V
+        """A token's K and V rows in `layers` layers, as the worker's pool sizes them."""
+        return KVLayout("kv", layers, self.kv_heads, self.head_dim).bytes_per_token(self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {2: torch.bfloat16, 4: torch.float32}[self.dtype_bytes]
 
 
 def serve_until_idle(
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         default=[0.8, 0.25, 0.15, 0.14],
         help="--swa-full-tokens-ratio values",
     )
-    p.add_argument("--families", default="gemma3,mllama", help="comma-separated")
+    p.add_argument("--families", default="gemma3,mllama,deepseek", help="comma-separated")
     p.add_argument(
         "--image-requests",
         type=int,
@@ -242,6 +255,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-slots", type=int, default=8, help="mllama: image pool size")
     p.add_argument("--image-prompt-tokens", type=int, default=64)
     p.add_argument("--image-max-new", type=int, default=32)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="deepseek: the cache dtype (the decode bench: its compute dtype too)")
+    p.add_argument("--decode", action="store_true", help="deepseek: also time decode steps")
+    p.add_argument("--layers", type=int, default=2, help="decode: decoder layers")
+    p.add_argument("--intermediate", type=int, default=1408, help="decode: dense MLP width")
+    p.add_argument("--batch", type=int, default=16, help="decode: sequences")
+    p.add_argument("--decode-context", type=int, default=512, help="decode: cached tokens")
+    p.add_argument("--warmup", type=int, default=3, help="decode: untimed rounds")
+    p.add_argument("--rounds", type=int, default=10, help="decode: timed rounds")
     args = p.parse_args(argv)  # fmt: skip
     families = args.families.split(",")
     rows: list[dict[str, Any]] = []
@@ -253,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
             for n in args.image_requests
             for shared in (False, True)
         ]
+    if "deepseek" in families:
+        rows += deepseek_rows(args.budget_tokens, args.dtype, args.page_size)
     shapes = Gemma3Shapes()
     out = {
         "bench": "kv_capacity",
@@ -266,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
         "models": {"gemma3": {**shapes.__dict__, "global_layers": shapes.num_global}},
         "rows": rows,
     }
+    if args.decode:
+        out["decode"] = decode_bench(args)
     print(json.dumps(out))
 
 

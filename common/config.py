@@ -149,6 +149,14 @@ class ServerArgs:
         "kernels, and start-up fails if they cannot be built.",
         ("auto", "torch_native", "cpu_paged"),
     )
+    mla_kv_cache: str = _opt(
+        "latent",
+        "What an MLA model (DeepSeek-V2, DeepSeek-VL2 -small and full) keeps per token and "
+        "layer: latent (the compressed KV and rope key, kv_lora_rank + qk_rope_head_dim values; "
+        "decode absorbs the up-projections) or decompressed (per-head K and V, about 10x the "
+        "memory; vLLM's VLLM_MLA_DISABLE). Other models ignore it.",
+        ("latent", "decompressed"),
+    )
     schedule_policy: str = _opt(
         "lpm",
         "Admission order: lpm (longest cached prefix first when the queue is long) or fcfs.",

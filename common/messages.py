@@ -163,6 +163,12 @@ class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     image_slot_users: int = 0
     shared_image_slots: int = 0
     cross_kv_computed: int = 0
+    # What the workers' pools hold per token (worker/kv_pool.py KVLayout): kind "kv" (K and V
+    # rows) or "mla_latent" (one latent row), the same in both pools; bytes a token takes in
+    # the global pool and in the local one, on each rank, all the pool's layers.
+    kv_kind: str = "kv"
+    kv_bytes_per_token: int = 0
+    local_kv_bytes_per_token: int = 0
     # The sliding-window layers' pool (0 when the model keeps one pool); invariant with
     # nothing running: local_free_slots + local_tree_slots == local_slots.
     local_slots: int = 0
@@ -264,6 +270,9 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     device: str  # torch device type the rank computes on: "cpu", "cuda"
     # Images whose cross-attention K/V the rank can hold at once (Mllama); 0: no such state.
     cross_image_slots: int = 0
+    kv_kind: str = "kv"  # what the KV pools hold per token (worker/kv_pool.py KVLayout)
+    kv_bytes_per_token: int = 0  # in the global pool, on this rank, all its layers
+    local_kv_bytes_per_token: int = 0  # in the local pool (0: one pool)
 
 
 class StepResult(msgspec.Struct, tag=True, gc=False):

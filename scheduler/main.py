@@ -55,7 +55,9 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
     limits = handshake(plans, results, args.tp_size, log)
     config = SchedulerConfig.from_args(
         args, model, limits.max_seqs, limits.device, limits.cross_image_slots,
-        limits.sliding_window, addrs.dp_rank,
+        limits.sliding_window, addrs.dp_rank, kv_kind=limits.kv_kind,
+        kv_bytes_per_token=limits.kv_bytes_per_token,
+        local_kv_bytes_per_token=limits.local_kv_bytes_per_token,
     )  # fmt: skip
     core = Scheduler(config, limits.num_slots, num_local_slots=limits.num_local_slots)
     log.info(
@@ -161,6 +163,9 @@ class RankLimits(NamedTuple):
     max_seqs: int
     cross_image_slots: int
     device: str  # torch device type, the same on every rank
+    kv_kind: str  # what the pools hold per token, the same on every rank
+    kv_bytes_per_token: int  # rank 0's, global pool
+    local_kv_bytes_per_token: int  # rank 0's, local pool (0: one pool)
     num_local_slots: int = 0  # the sliding-window layers' pool; 0: one pool
     sliding_window: int = 0
 
@@ -185,6 +190,9 @@ def handshake(
         min(r.max_seqs for r in ready.values()),
         min(r.cross_image_slots for r in ready.values()),
         ready[0].device,
+        ready[0].kv_kind,
+        ready[0].kv_bytes_per_token,
+        ready[0].local_kv_bytes_per_token,
         min(r.num_local_slots for r in ready.values()),
         ready[0].sliding_window,
     )

@@ -56,6 +56,10 @@ class SchedulerConfig:
     # The local layers' window when the workers keep a second pool for them (0: one pool).
     sliding_window: int = 0
     dp_rank: int = 0  # this replica's rank (--dp-size): stats and metrics name it
+    # What the workers' pools hold per token, for /get_server_info (worker/kv_pool.py).
+    kv_kind: str = "kv"
+    kv_bytes_per_token: int = 0
+    local_kv_bytes_per_token: int = 0
 
     @staticmethod
     def from_args(
@@ -66,10 +70,15 @@ class SchedulerConfig:
         cross_image_slots: int = 0,
         sliding_window: int = 0,
         dp_rank: int = 0,
+        *,
+        kv_kind: str = "kv",
+        kv_bytes_per_token: int = 0,
+        local_kv_bytes_per_token: int = 0,
     ) -> SchedulerConfig:
         """`max_seqs`: rows in the workers' request table, a hard cap on running sequences;
         `device`: the workers' device type; `cross_image_slots`: the smallest image pool of
-        the ranks; `sliding_window`: the window of the workers' local pool (0: none)."""
+        the ranks; `sliding_window`: the window of the workers' local pool (0: none);
+        `kv_kind` / `*kv_bytes_per_token`: the pools' layout, reported only."""
         auto_batch = CPU_PREFILL_BATCH_TOKENS if device == "cpu" else None
         return SchedulerConfig(
             context_length=model.context_length,
@@ -85,6 +94,9 @@ class SchedulerConfig:
             cross_image_slots=cross_image_slots,
             sliding_window=sliding_window,
             dp_rank=dp_rank,
+            kv_kind=kv_kind,
+            kv_bytes_per_token=kv_bytes_per_token,
+            local_kv_bytes_per_token=local_kv_bytes_per_token,
         )
 
     @property

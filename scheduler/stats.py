@@ -10,6 +10,7 @@ from fovea.common.messages import ReplicaState, SchedulerStats
 from fovea.scheduler.batch import PlanBuilder
 from fovea.scheduler.cross_images import CrossImageSlots
 from fovea.scheduler.kv_allocator import KVAllocator
+from fovea.scheduler.policy import SchedulerConfig
 from fovea.scheduler.radix_cache import RadixCache
 from fovea.scheduler.request import Sequence
 from fovea.scheduler.window_slots import WindowSlots
@@ -20,6 +21,7 @@ log = logging.getLogger("fovea.scheduler")
 class Core(Protocol):
     """What these functions read of the Scheduler (scheduler/scheduler.py), which imports them."""
 
+    config: SchedulerConfig
     running: list[Sequence]
     waiting: list[Sequence]
     allocator: KVAllocator
@@ -79,6 +81,9 @@ def snapshot(core: Core, query_id: str, flushed: bool = False, dp_rank: int = 0)
         image_slot_users=images.users if images else 0,
         shared_image_slots=images.shared if images else 0,
         cross_kv_computed=core.cross_kv_computed,
+        kv_kind=core.config.kv_kind,
+        kv_bytes_per_token=core.config.kv_bytes_per_token,
+        local_kv_bytes_per_token=core.config.local_kv_bytes_per_token,
         local_slots=local.total_slots if local else 0,
         local_free_slots=local.available if local else 0,
         local_tree_slots=core.cache.local_size,

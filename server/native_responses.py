@@ -107,12 +107,16 @@ class NativeRenderer(Renderer):
         return [self._accumulate(d)]
 
 
-def kv_pools(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
+def kv_pools(stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Usage of each KV pool: "global" (every layer, or the global layers of a model with
-    sliding-window layers) and "local" (those layers' own pool, when there is one). Used
+    sliding-window layers) and "local" (those layers' own pool, when there is one). `kind`
+    is what a slot holds ("kv": K and V rows; "mla_latent": one MLA latent row) and
+    `bytes_per_token` what a token takes in that pool on each rank, all its layers. Used
     slots are held by running sequences or the prefix tree."""
-    pools = {
+    pools: dict[str, dict[str, Any]] = {
         "global": {
+            "kind": stats["kv_kind"],
+            "bytes_per_token": stats["kv_bytes_per_token"],
             "total_slots": stats["total_slots"],
             "free_slots": stats["free_slots"],
             "tree_slots": stats["tree_slots"],
@@ -121,6 +125,8 @@ def kv_pools(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
     }
     if stats["local_slots"]:
         pools["local"] = {
+            "kind": stats["kv_kind"],
+            "bytes_per_token": stats["local_kv_bytes_per_token"],
             "total_slots": stats["local_slots"],
             "free_slots": stats["local_free_slots"],
             "tree_slots": stats["local_tree_slots"],

@@ -186,7 +186,8 @@ class RequestManager:
         self._ctx.term()
 
 
-_NOT_SUMMED = ("dp_rank", "sliding_window")  # the same for every replica, or a label
+# The same for every replica (a shape, not a count), or a label.
+_NOT_SUMMED = ("dp_rank", "sliding_window", "kv_bytes_per_token", "local_kv_bytes_per_token")
 
 
 def merge_stats(replicas: list[SchedulerStats]) -> SchedulerStats:

@@ -1,4 +1,5 @@
-"""The paged KV cache: per layer one K and one V tensor indexed by slot.
+"""The paged KV cache: per layer one K and one V tensor indexed by slot (or, for an MLA
+model's latent cache, one tensor of latent rows and no V).
 
 Slot convention (the scheduler relies on it): slots 0..page_size-1 are a scratch page, never
 handed out; attention reads padding from slot 0 and masks it. Usable slots are
@@ -14,12 +15,17 @@ Models with sliding-window layers keep those layers' K/V in a second slot space 
 pool, `local_layers`, `num_local_slots` + page_size rows, the same slot convention): the
 scheduler frees a sequence's local slots once they leave its window (scheduler/window_slots.py),
 so the local pool holds about a window per sequence where the global one holds every token.
+
+One sizing path for every layout: the model's KVLayout gives a token's bytes (split into the
+global and the local layers' with a local pool), and slots_in_budget / hybrid_slots_in_budget
+turn a memory budget into slots.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,6 +33,35 @@ CPU_DEFAULT_FRACTION = 0.25
 CUDA_DEFAULT_FRACTION = 0.88
 COMMIT_AT_START_BYTES = 2 << 30
 COMMIT_AHEAD_ROWS = 512
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What the pool holds for one token in every layer, on one rank.
+
+    kind "kv": a K row and a V row of [kv_heads, head_dim] each. kind "mla_latent" (DeepSeek-V2
+    MLA): one row [1, head_dim] holding the normalized compressed KV (kv_lora_rank values) then
+    the rotated shared rope key (qk_rope_head_dim values), and no V: attention reads values
+    from the same row (worker/attention/base.py, forward_latent)."""
+
+    kind: str
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def has_values(self) -> bool:
+        return self.kind == "kv"
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        tensors = 2 if self.has_values else 1
+        return tensors * self.num_layers * self.kv_heads * self.head_dim * dtype.itemsize
+
+    def split(self, local_layers: frozenset[int]) -> tuple[KVLayout, KVLayout]:
+        """(global, local) layouts when `local_layers` keep their rows in a local pool: the
+        same rows, the layers counted apart (the local one has 0 layers without one)."""
+        n = len(local_layers)
+        return replace(self, num_layers=self.num_layers - n), replace(self, num_layers=n)
 
 
 def total_memory_bytes(device: torch.device) -> int:
@@ -48,7 +83,7 @@ def kv_budget_bytes(device: torch.device, weight_bytes: int, mem_fraction: float
 
 
 def slots_in_budget(
-    budget: int, bytes_per_slot: int, page_size: int, max_total_tokens: int | None
+    budget: int, bytes_per_slot: int, page_size: int, max_total_tokens: int | None = None
 ) -> int:
     """Slots of `bytes_per_slot` in `budget` bytes, capped by max_total_tokens, rounded down
     to whole pages (possibly 0)."""
@@ -136,12 +171,16 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        kind: str = "kv",
         local_layers: frozenset[int] = frozenset(),
         num_local_slots: int = 0,
     ) -> None:
-        """local_layers: the layers whose K/V live in the local pool of num_local_slots."""
+        """kind: KVLayout's; "mla_latent" keeps only `k` (latent rows) and leaves `v` empty.
+        local_layers: the layers whose K/V live in the local pool of num_local_slots."""
         if local_layers and num_local_slots < page_size:
             raise ValueError(f"local pool of {num_local_slots} slots: less than one page")
+        self.layout = KVLayout(kind, num_layers, kv_heads, head_dim)
+        self.dtype = dtype
         self.num_slots = num_slots
         self.num_local_slots = num_local_slots if local_layers else 0
         self.page_size = page_size
@@ -151,11 +190,12 @@ class KVPool:
         # torch.empty: pages never written cost no physical memory on CPU.
         # Each: [num_slots + page_size (num_local_slots + page_size), kv_heads, head_dim]
         self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []  # empty for a latent pool
         for layer in range(num_layers):
             n = local_rows if layer in local_layers else rows
             self.k.append(torch.empty(n, kv_heads, head_dim, dtype=dtype, device=device))
-            self.v.append(torch.empty(n, kv_heads, head_dim, dtype=dtype, device=device))
+            if self.layout.has_values:
+                self.v.append(torch.empty(n, kv_heads, head_dim, dtype=dtype, device=device))
         self.rows = rows
         self.local_rows = local_rows if local_layers else 0
         # Rows [0, committed) of every global tensor (local_committed: of every local one)
@@ -185,7 +225,7 @@ class KVPool:
 
     def _tensors(self, local: bool) -> list[torch.Tensor]:
         layers = [i for i in range(len(self.k)) if self.is_local(i) == local]
-        return [self.k[i] for i in layers] + [self.v[i] for i in layers]
+        return [self.k[i] for i in layers] + [self.v[i] for i in layers if self.v]
 
     def _commit_to(self, end: int, local: bool) -> None:
         # Rows at or above the committed mark hold nothing yet: zeroing them loses no K/V.
@@ -212,6 +252,23 @@ class KVPool:
         """Bytes the pool reserves (on CPU resident once committed)."""
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
-    @staticmethod
-    def bytes_per_slot(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * kv_heads * head_dim * dtype.itemsize
+    @property
+    def kind(self) -> str:
+        return self.layout.kind
+
+    def bytes_per_token(self, local: bool = False) -> int:
+        """Bytes one token takes in one slot space: the global layers' (every layer's with
+        one pool) or the local layers' (0 without a local pool)."""
+        return self.layout.split(self.local_layers)[local].bytes_per_token(self.dtype)
+
+    @classmethod
+    def for_layout(
+        cls, layout: KVLayout, *, num_slots: int, page_size: int, dtype: torch.dtype,
+        device: torch.device, local_layers: frozenset[int] = frozenset(),
+        num_local_slots: int = 0,
+    ) -> KVPool:  # fmt: skip
+        return cls(
+            num_layers=layout.num_layers, num_slots=num_slots, page_size=page_size,
+            kv_heads=layout.kv_heads, head_dim=layout.head_dim, dtype=dtype, device=device,
+            kind=layout.kind, local_layers=local_layers, num_local_slots=num_local_slots,
+        )  # fmt: skip

@@ -98,6 +98,9 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
             max_seqs=runner.max_seqs,
             device=runner.device.type,
             cross_image_slots=runner.cross_image_slots,
+            kv_kind=runner.pool.kind,
+            kv_bytes_per_token=runner.pool.bytes_per_token(),
+            local_kv_bytes_per_token=runner.pool.bytes_per_token(local=True),
             num_local_slots=runner.num_local_slots,
             sliding_window=runner.sliding_window if runner.num_local_slots else 0,
         )

@@ -138,7 +138,7 @@ class ModelRunner:
                 cap=max(args.max_running_requests, args.max_images_per_request),
                 mem_fraction=args.mem_fraction_static, mm_cache=self.mm_cache,
             )  # fmt: skip
-        kv_heads = self.model.num_kv_heads
+        layout = self.model.kv_layout(mla_latent=args.mla_kv_cache == "latent")
         local_layers, self.sliding_window = local_window_layers(self.model.layer_windows)
         if args.disable_hybrid_swa_memory:
             local_layers, self.sliding_window = frozenset(), 0
@@ -151,40 +151,28 @@ class ModelRunner:
         )
         num_local_slots = 0
         if local_layers:
+            global_layout, local_layout = layout.split(local_layers)
             num_slots, num_local_slots = plan_hybrid_slots(
-                global_bytes_per_slot=KVPool.bytes_per_slot(
-                    cfg.num_layers - len(local_layers), kv_heads, cfg.head_dim, self.dtype
-                ),
-                local_bytes_per_slot=KVPool.bytes_per_slot(
-                    len(local_layers), kv_heads, cfg.head_dim, self.dtype
-                ),
+                global_bytes_per_slot=global_layout.bytes_per_token(self.dtype),
+                local_bytes_per_slot=local_layout.bytes_per_token(self.dtype),
                 local_ratio=args.swa_full_tokens_ratio,
                 **sizing,  # type: ignore[arg-type]
             )
         else:
             num_slots = plan_num_slots(
-                bytes_per_slot=KVPool.bytes_per_slot(
-                    cfg.num_layers, kv_heads, cfg.head_dim, self.dtype
-                ),
+                bytes_per_slot=layout.bytes_per_token(self.dtype),
                 **sizing,  # type: ignore[arg-type]
             )
-        self.pool = KVPool(
-            num_layers=cfg.num_layers,
-            num_slots=num_slots,
-            page_size=args.page_size,
-            kv_heads=kv_heads,
-            head_dim=cfg.head_dim,
-            dtype=self.dtype,
-            device=self.device,
-            local_layers=local_layers,
-            num_local_slots=num_local_slots,
-        )
+        self.pool = KVPool.for_layout(
+            layout, num_slots=num_slots, page_size=args.page_size, dtype=self.dtype,
+            device=self.device, local_layers=local_layers, num_local_slots=num_local_slots,
+        )  # fmt: skip
         backend = TorchNativeBackend
         if kernels is not None:
             if not kernels.result():
                 why = "cannot be built on this machine (the warning above says why)"
-            elif not kernel_supports(cfg.head_dim, self.dtype):
-                why = f"does not take head_dim {cfg.head_dim} with a {self.dtype} cache"
+            elif not kernel_supports(layout.head_dim, self.dtype):
+                why = f"does not take head_dim {layout.head_dim} with a {self.dtype} cache"
             else:
                 why, backend = "", CpuPagedBackend
             if why and args.attention_backend == "cpu_paged":
@@ -192,8 +180,8 @@ class ModelRunner:
         self.attn: AttentionBackend = backend(
             self.pool,
             self.model.num_heads,
-            kv_heads,
-            cfg.head_dim,
+            layout.kv_heads,
+            layout.head_dim,
             scale=self.model.attention_scale,
             layer_windows=self.model.layer_windows,
         )

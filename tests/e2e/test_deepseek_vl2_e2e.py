@@ -3,7 +3,7 @@ deepseek-vl2 at --tp-size 2 (experts, attention heads and the SigLIP tower split
 ranks), driven by the openai client with images from a local HTTP server: greedy answers
 equal the reference's (deepseek_vl2_reference.py: DeepSeek-VL2's conversation format and
 processor, transformers' models) for text only, one image and two images, and the prompt
-token counts equal its prompt's."""
+token counts equal its prompt's; /get_server_info reports the MLA latent pool."""
 
 from __future__ import annotations
 
@@ -81,3 +81,17 @@ def test_chat_greedy_matches_reference(
     assert resp.choices[0].message.content == expected
     assert resp.usage is not None and resp.usage.completion_tokens == N_NEW
     assert resp.usage.prompt_tokens == len(ids)
+
+
+def test_server_info_reports_the_latent_pool(server: Server, client: openai.OpenAI) -> None:
+    """One token pool, of MLA latent rows: 3 layers x (kv_lora_rank 32 + rope key 8) float32
+    a token on each rank; with nothing running its used slots are the tree's."""
+    client.completions.create(model=MODEL, prompt="Paris is", max_tokens=4, temperature=0)
+    stats = server.wait_idle()
+    pools: Any = stats["kv_pools"]
+    tree = stats["tree_slots"]
+    assert pools == {
+        "global": {"kind": "mla_latent", "bytes_per_token": 480, "total_slots": 4000,
+                   "free_slots": 4000 - tree, "tree_slots": tree, "used_slots": tree}
+    }  # fmt: skip
+    assert stats["free_slots"] + stats["tree_slots"] == 4000 and stats["tree_slots"] > 0

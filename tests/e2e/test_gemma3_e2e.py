@@ -197,6 +197,10 @@ def test_long_prompt_hit_and_both_pools_in_server_info(
     pools = httpx.get(server.base + "/get_server_info", timeout=10).json()["scheduler"]["kv_pools"]
     glob, local = pools["global"], pools["local"]
     assert (glob["total_slots"], local["total_slots"], local["sliding_window"]) == (4000, 3200, 24)
+    # K and V of 2 KV heads x 32 in float32 (tests/conftest.py's FOVEA_DTYPE): 1 full layer in
+    # the global pool, 2 sliding ones in the local pool.
+    assert (glob["kind"], glob["bytes_per_token"]) == ("kv", 2 * 1 * 2 * 32 * 4)
+    assert (local["kind"], local["bytes_per_token"]) == ("kv", 2 * 2 * 2 * 32 * 4)
     assert local["freed_early"] > 0
     for pool in (glob, local):
         assert pool["free_slots"] + pool["tree_slots"] == pool["total_slots"]

@@ -3,7 +3,9 @@ DeepSeek-VL2's processor, projector and tile layout written out in deepseek_vl2_
 on tiny checkpoints with MLA and with MHA: greedy tokens identical and prefill logits within
 1e-3 for text, one image and two images (prompt ids from the deepseek-vl2 template and
 Fovea's processor); more than two images one tile each; chunked prefill and a prefix hit
-through the real scheduler; a missing expert weight named. The layers alone:
+through the real scheduler; a missing expert weight named. MLA's latent KV cache: the pool's
+bytes per token, and decode logits within 1e-3 of the reference's after chunked prefill and a
+prefix hit that read stored latents back (both backends). The layers alone:
 test_deepseek_vl2_layers.py."""
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import torch
 from deepseek_vl2_reference import Reference, format_conversation
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from worker_driver import GREEDY, greedy, make_runner, prefill_logits
+from worker_driver import GREEDY, Driver, greedy, make_runner, prefill_logits
 
 from fovea.common.messages import (
     ChatMessage,
     ImageInput,
     NewSequence,
+    ScheduledChunk,
     StepPlan,
     TokenizedRequest,
 )
@@ -34,6 +37,7 @@ from fovea.scheduler.policy import SchedulerConfig
 from fovea.scheduler.scheduler import Scheduler
 from fovea.tokenizer_service.chat_templates import ChatRenderer
 from fovea.tokenizer_service.processors.deepseek_vl2 import ONE_TILE
+from fovea.worker.attention.cpu_paged import CpuPagedBackend
 from fovea.worker.loader import WeightLoadError
 from fovea.worker.model_runner import ModelRunner
 
@@ -268,3 +272,99 @@ def test_a_missing_expert_weight_is_named(tiny_deepseek_vl2: Path, tmp_path: Pat
         WeightLoadError, match=r"model\.layers\.2\.mlp\.experts\.gate_up\.weight\[\(3, 1\)\]$"
     ):
         make_runner(out)
+
+
+# ---------------------------------------------------------------- the latent KV cache
+
+
+def test_the_mla_pool_holds_the_latent(
+    runners: dict[str, ModelRunner],
+    paths: dict[str, Path],
+    prompts: dict[str, dict[str, Prompt]],
+    reference_tokens: dict[tuple[str, str], list[int]],
+) -> None:
+    """Latent: 3 layers x (kv_lora_rank 32 + qk_rope_head_dim 8) float32 a token, no V.
+    Decompressed (--mla-kv-cache decompressed, still a working option): 3 layers x (K, V) x
+    4 heads x 24 (qk_head_dim; V padded from 16). MHA: 3 layers x (K, V) x 2 KV heads x 16."""
+    pool = runners["mla"].pool
+    assert pool.kind == "mla_latent" and pool.v == []
+    assert [tuple(k.shape) for k in pool.k] == [(4097, 1, 40)] * 3
+    assert pool.bytes_per_token() == 3 * 40 * 4 == 480
+    assert pool.nbytes() == 4097 * 480
+    old = make_runner(paths["mla"], mla_kv_cache="decompressed")
+    assert old.pool.kind == "kv" and old.pool.bytes_per_token() == 3 * 2 * 4 * 24 * 4 == 2304
+    assert runners["mha"].pool.kind == "kv"
+    assert runners["mha"].pool.bytes_per_token() == 3 * 2 * 2 * 16 * 4 == 768
+    p = prompts["mla"]["two_images"]
+    assert greedy(old, p) == reference_tokens[("mla", "two_images")]
+
+
+@pytest.fixture(scope="module")
+def latent_runners(
+    runners: dict[str, ModelRunner], paths: dict[str, Path]
+) -> dict[str, ModelRunner]:
+    return {
+        "cpu_paged": runners["mla"],
+        "torch_native": make_runner(paths["mla"], attention_backend="torch_native"),
+    }
+
+
+class LogitSteps:
+    """Hand-built plans through ModelRunner.forward, keeping every sampled row's float32
+    logits; the greedy token is appended to its sequence as the runner's step would."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner, self.d = runner, Driver(runner)
+        self.logits: dict[str, list[torch.Tensor]] = {}
+        self.tokens: dict[str, list[int]] = {}
+
+    def run(self, chunks: list[tuple[str, int]]) -> None:
+        plan_chunks = []
+        for key, n in chunks:
+            seq = self.runner.seqs[key]
+            last = seq.num_computed + n == len(seq.token_ids)
+            plan_chunks.append(ScheduledChunk(key, self.d.alloc(key, n), last))
+        logits, keys = self.runner.forward(StepPlan(self.d.step_no, [], plan_chunks, []))
+        self.d.step_no += 1
+        for key, row in zip(keys, logits, strict=True):
+            self.logits.setdefault(key, []).append(row)
+            self.tokens.setdefault(key, []).append(int(row.argmax()))
+            self.runner.seqs[key].token_ids.append(self.tokens[key][-1])
+
+
+@pytest.mark.parametrize("backend", ["cpu_paged", "torch_native"])
+def test_latent_decode_matches_reference_after_chunks_and_a_prefix_hit(
+    latent_runners: dict[str, ModelRunner],
+    refs: dict[str, Reference],
+    prompts: dict[str, dict[str, Prompt]],
+    reference_tokens: dict[tuple[str, str], list[int]],
+    backend: str,
+) -> None:
+    """Sequence a: its prompt in chunks of 16 (each chunk decompresses the latents earlier
+    chunks stored), then 32 decode steps. Sequence b, the same prompt, joins when a starts
+    decoding, with a's first L - 5 slots (both images) as a cached prefix: its last 5 prompt
+    tokens run in one batch with a's decode, then both decode together (different lengths).
+    Every sampled row's logits are within 1e-3 of the reference's over the same tokens, and
+    the greedy tokens are the reference's."""
+    runner, p = latent_runners[backend], prompts["mla"]["two_images"]
+    assert runner.pool.kind == "mla_latent"
+    assert isinstance(runner.attn, CpuPagedBackend) == (backend == "cpu_paged")
+    n, hit = len(p.ids), len(p.ids) - 5
+    steps = LogitSteps(runner)
+    runner._admit(p.new_seq("a"))
+    for start in range(0, n, 16):
+        steps.run([("a", min(16, n - start))])
+    prefix = steps.d.slots_of["a"][:hit]
+    runner._admit(NewSequence("b", p.ids, n, GREEDY, prefix, p.images))
+    steps.run([("a", 1), ("b", n - hit)])
+    while len(steps.tokens["b"]) < N_NEW:
+        steps.run([(k, 1) for k in ("a", "b") if len(steps.tokens[k]) < N_NEW])
+    runner.step(StepPlan(0, [], [], ["a", "b"]))
+    assert runner.seqs == {}
+    expected = reference_tokens[("mla", "two_images")]
+    theirs = refs["mla"].logits(p.ref_ids + expected[:-1], p.views, p.crops)[n - 1 :]
+    for key in ("a", "b"):
+        assert steps.tokens[key] == expected
+        ours = torch.stack(steps.logits[key])
+        assert ours.shape == (N_NEW, 512)
+        assert (ours - theirs).abs().max().item() < 1e-3

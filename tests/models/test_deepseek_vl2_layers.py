@@ -2,7 +2,8 @@
 DeepSeek-VL2's MoEGate for every gating method its configs use (each expert's MLP run once
 over its tokens), and MLA with low-rank queries (q_lora_rank, DeepSeek-V2's default; the
 DeepSeek-VL2 checkpoints set none), attention bias and yarn rope against transformers'
-DeepseekV2Attention."""
+DeepseekV2Attention, with the decompressed K/V pool and with the latent pool (prefill, then
+decode one token a step in latent space)."""
 
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ YARN = {"factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, 
         "mscale": 0.9, "mscale_all_dim": 0.7}  # fmt: skip
 
 
-def test_mla_with_low_rank_queries_matches_transformers() -> None:
+@pytest.mark.parametrize("kind", ["kv", "mla_latent"])
+def test_mla_with_low_rank_queries_matches_transformers(kind: str) -> None:
     from transformers import DeepseekV2Config
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
         DeepseekV2Attention,
@@ -125,15 +127,22 @@ def test_mla_with_low_rank_queries_matches_transformers() -> None:
     with torch.no_grad():
         freqs = DeepseekV2RotaryEmbedding(hf_cfg)(x, positions[None])
         expected = theirs(x, attention_mask=causal, position_embeddings=freqs)[0][0]
-        # The KV pool stores per-head K [k_nope, k_rope] (24) and V padded to 24.
-        pool = KVPool(num_layers=1, num_slots=t, page_size=1, kv_heads=4, head_dim=24,
-                      dtype=torch.float32, device=torch.device("cpu"))  # fmt: skip
-        attn = TorchNativeBackend(pool, 4, 4, 24, scale=softmax_scale(cfg))
+        # "kv": per-head K [k_nope, k_rope] (24) and V padded to 24; "mla_latent": one row of
+        # kv_lora_rank + qk_rope_head_dim (40) a token.
+        heads, dim = (4, 24) if kind == "kv" else (1, 40)
+        pool = KVPool(num_layers=1, num_slots=t, page_size=1, kv_heads=heads, head_dim=dim,
+                      dtype=torch.float32, device=torch.device("cpu"), kind=kind)  # fmt: skip
+        attn = TorchNativeBackend(pool, 4, heads, dim, scale=softmax_scale(cfg))
         req_to_slot = torch.arange(1, t + 1)[None]
-        attn.plan([ChunkLayout(0, 0, t, 0)], req_to_slot[0], req_to_slot)
-        got = ours(x[0], DeepseekRotary(8, cfg).cos_sin(positions, torch.float32), attn)
+        cos_sin = DeepseekRotary(8, cfg).cos_sin(positions, torch.float32)
+        p = 12  # a prefill of 12 tokens, then one token a step
+        attn.plan([ChunkLayout(0, 0, p, 0)], req_to_slot[0, :p], req_to_slot)
+        got = [ours(x[0, :p], (cos_sin[0][:p], cos_sin[1][:p]), attn)]
+        for i in range(p, t):
+            attn.plan([ChunkLayout(0, 0, 1, i)], req_to_slot[0, i : i + 1], req_to_slot)
+            got.append(ours(x[0, i : i + 1], (cos_sin[0][i : i + 1], cos_sin[1][i : i + 1]), attn))
     assert softmax_scale(cfg) != 24**-0.5  # mscale_all_dim scales the scores
-    assert (got - expected).abs().max().item() < 1e-5
+    assert (torch.cat(got) - expected).abs().max().item() < 1e-5
 
 
 def test_linear_rope_scaling_divides_positions() -> None:

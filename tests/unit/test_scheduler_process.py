@@ -71,7 +71,11 @@ def test_scheduler_process_round_trip_and_worker_failure() -> None:
             assert isinstance(ping, SyncPing)
             # The pool is the smallest over the ranks.
             slots = 24 if rank == 1 else 32
-            results.send(WorkerReady(nonce=ping.nonce, rank=rank, num_slots=slots, max_seqs=8, device="cpu"))
+            ready_msg = WorkerReady(
+                nonce=ping.nonce, rank=rank, num_slots=slots, max_seqs=8, device="cpu",
+                kv_kind="mla_latent", kv_bytes_per_token=480,
+            )  # fmt: skip
+            results.send(ready_msg)
         ready = launcher.recv(timeout_ms=TIMEOUT_MS)
         assert isinstance(ready, ProcessReady)
         assert (ready.role, ready.info) == ("scheduler", {"total_slots": "24"})
@@ -104,6 +108,8 @@ def test_scheduler_process_round_trip_and_worker_failure() -> None:
             cache_hit_tokens=0,
             prompt_tokens=2,
             generated_tokens=2,
+            kv_kind="mla_latent",
+            kv_bytes_per_token=480,
         )
 
         inbox.send(TokenizedRequest(rid="s", index=0, input_ids=[9], sampling=sampling))

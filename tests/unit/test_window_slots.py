@@ -77,7 +77,10 @@ def test_pages_of_four_free_whole_pages_only() -> None:
 
 
 def test_flush_cache_empties_both_pools() -> None:
-    sched, worker = make(num_slots=64, num_local_slots=32, sliding_window=4)
+    sched, worker = make(
+        num_slots=64, num_local_slots=32, sliding_window=4, kv_bytes_per_token=512,
+        local_kv_bytes_per_token=1024,
+    )  # fmt: skip
     for rid, base in (("a", 10), ("b", 40)):
         sched.handle(req(rid, list(range(base, base + 12)), max_new=4))
     run_to_idle(sched, worker)
@@ -90,9 +93,13 @@ def test_flush_cache_empties_both_pools() -> None:
     assert stats.sliding_window == 4
     pools = kv_pools(msgspec.to_builtins(stats))
     assert pools == {
-        "global": {"total_slots": 64, "free_slots": 64, "tree_slots": 0, "used_slots": 0},
+        "global": {
+            "kind": "kv", "bytes_per_token": 512, "total_slots": 64, "free_slots": 64,
+            "tree_slots": 0, "used_slots": 0,
+        },
         "local": {
-            "total_slots": 32, "free_slots": 32, "tree_slots": 0, "used_slots": 0,
+            "kind": "kv", "bytes_per_token": 1024, "total_slots": 32, "free_slots": 32,
+            "tree_slots": 0, "used_slots": 0,
             "freed_early": sched.local.freed_early if sched.local else -1, "sliding_window": 4,
         },
     }  # fmt: skip

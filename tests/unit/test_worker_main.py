@@ -26,6 +26,7 @@ from fovea.common.messages import (
 )
 from fovea.common.model_config import read_model_info
 from fovea.common.sampling import SamplingParams
+from fovea.worker.model_runner import cpu_has_native_bf16
 
 # Each test spawns a worker process (torch import + model load).
 pytestmark = pytest.mark.slow
@@ -50,7 +51,12 @@ def _start(path: Path, ctx: zmq.Context[Any]) -> tuple[Any, Sender, Receiver[Any
         nonce += 1
         plans.send(SyncPing(nonce))
         answer = results.recv(timeout_ms=200)
-    assert answer == WorkerReady(nonce=answer.nonce, rank=0, num_slots=1000, max_seqs=4, device="cpu")
+    # K and V of 2 layers x 2 KV heads x 32, in the dtype "auto" picks for this CPU.
+    itemsize = 2 if cpu_has_native_bf16() else 4
+    assert answer == WorkerReady(
+        nonce=answer.nonce, rank=0, num_slots=1000, max_seqs=4, device="cpu", kv_kind="kv",
+        kv_bytes_per_token=2 * 2 * 2 * 32 * itemsize, local_kv_bytes_per_token=0,
+    )  # fmt: skip
     results.recv_all()  # later pings' answers
     return proc, plans, results, ready
 

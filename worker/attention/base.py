@@ -4,6 +4,13 @@ Per step the model runner calls `plan(...)` once with the batch layout, then eve
 `forward(layer_id, q, k, v)`: the backend writes this step's K/V into the pool at the planned
 slots and attends each token over its sequence's slots (prefix + this chunk, causal).
 
+An MLA model whose pool holds latent rows (KVLayout kind "mla_latent") calls
+`forward_latent(layer_id, q, rows, mla)` instead: this step's latent rows go into the pool;
+decode tokens attend in latent space (the query absorbs the key up-projection, the output the
+value up-projection: one shared K/V row a position, as the DeepSeek-V2 paper's inference
+form); a prefill chunk's keys and values are decompressed from the latent rows of its
+positions (a cached prefix's and earlier chunks' read back from the pool) and attended per head.
+
 Two optional refinements, both off by default (the plain causal path is unchanged):
 - `layer_windows[layer_id] = w > 0`: a sliding-window (local) layer; a token attends only to
   the w most recent positions, itself included (kv > q - w). When the pool keeps these layers'
@@ -18,6 +25,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -37,6 +45,29 @@ class ChunkLayout:
     # [lo, hi) sequence positions within [prefix_len, prefix_len + q_len), disjoint: the
     # tokens of one span see each other in full.
     full_spans: tuple[tuple[int, int], ...] = ()
+
+
+class LatentProjections(Protocol):
+    """An MLA layer's up-projections as latent attention uses them (per rank's heads).
+    Latent rows are [n, kv_lora_rank + qk_rope_head_dim]: normalized compressed KV, then the
+    rotated shared rope key."""
+
+    kv_lora_rank: int
+    v_dim: int
+
+    def absorb_query(self, q: torch.Tensor) -> torch.Tensor:
+        """q [B, heads, qk_nope + qk_rope] -> [B, heads, kv_lora_rank + qk_rope]: q_nope
+        through the key up-projection, then q_rope as is."""
+        ...
+
+    def absorb_output(self, o: torch.Tensor) -> torch.Tensor:
+        """o [B, heads, kv_lora_rank] (attention over latents) -> [B, heads, v_dim]."""
+        ...
+
+    def expand(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent rows [n, kv_lora_rank + qk_rope] -> k [n, heads, qk_nope + qk_rope],
+        v [n, heads, v_dim]."""
+        ...
 
 
 class AttentionBackend(ABC):
@@ -80,3 +111,10 @@ class AttentionBackend(ABC):
         self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
+
+    @abstractmethod
+    def forward_latent(
+        self, layer_id: int, q: torch.Tensor, rows: torch.Tensor, mla: LatentProjections
+    ) -> torch.Tensor:
+        """MLA over a latent pool: q [T, heads, qk_nope + qk_rope] (rope part rotated), rows
+        [T, kv_lora_rank + qk_rope] this step's latent rows -> [T, heads, v_dim]."""

@@ -2,7 +2,8 @@
 pool (paged_decode.cpp); a prefill chunk with no window and no full spans runs
 causal_prefill.cpp, reading a fresh prompt's K/V from the step's rows and a chunk after a
 cached prefix (a prefix-cache hit, a long prompt's later chunks) from the pool by slot. The
-rest is TorchNativeBackend's.
+rest is TorchNativeBackend's. MLA's latent decode runs paged_decode_latent (one pass over a
+sequence's latent rows per four query heads).
 
 SmolLM2-135M, 2 threads: at a decode batch of 32 sequences of ~280 tokens the gather + SDPA
 pair took 2.5 ms a layer, 39% of the step, the first kernel ~0.9 ms (fp32, AVX2); on AVX-512
@@ -69,4 +70,12 @@ class CpuPagedBackend(TorchNativeBackend):  # type: ignore[misc,unused-ignore]
             out = torch.ops.fovea.causal_prefill_paged(q, k_cache, v_cache, kv.slots, self.scale)
         else:  # a window or full spans
             out = super()._prefill(q, k, v, k_cache, v_cache, p, kv)
+        return out
+
+    def _latent_decode(
+        self, q: torch.Tensor, cache: torch.Tensor, d: _Decode, v_dim: int
+    ) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.fovea.paged_decode_latent(
+            q.contiguous(), cache, d.slots, d.lens, v_dim, self.scale
+        )
         return out

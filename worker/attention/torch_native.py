@@ -11,6 +11,11 @@ gather only the window's slots; a prefill's mask adds the spans and the window, 
 start at the first position any query's window reaches. Without either, the plan is the
 plain causal one above. With a local pool, windowed views index the local table (slots of
 positions outside the window may be 0 there: never gathered).
+
+MLA's latent pool (forward_latent) reuses the same plan: decode rows are MQA over the latent
+rows (one shared row a position, the value its first kv_lora_rank elements) with absorbed
+queries; a prefill chunk decompresses the latent rows of the keys its view names (this
+step's rows when there is no prefix) and runs SDPA per head.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fovea.worker.attention.base import AttentionBackend, ChunkLayout
+from fovea.worker.attention.base import AttentionBackend, ChunkLayout, LatentProjections
 
 
 @dataclass
@@ -217,3 +222,43 @@ class TorchNativeBackend(AttentionBackend):  # type: ignore[misc,unused-ignore]
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return o[0].transpose(0, 1).reshape(p.q_len, self.num_heads * self.head_dim)
+
+    def forward_latent(
+        self, layer_id: int, q: torch.Tensor, rows: torch.Tensor, mla: LatentProjections
+    ) -> torch.Tensor:
+        cache = self.pool.k[layer_id]  # [slots, 1, kv_lora_rank + qk_rope]
+        cache.index_copy_(0, self.out_slots, rows.unsqueeze(1))
+        heads = q.shape[1]
+        decode = self.decodes.get(0)
+        if decode is not None:
+            idx = decode.token_idx
+            q_lat = mla.absorb_query(q if idx is None else q[idx])
+            o = self._latent_decode(q_lat, cache, decode, mla.kv_lora_rank)
+            o = mla.absorb_output(o.view(-1, heads, mla.kv_lora_rank))  # [B, heads, v_dim]
+            if idx is None:
+                return o
+        out = q.new_empty(self.num_tokens, heads, mla.v_dim)
+        if decode is not None:
+            out[decode.token_idx] = o
+        for p in self.prefills:
+            end, kv = p.start + p.q_len, p.views[0]
+            src = rows[p.start : end] if kv.slots is None else _gather(cache, kv.slots)[:, 0]
+            k, v = mla.expand(src)  # [n, heads, qk], [n, heads, v_dim]
+            chunk = F.scaled_dot_product_attention(
+                q[p.start : end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                attn_mask=kv.mask, is_causal=kv.mask is None, scale=self.scale,
+            )  # fmt: skip  [heads, q_len, v_dim]
+            out[p.start : end] = chunk.transpose(0, 1)
+        return out
+
+    def _latent_decode(
+        self, q: torch.Tensor, cache: torch.Tensor, d: _Decode, v_dim: int
+    ) -> torch.Tensor:
+        """q [B, heads, D] against latent rows cache [slots, 1, D], values their first v_dim
+        elements -> [B, heads * v_dim]."""
+        b, heads, dim = q.shape
+        kg = _gather(cache, d.slots).transpose(1, 2)  # [B, 1, max_len, D]
+        o = F.scaled_dot_product_attention(
+            q.view(b, 1, heads, dim), kg, kg[..., :v_dim], attn_mask=d.mask, scale=self.scale
+        )
+        return o.reshape(b, heads * v_dim)

@@ -9,8 +9,9 @@ processes that never import torch (tests/test_architectures.py checks both agree
 - `CausalLM`: every model. forward(input_ids [T], positions [T] or [3, T], attn,
   input_embeds [T, hidden] | None) -> final hidden states [T, hidden]; compute_logits
   [n, hidden] -> float32 [n, vocab]; the KV pool's geometry on this rank (num_heads,
-  num_kv_heads, config.num_layers / head_dim); optional attention_scale and layer_windows for
-  the attention backend.
+  num_kv_heads, config.num_layers / head_dim) and what the pool holds per token
+  (kv_layout: K/V rows, or an MLA model's latent); optional attention_scale and layer_windows
+  for the attention backend.
 - `EncodesImages`: encode_images(images) -> [num_tokens, hidden] each, and embed_tokens(ids),
   whose placeholder rows the runner replaces by those embeddings.
 - `MRopePositions`: mrope_positions(prompt_ids, images) -> ([3, L] int64, delta).
@@ -30,6 +31,7 @@ from torch import nn
 from fovea.common.messages import ImageInput
 from fovea.worker.attention.base import AttentionBackend
 from fovea.worker.distributed import tp_size
+from fovea.worker.kv_pool import KVLayout
 from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 
 if TYPE_CHECKING:
@@ -92,6 +94,8 @@ class CausalLM(Protocol):
     ) -> torch.Tensor: ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def kv_layout(self, *, mla_latent: bool = True) -> KVLayout: ...
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
@@ -187,6 +191,12 @@ class CausalLMBase(nn.Module, CausalLM, DeclaresWeightNames):
         [T, hidden] used instead of the token embeddings -> final hidden states [T, hidden]."""
         out: torch.Tensor = self.model(input_ids, positions, attn, input_embeds)
         return out
+
+    def kv_layout(self, *, mla_latent: bool = True) -> KVLayout:
+        """What the KV pool holds per token on this rank: K and V rows of num_kv_heads x
+        head_dim. mla_latent: an MLA model keeps its latent instead (deepseek_v2.py); others
+        ignore it."""
+        return KVLayout("kv", self.config.num_layers, self.num_kv_heads, self.config.head_dim)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] float32."""

@@ -7,13 +7,17 @@ layers whose MLP is dense for the first `first_k_dense_replace` layers and a Dee
 - MHA (-tiny, `use_mla: false`): transformers' LlamaAttention (q/k/v/o projections, GQA,
   rotary over the whole head, head_dim = hidden / heads).
 
-MLA and the KV pool: the pool keeps one head_dim per model, so MLA stores the decompressed
-per-head K = [k_nope, k_rope] and V zero-padded to max(qk_head_dim, v_head_dim) — 2 * heads *
-head_dim values per token and layer, where caching the latent would take kv_lora_rank +
-qk_rope_head_dim (DeepSeek-VL2-small, 16 heads of 192: 6144 values, 12 KiB in bf16, against
-576; about 11x fewer tokens fit) — and the attention output is cut back to v_head_dim. The
-score scale is qk_head_dim ** -0.5 times yarn's mscale(factor, mscale_all_dim) ** 2
-(`attention_scale`).
+MLA and the KV pool (`kv_layout`): by default the pool keeps the latent, one row of
+kv_lora_rank + qk_rope_head_dim values per token and layer (the normalized compressed KV, then
+the rotated shared rope key; DeepSeek-VL2-small: 576 values). Decode absorbs kv_b_proj's key
+half into the query and its value half into the output, so it attends over latent rows
+directly; prefill decompresses the latent rows of each chunk's keys (a cached prefix's and
+earlier chunks' read back from the pool) through kv_b_proj and attends per head
+(worker/attention/base.py, forward_latent). `--mla-kv-cache decompressed` keeps the earlier
+layout instead: per-head K = [k_nope, k_rope] and V zero-padded to max(qk_head_dim,
+v_head_dim), 2 * heads * head_dim values (-small: 6144, 10.7x the latent) and the output cut
+back to v_head_dim. The score scale is qk_head_dim ** -0.5 times yarn's mscale(factor,
+mscale_all_dim) ** 2 (`attention_scale`) on both paths: absorption leaves the scores unchanged.
 
 MLA's rotary part: the reference de-interleaves it (pairs (2i, 2i+1) -> halves) and then
 rotates halves; done here the same way, so q and k carry the reference's values.
@@ -34,6 +38,7 @@ from torch import nn
 from fovea.common.families.deepseek_vl2 import DeepseekV2TextConfig
 from fovea.worker.attention.base import AttentionBackend
 from fovea.worker.distributed import tp_size
+from fovea.worker.kv_pool import KVLayout
 from fovea.worker.layers.embedding import VocabParallelEmbedding
 from fovea.worker.layers.linear import (
     ColumnParallelLinear,
@@ -142,6 +147,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
         self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, heads * (self.nope + self.v_dim))
         self.o_proj = RowParallelLinear(heads * self.v_dim, h, bias=bias)
+        self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend
@@ -153,12 +159,17 @@ class MLAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))[0])
         q = q.view(t, heads, self.nope + self.rope)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)[0]).view(t, heads, self.nope + self.v_dim)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)[0]  # [T, kv_lora_rank]
         q_pe, k_pe = apply_rotary(
             _deinterleave(q[..., self.nope :]), _deinterleave(k_pe.view(t, 1, self.rope)), cos_sin
         )
         q = torch.cat([q[..., : self.nope], q_pe], dim=-1)  # [T, heads, qk_head_dim]
+        if attn.pool.kind == "mla_latent":
+            rows = torch.cat([latent, k_pe[:, 0]], dim=-1)  # [T, kv_lora_rank + rope]
+            out = attn.forward_latent(self.layer_id, q, rows, self)  # [T, heads, v_dim]
+            return self.o_proj(out.reshape(t, heads * self.v_dim))  # type: ignore[no-any-return]
+        kv = self.kv_b_proj(latent).view(t, heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(t, heads, self.rope)], dim=-1)
         pad = self.head_dim - q.shape[-1]  # zeros in q and k leave the scores unchanged
         if pad:
@@ -166,6 +177,34 @@ class MLAttention(nn.Module):
         v = F.pad(v, (0, self.head_dim - self.v_dim))  # [T, heads, head_dim]
         out = attn.forward(self.layer_id, q, k, v).view(t, heads, self.head_dim)
         return self.o_proj(out[..., : self.v_dim].reshape(t, heads * self.v_dim))  # type: ignore[no-any-return]
+
+    # ---- the up-projections as latent attention uses them (attention/base.py LatentProjections)
+
+    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's halves per head, made once from the loaded weight: W_UK [heads, nope,
+        kv_lora_rank] and W_UV^T [heads, kv_lora_rank, v_dim], contiguous for bmm."""
+        if self._absorbed is None:
+            w = self.kv_b_proj.weight.detach().reshape(self.heads, self.nope + self.v_dim, -1)
+            w_uk, w_uv = torch.split(w, [self.nope, self.v_dim], dim=1)
+            self._absorbed = (w_uk.contiguous(), w_uv.transpose(1, 2).contiguous())
+        return self._absorbed
+
+    def absorb_query(self, q: torch.Tensor) -> torch.Tensor:
+        w_uk, _ = self._up_projections()
+        q_lat = torch.bmm(q[..., : self.nope].transpose(0, 1), w_uk)  # [heads, B, kv_lora_rank]
+        return torch.cat([q_lat.transpose(0, 1), q[..., self.nope :]], dim=-1)
+
+    def absorb_output(self, o: torch.Tensor) -> torch.Tensor:
+        _, w_uv_t = self._up_projections()
+        return torch.bmm(o.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, heads, v_dim]
+
+    def expand(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = rows.shape[0]
+        latent, k_pe = torch.split(rows, [self.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(latent).view(n, self.heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(n, self.heads, self.rope)], dim=-1)
+        return k, v
 
 
 class MHAttention(nn.Module):
@@ -249,3 +288,16 @@ class DeepseekV2ForCausalLM(CausalLMBase):
         if cfg.use_mla:  # (MHA keeps the default score scale, head_dim ** -0.5)
             self.num_kv_heads = self.num_heads  # decompressed K/V: one per query head
             self.attention_scale = softmax_scale(cfg)
+
+    def kv_layout(self, *, mla_latent: bool = True) -> KVLayout:
+        return kv_layout(self.config, mla_latent=mla_latent, tp=tp_size())
+
+
+def kv_layout(cfg: DeepseekV2TextConfig, *, mla_latent: bool = True, tp: int = 1) -> KVLayout:
+    """The pool's per-token geometry on one of `tp` ranks: MLA's latent row (replicated on
+    every rank, as the latent projection is), MLA decompressed (per-head K and padded V of
+    this rank's heads), or MHA's K/V."""
+    if cfg.use_mla and mla_latent:
+        return KVLayout("mla_latent", cfg.num_layers, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    heads = cfg.num_heads if cfg.use_mla else cfg.num_kv_heads
+    return KVLayout("kv", cfg.num_layers, max(1, heads // tp), cfg.head_dim)

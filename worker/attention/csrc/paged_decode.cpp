@@ -64,9 +64,9 @@ void scores(const float* q, const T* const* k_rows, int64_t n, int64_t head_dim,
 }
 
 // out[g][col, col + C*W) = sum_t p[g][t] * v_t[col, col + C*W): each value vector loaded
-// feeds all G heads; G*C accumulators stay in registers across t.
+// feeds all G heads; G*C accumulators stay in registers across t. out's rows are v_dim apart.
 template <int W, int G, int C, typename T>
-void values(const float* p, const T* const* v_rows, int64_t n, int64_t col, int64_t head_dim,
+void values(const float* p, const T* const* v_rows, int64_t n, int64_t col, int64_t v_dim,
             float* out) {
   vf<W> acc[G][C] = {};
   for (int64_t t = 0; t < n; ++t) {
@@ -81,22 +81,23 @@ void values(const float* p, const T* const* v_rows, int64_t n, int64_t col, int6
     }
   }
   for (int g = 0; g < G; ++g)
-    for (int c = 0; c < C; ++c) fovea::store<W>(out + g * head_dim + col + c * W, acc[g][c]);
+    for (int c = 0; c < C; ++c) fovea::store<W>(out + g * v_dim + col + c * W, acc[g][c]);
 }
 
-// G (<= kSub) query heads of one KV head: q, out [G][head_dim]; k_rows/v_rows [n] point at
-// this KV head's row of each position; s is [G][n] scratch.
+// G (<= kSub) query heads of one KV head: q [G][head_dim], out [G][v_dim]; k_rows/v_rows [n]
+// point at this KV head's row of each position (values: its first v_dim elements); s is
+// [G][n] scratch.
 template <int W, int G, typename T>
 void attend(const float* q, const T* const* k_rows, const T* const* v_rows, int64_t n,
-            int64_t head_dim, float scale, float* s, float* out) {
+            int64_t head_dim, int64_t v_dim, float scale, float* s, float* out) {
   scores<W, G>(q, k_rows, n, head_dim, scale, s);
   for (int g = 0; g < G; ++g) fovea::softmax_inplace(s + g * n, n);
   int64_t col = 0;
-  for (; col + 4 * W <= head_dim; col += 4 * W) values<W, G, 4>(s, v_rows, n, col, head_dim, out);
-  switch ((head_dim - col) / W) {
-    case 3: return values<W, G, 3>(s, v_rows, n, col, head_dim, out);
-    case 2: return values<W, G, 2>(s, v_rows, n, col, head_dim, out);
-    case 1: return values<W, G, 1>(s, v_rows, n, col, head_dim, out);
+  for (; col + 4 * W <= v_dim; col += 4 * W) values<W, G, 4>(s, v_rows, n, col, v_dim, out);
+  switch ((v_dim - col) / W) {
+    case 3: return values<W, G, 3>(s, v_rows, n, col, v_dim, out);
+    case 2: return values<W, G, 2>(s, v_rows, n, col, v_dim, out);
+    case 1: return values<W, G, 1>(s, v_rows, n, col, v_dim, out);
     default: return;
   }
 }
@@ -104,15 +105,34 @@ void attend(const float* q, const T* const* k_rows, const T* const* v_rows, int6
 // One (sequence, KV head): the group's query heads in passes of up to kSub heads.
 template <int W, typename T>
 void decode_one(const float* q, const T* const* k_rows, const T* const* v_rows, int64_t n,
-                int64_t group, int64_t head_dim, float scale, float* s, float* out) {
+                int64_t group, int64_t head_dim, int64_t v_dim, float scale, float* s,
+                float* out) {
   for (int64_t g0 = 0; g0 < group; g0 += kSub) {
     const float* qg = q + g0 * head_dim;
-    float* og = out + g0 * head_dim;
+    float* og = out + g0 * v_dim;
     switch (std::min<int64_t>(kSub, group - g0)) {
-      case 4: attend<W, 4>(qg, k_rows, v_rows, n, head_dim, scale, s, og); break;
-      case 3: attend<W, 3>(qg, k_rows, v_rows, n, head_dim, scale, s, og); break;
-      case 2: attend<W, 2>(qg, k_rows, v_rows, n, head_dim, scale, s, og); break;
-      default: attend<W, 1>(qg, k_rows, v_rows, n, head_dim, scale, s, og); break;
+      case 4: attend<W, 4>(qg, k_rows, v_rows, n, head_dim, v_dim, scale, s, og); break;
+      case 3: attend<W, 3>(qg, k_rows, v_rows, n, head_dim, v_dim, scale, s, og); break;
+      case 2: attend<W, 2>(qg, k_rows, v_rows, n, head_dim, v_dim, scale, s, og); break;
+      default: attend<W, 1>(qg, k_rows, v_rows, n, head_dim, v_dim, scale, s, og); break;
+    }
+  }
+}
+
+void check_slots(const at::Tensor& slots, const at::Tensor& lens, int64_t batch,
+                 int64_t pool_slots) {
+  TORCH_CHECK(slots.dim() == 2 && slots.is_contiguous() && slots.scalar_type() == at::kLong &&
+                  lens.dim() == 1 && lens.is_contiguous() && lens.scalar_type() == at::kLong,
+              "slots [B, max_len] and lens [B] must be contiguous int64");
+  TORCH_CHECK(slots.size(0) == batch && lens.size(0) == batch, "slots and lens must have B rows");
+  const int64_t max_len = slots.size(1);
+  const int64_t* slot_p = slots.data_ptr<int64_t>();
+  const int64_t* len_p = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(len_p[b] >= 1 && len_p[b] <= max_len, "lens must lie in [1, max_len]");
+    for (int64_t t = 0; t < len_p[b]; ++t) {
+      const int64_t slot = slot_p[b * max_len + t];
+      TORCH_CHECK(slot >= 0 && slot < pool_slots, "slot ", slot, " is outside the pool");
     }
   }
 }
@@ -179,9 +199,9 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
         const float sc = static_cast<float>(scale);
         if (wide)
           decode_one<fovea::kWide>(qf.data(), k_rows.data(), v_rows.data(), n, group, head_dim,
-                                   sc, scratch.data(), of.data());
+                                   head_dim, sc, scratch.data(), of.data());
         else
-          decode_one<8>(qf.data(), k_rows.data(), v_rows.data(), n, group, head_dim, sc,
+          decode_one<8>(qf.data(), k_rows.data(), v_rows.data(), n, group, head_dim, head_dim, sc,
                         scratch.data(), of.data());
         A* orow = op + b * heads * head_dim + kvh * width;
         fovea::convert(orow, of.data(), width);
@@ -189,6 +209,62 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
     });
   };
   fovea::dispatch_float_bf16(k_cache.scalar_type(), [&](auto cache_tag) {
+    fovea::dispatch_float_bf16(q.scalar_type(), [&](auto act_tag) { run(cache_tag, act_tag); });
+  });
+  return out;
+}
+
+// MLA decode over a latent pool (DeepSeek-V2's absorbed attention: one shared KV row a
+// position, read as the key in full and as the value by its first v_dim elements).
+// q [B, heads, head_dim] float32 or bf16 with contiguous heads; cache [pool slots, 1,
+// head_dim]; slots/lens as paged_decode's -> [B, heads * v_dim] in q's dtype. One task is one
+// sequence; each pass over its rows serves up to kSub query heads.
+at::Tensor paged_decode_latent(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& slots,
+                               const at::Tensor& lens, int64_t v_dim, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "q must be a float32 or bfloat16 [B, heads, head_dim] with contiguous heads");
+  TORCH_CHECK(cache.dim() == 3 && cache.is_contiguous() && cache.size(1) == 1 &&
+                  cache.size(2) == q.size(2) &&
+                  (cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16),
+              "cache must be a contiguous float32 or bfloat16 [slots, 1, head_dim]");
+  const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  TORCH_CHECK(head_dim % 8 == 0 && v_dim % 8 == 0 && v_dim > 0 && v_dim <= head_dim,
+              "head_dim and v_dim must be multiples of 8 with v_dim <= head_dim");
+  check_slots(slots, lens, batch, cache.size(0));
+  const int64_t max_len = slots.size(1);
+  const int64_t* slot_p = slots.data_ptr<int64_t>();
+  const int64_t* len_p = lens.data_ptr<int64_t>();
+  auto out = at::empty({batch, heads * v_dim}, q.options());
+  const bool wide = head_dim % fovea::kWide == 0 && v_dim % fovea::kWide == 0;
+  auto run = [&](auto cache_tag, auto act_tag) {
+    using T = decltype(cache_tag);
+    using A = decltype(act_tag);
+    const T* cp = cache.data_ptr<T>();
+    const A* qp = q.data_ptr<A>();
+    A* op = out.data_ptr<A>();
+    at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> scratch, qf(heads * head_dim), of(heads * v_dim);
+      std::vector<const T*> rows;
+      for (int64_t b = lo; b < hi; ++b) {
+        const int64_t n = len_p[b];
+        const int64_t* sl = slot_p + b * max_len;
+        rows.resize(n);
+        for (int64_t t = 0; t < n; ++t) rows[t] = cp + sl[t] * head_dim;
+        scratch.resize(kSub * n);
+        fovea::convert(qf.data(), qp + b * q.stride(0), heads * head_dim);
+        const float sc = static_cast<float>(scale);
+        if (wide)
+          decode_one<fovea::kWide>(qf.data(), rows.data(), rows.data(), n, heads, head_dim, v_dim,
+                                   sc, scratch.data(), of.data());
+        else
+          decode_one<8>(qf.data(), rows.data(), rows.data(), n, heads, head_dim, v_dim, sc,
+                        scratch.data(), of.data());
+        fovea::convert(op + b * heads * v_dim, of.data(), heads * v_dim);
+      }
+    });
+  };
+  fovea::dispatch_float_bf16(cache.scalar_type(), [&](auto cache_tag) {
     fovea::dispatch_float_bf16(q.scalar_type(), [&](auto act_tag) { run(cache_tag, act_tag); });
   });
   return out;
@@ -234,10 +310,13 @@ void store_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
 TORCH_LIBRARY(fovea, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lens, "
         "float scale) -> Tensor");
+  m.def("paged_decode_latent(Tensor q, Tensor cache, Tensor slots, Tensor lens, int v_dim, "
+        "float scale) -> Tensor");
   m.def("store_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor k, Tensor v) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fovea, CPU, m) {
   m.impl("paged_decode", &paged_decode);
+  m.impl("paged_decode_latent", &paged_decode_latent);
   m.impl("store_kv", &store_kv);
 }
