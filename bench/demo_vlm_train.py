@@ -2,15 +2,18 @@
 
     python -m fovea.bench.demo_vlm_train --out launcher/data/demo_vlm_vision.safetensors
 
-Two stages on pictures from bench/demo_vlm_data.py's "train" split (never its "eval" split):
-A. (the only stage through the LM) a codebook stands in for the vision half: a picture's 16
-   soft tokens are the sum of one learned entry per attribute it shows. It is trained through
-   the frozen SmolLM2-135M-Instruct on chat-formatted questions (three user turns: a picture,
-   then a follow-up or a second picture), the loss on the answer tokens only. The constant
-   prefix (system turn, `<|im_start|>user\n`) is run once; its KV cache is shared by every step;
-B. tower and projector learn to emit those soft tokens from the pixels (a regression, no LM).
-Backpropagating through the 135M LM is what CPU time allows least of (~0.6 GFLOP a token), so
-the LM sees only stage A's few hundred sequences; the vision half gets all the pictures.
+Stages on pictures from bench/demo_vlm_data.py's "train" split (never its "eval" split):
+pretrain. the tower and projector learn to emit the untrained codebook (below) of a picture:
+   the LM embeddings of its attributes' words (a regression, no LM; may run beside stage A);
+A. a codebook stands in for the vision half: a picture's 16 soft tokens are the sum of one
+   learned entry per attribute it shows. It is trained through the frozen
+   SmolLM2-135M-Instruct on chat-formatted questions (three user turns: a picture, then a
+   follow-up or a second picture), the loss on the answer tokens only. The constant prefix
+   (system turn, `<|im_start|>user\n`) is run once; its KV cache is shared by every step;
+B. tower and projector learn to emit the trained codebook's tokens (a regression, no LM);
+C. tower and projector end to end through the frozen LM (one or two pictures a sequence).
+Backpropagating through the 135M LM costs ~0.6 GFLOP a token, what CPU time allows least of:
+the LM sees a few hundred sequences (A, C); the regressions see thousands of pictures.
 The output holds the tower and projector (bf16) under transformers' LLaVA names.
 """
 
@@ -174,34 +177,77 @@ class Sequences:
 
 def train_codebook(model: Any, tok: Any, steps: int, batch: int, lr: float, log: Any) -> Codebook:
     """Stage A: the codebook through the frozen LM, the loss on the answers."""
+    embed = model.model.language_model.get_input_embeddings()
+    book = Codebook(tok, embed.weight.detach())
+
+    def soft(pics: list[Picture]) -> torch.Tensor:
+        return book(torch.tensor([attributes(p) for p in pics]))
+
+    groups = [{"params": list(book.parameters()), "peak": lr}]
+    train_through_lm(model, tok, soft, groups, steps, batch, 0, True, "A", log)
+    return book
+
+
+def finetune_vision(model: Any, tok: Any, steps: int, batch: int, lr: float, log: Any) -> None:
+    """Stage C: tower and projector through the frozen LM (one or two pictures a sequence)."""
+
+    def soft(pics: list[Picture]) -> torch.Tensor:
+        pixel_values = torch.stack([pixels(p.image) for p in pics])
+        out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        return torch.stack(list(out.pooler_output))
+
+    groups = [
+        {"params": list(model.model.multi_modal_projector.parameters()), "peak": lr},
+        {"params": list(model.model.vision_tower.parameters()), "peak": lr / 3},
+    ]
+    train_through_lm(model, tok, soft, groups, steps, batch, 70_000_000, False, "C", log)
+
+
+def train_through_lm(
+    model: Any,
+    tok: Any,
+    soft: Any,
+    groups: list[dict[str, Any]],
+    steps: int,
+    batch: int,
+    first: int,
+    follow_ups: bool,
+    stage: str,
+    log: Any,
+) -> None:
+    """Teacher-forced answers through the frozen LM; `soft(pictures)` gives each picture's
+    [IMAGE_TOKENS, hidden] soft tokens, the only thing the loss reaches."""
     from transformers import DynamicCache
 
     seqs = Sequences(tok)
     lm = model.model.language_model
     embed = lm.get_input_embeddings()
-    book = Codebook(tok, embed.weight.detach())
     with torch.no_grad():
         prefix_cache = DynamicCache()
         lm(input_ids=torch.tensor([seqs.prefix]), cache=prefix_cache)
-    opt = torch.optim.Adam(book.parameters(), lr=lr)
-    rng = random.Random("stage-a")
-    index = 0
+    opt = torch.optim.Adam(groups)
+    rng = random.Random(f"stage-{stage.lower()}")
+    index = first
     for step in range(steps):
         rows = []
         for _ in range(batch):
             turns: list[Picture | None] = [picture("train", index)]
-            turns.append(picture("train", index + 1) if rng.random() < 0.3 else None)
-            turns.append(None)
+            if rng.random() < 0.3:
+                turns.append(picture("train", index + 1))
+            elif follow_ups:
+                turns.append(None)
+            if follow_ups:
+                turns.append(None)
             index += 2
             rows.append(seqs.make(rng, turns))
         width = max(len(ids) for ids, _, _ in rows)
         # Right-padded: causal attention keeps padding out of every labelled position.
         ids = torch.tensor([r[0] + [tok.eos_token_id] * (width - len(r[0])) for r in rows])
         labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
-        attrs = torch.tensor([attributes(p) for r in rows for p in r[2]])
         embeds = embed(ids.clamp(max=seqs.image_id - 1))
         mask = (ids == seqs.image_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(mask, book(attrs).reshape(-1, embeds.shape[-1]))
+        tokens = soft([p for r in rows for p in r[2]])  # [pictures, IMAGE_TOKENS, hidden]
+        embeds = embeds.masked_scatter(mask, tokens.reshape(-1, embeds.shape[-1]))
         cache = DynamicCache()
         layers: list[Any] = list(prefix_cache.layers)
         for i, layer in enumerate(layers):
@@ -213,13 +259,12 @@ def train_codebook(model: Any, tok: Any, steps: int, batch: int, lr: float, log:
         target = labels[:, 1:][pos]
         loss = F.cross_entropy(logits, target)
         for g in opt.param_groups:
-            g["lr"] = schedule(step, steps, lr, warmup=3)
+            g["lr"] = schedule(step, steps, g["peak"], warmup=3)
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         acc = float((logits.argmax(-1) == target).float().mean())
-        log({"stage": "A", "step": step, "loss": round(loss.item(), 4), "acc": round(acc, 3)})
-    return book
+        log({"stage": stage, "step": step, "loss": round(loss.item(), 4), "acc": round(acc, 3)})
 
 
 def train_vision(
@@ -269,13 +314,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="the vision weights (safetensors)")
     ap.add_argument("--work", type=Path, default=Path("demo_vlm_work"), help="stage results")
     ap.add_argument("--smollm2", type=Path, help="converted SmolLM2 dir (default: the alias's)")
-    ap.add_argument("--only", choices=["pretrain", "a", "b"], help="run one stage (in parallel)")
+    ap.add_argument("--only", choices=["pretrain", "a", "b", "c"], help="run one stage")
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--a-steps", type=int, default=60)
     ap.add_argument("--a-batch", type=int, default=4)
     ap.add_argument("--a-lr", type=float, default=3e-2)
     ap.add_argument("--b-steps", type=int, default=200)
     ap.add_argument("--b-batch", type=int, default=16)
+    ap.add_argument("--c-steps", type=int, default=100)
+    ap.add_argument("--c-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -287,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         args.smollm2 = Path(resolve_model_path(SMOLLM2))
     args.work.mkdir(parents=True, exist_ok=True)
     pretrained, codebook = args.work / "pretrained.safetensors", args.work / "codebook.pt"
+    regressed = args.work / "regressed.safetensors"
     start = time.time()
 
     def log(row: dict[str, Any]) -> None:
@@ -312,6 +360,12 @@ def main(argv: list[str] | None = None) -> None:
         book.load_state_dict(torch.load(codebook))
         model.load_state_dict(load_file(pretrained), strict=False)
         train_vision(model, book, args.b_steps, args.b_batch, 5e-4, 60_000_000, log)
+        save_vision(model, regressed, torch.float32)
+    if args.only in (None, "c"):
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(regressed), strict=False)
+        finetune_vision(model, tok, args.c_steps, args.c_batch, 1e-3, log)
         save_vision(model, args.out)
         log({"done": str(args.out)})
 
