@@ -181,7 +181,8 @@ def train_codebook(model: Any, tok: Any, steps: int, batch: int, lr: float, log:
     book = Codebook(tok, embed.weight.detach())
 
     def soft(pics: list[Picture]) -> torch.Tensor:
-        return book(torch.tensor([attributes(p) for p in pics]))
+        out: torch.Tensor = book(torch.tensor([attributes(p) for p in pics]))
+        return out
 
     groups = [{"params": list(book.parameters()), "peak": lr}]
     train_through_lm(model, tok, soft, groups, steps, batch, 0, True, "A", log)
