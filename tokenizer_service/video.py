@@ -24,7 +24,9 @@ the decoder yields. A container that declares no count (WebM) gets duration * ra
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -183,6 +185,18 @@ def decode(data: bytes, meta: VideoMeta, indices: list[int], timeout_s: float) -
             )
         frames.extend([frames[-1]] * missing)
     return np.stack(frames)
+
+
+def video_preprocessor_config(model_dir: str) -> dict[str, Any]:
+    """video_preprocessor_config.json, else preprocessor_config.json (transformers' fallback),
+    else {}."""
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                config: dict[str, Any] = json.load(f)
+            return config
+    return {}
 
 
 def sample_indices(total: int, num_frames: int) -> list[int]:

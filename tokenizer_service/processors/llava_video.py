@@ -9,10 +9,7 @@ image_newline, so a video takes n * ceil(p / 2)² + 1 placeholder tokens (p patc
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -29,7 +26,7 @@ from fovea.tokenizer_service.processors.base import (
     resize_uint8,
 )
 from fovea.tokenizer_service.processors.qwen2_vl_video import fused_value_table
-from fovea.tokenizer_service.video import VideoLimits, VideoMeta
+from fovea.tokenizer_service.video import VideoLimits, VideoMeta, video_preprocessor_config
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -60,13 +57,7 @@ class LlavaOnevisionVideo(VideoProcessor):
     ) -> LlavaOnevisionVideo:
         """From video_preprocessor_config.json, else preprocessor_config.json (transformers'
         fallback); the size must be the tower's image size (each frame is one tile)."""
-        pp: dict[str, Any] = {}
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            path = os.path.join(model_dir, name)
-            if os.path.exists(path):
-                with open(path) as f:
-                    pp = json.load(f)
-                break
+        pp = video_preprocessor_config(model_dir)
         size = pp.get("size") or {}
         height = int(size.get("height") or size.get("shortest_edge") or 384)
         width = int(size.get("width") or size.get("shortest_edge") or 384)

@@ -15,8 +15,6 @@ samples fewer frames, or is refused when the request pinned fps or max_frames.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import numpy as np
@@ -34,7 +32,13 @@ from fovea.tokenizer_service.processors.base import (
     resize_uint8,
 )
 from fovea.tokenizer_service.processors.qwen2_vl import PIXELS, smart_resize
-from fovea.tokenizer_service.video import VideoLimits, VideoMeta, qwen_num_frames, sample_indices
+from fovea.tokenizer_service.video import (
+    VideoLimits,
+    VideoMeta,
+    qwen_num_frames,
+    sample_indices,
+    video_preprocessor_config,
+)
 
 QWEN2_VL_VIDEO_TOKEN_ID = 151656  # <|video_pad|>
 
@@ -79,13 +83,7 @@ class Qwen2VLVideo(VideoProcessor):
     def from_pretrained(cls, model_dir: str, hf_config: dict[str, Any]) -> Qwen2VLVideo:
         """From video_preprocessor_config.json, else preprocessor_config.json (as transformers
         falls back), and config.json's video_token_id (top level or text_config)."""
-        pp: dict[str, Any] = {}
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            path = os.path.join(model_dir, name)
-            if os.path.exists(path):
-                with open(path) as f:
-                    pp = json.load(f)
-                break
+        pp = video_preprocessor_config(model_dir)
         size = pp.get("size") or {}
         token = hf_config.get("video_token_id")
         if token is None:
