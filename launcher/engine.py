@@ -50,6 +50,7 @@ class Engine:
         try:
             self._group.wait_ready()
         except BaseException:
+            self._closed = True  # nothing for shutdown (or __del__) to do
             self._group.stop()
             raise
         self._thread.start()
@@ -62,8 +63,8 @@ class Engine:
         mgr.start()
         return mgr
 
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def _supervise(self) -> None:
         while not self._closed:
@@ -202,10 +203,14 @@ class Engine:
             return
         self._closed = True
         try:
-            self._call(self._close_manager())
+            # Bounded: shutdown also runs from __del__ (garbage collection at any point of a
+            # caller's program), where the loop may already be gone; waiting on it would hang.
+            if self._thread.is_alive() and hasattr(self, "_mgr"):
+                self._call(self._close_manager(), timeout=10)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
+            if self._thread.is_alive():
+                self._thread.join(5)
             self._group.stop()
 
     async def _close_manager(self) -> None:
