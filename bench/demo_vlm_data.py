@@ -83,6 +83,10 @@ class Picture:
     count: int
     position: str | None
     word: str | None
+    # Where the shapes or the word are drawn (L mode, 255 inside) and each shape's centre in
+    # pixels: training's per-patch targets (bench/demo_vlm_train.py).
+    mask: Image.Image | None = None
+    centres: tuple[tuple[float, float], ...] = ()
 
     def answer(self, kind: str) -> str:
         """The one-word answer to a question of `kind` (a QUESTIONS key it has)."""
@@ -112,22 +116,27 @@ def picture(split: str, index: int, word_share: float = 0.15) -> Picture:
     background = _background(rng, size)
     colour = rng.choice(list(COLOURS))
     rgb = _jitter(rng, COLOURS[colour])
+    mask = Image.new("L", (size, size), 0)
     if rng.random() < word_share:
         word = rng.choice(WORDS)
-        _draw_word(rng, background, word, rgb)
-        return Picture(background, None, colour, 1, None, word)
+        spot = _draw_word(rng, background, word, rgb)
+        _draw_word(random.Random(), mask, word, 255, spot)
+        return Picture(background, None, colour, 1, None, word, mask)
     shape = rng.choice(SHAPES)
     count = rng.randint(1, 4)
-    draw = ImageDraw.Draw(background)
+    draws = ((ImageDraw.Draw(background), rgb), (ImageDraw.Draw(mask), 255))
     if count == 1:
         position = rng.choice(POSITIONS)
         radius = size * rng.uniform(0.12, 0.2)
-        _draw_shape(draw, shape, _side_centre(rng, position, size, radius), radius, rgb)
-        return Picture(background, shape, colour, 1, position, None)
-    radius = size * rng.uniform(0.07, 0.12)
-    for centre in _spread(rng, count, size, radius):
-        _draw_shape(draw, shape, centre, radius, rgb)
-    return Picture(background, shape, colour, count, None, None)
+        centres = [_side_centre(rng, position, size, radius)]
+    else:
+        position = None
+        radius = size * rng.uniform(0.07, 0.12)
+        centres = _spread(rng, count, size, radius)
+    for centre in centres:
+        for draw, fill in draws:
+            _draw_shape(draw, shape, centre, radius, fill)
+    return Picture(background, shape, colour, count, position, None, mask, tuple(centres))
 
 
 def plain_picture(
@@ -209,7 +218,7 @@ def _draw_shape(
     shape: str,
     centre: tuple[float, float],
     radius: float,
-    rgb: tuple[int, int, int],
+    rgb: tuple[int, int, int] | int,
 ) -> None:
     x, y = centre
     r = radius
@@ -237,12 +246,21 @@ def _draw_shape(
 
 
 def _draw_word(
-    rng: random.Random, image: Image.Image, word: str, rgb: tuple[int, int, int]
-) -> None:
+    rng: random.Random,
+    image: Image.Image,
+    word: str,
+    fill: tuple[int, int, int] | int,
+    spot: tuple[float, float, float] | None = None,
+) -> tuple[float, float, float]:
+    """Draws `word` at `spot` (font size, x, y), or at one drawn from `rng`; returns the spot."""
     size = image.width
-    font = ImageFont.load_default(size=size * rng.uniform(0.2, 0.28))
+    font_size = spot[0] if spot else size * rng.uniform(0.2, 0.28)
+    font = ImageFont.load_default(size=font_size)
     draw = ImageDraw.Draw(image)
-    left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
-    x = rng.uniform(0, max(0.0, size - (right - left))) - left
-    y = rng.uniform(0, max(0.0, size - (bottom - top))) - top
-    draw.text((x, y), word, fill=rgb, font=font)
+    if spot is None:
+        left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
+        x = rng.uniform(0, max(0.0, size - (right - left))) - left
+        y = rng.uniform(0, max(0.0, size - (bottom - top))) - top
+        spot = (font_size, x, y)
+    draw.text(spot[1:], word, fill=fill, font=font)
+    return spot

@@ -2,66 +2,56 @@
 
     python -m fovea.bench.demo_vlm_train --out launcher/data/demo_vlm_vision.safetensors
 
-Stages on pictures from bench/demo_vlm_data.py's "train" split (never its "eval" split):
-pretrain. the tower and projector learn to emit the untrained codebook (below) of a picture:
-   the LM embeddings of its attributes' words (a regression, no LM; may run beside stage A);
-A. a codebook stands in for the vision half: a picture's 16 soft tokens are the sum of one
-   learned entry per attribute it shows. It is trained through the frozen
-   SmolLM2-135M-Instruct on chat-formatted questions (three user turns: a picture, then a
-   follow-up or a second picture), the loss on the answer tokens only. The constant prefix
-   (system turn, `<|im_start|>user\n`) is run once; its KV cache is shared by every step;
-B. tower and projector learn to emit the trained codebook's tokens (a regression, no LM);
-C. tower and projector end to end through the frozen LM (one or two pictures a sequence).
-Backpropagating through the 135M LM costs ~0.6 GFLOP a token, what CPU time allows least of:
-the LM sees a few hundred sequences (A, C); the regressions see thousands of pictures.
-The output holds the tower and projector (bf16) under transformers' LLaVA names.
+A picture's 16 image tokens are slots, each standing for one attribute (SLOTS: shape, colour,
+count, position, printed word); a slot's token is one learned vector per value of its
+attribute. Stages, on bench/demo_vlm_data.py's "train" split (never its "eval" split):
+
+A. the codebook: those vectors, trained through the frozen SmolLM2-135M-Instruct on
+   chat-formatted questions about pictures' true attributes (one to three user turns, a second
+   picture in some), the loss on the answer tokens only. The constant prefix (system turn,
+   `<|im_start|>user\n`) is run once; its KV cache is shared by every step;
+V. the vision classifier (shares nothing with A: on two cores they run side by side, one
+   thread each): the CLIP tower and the projector's first layer learn, for each slot, the value
+   of its attribute: the projector's hidden unit (slot, value) is driven to +T and every other
+   unit pushed below -MARGIN, so its GELU is nearly a one-hot of T. Per-patch side tasks (what
+   covers the patch, how much, how many shape centres) teach the small tower local features;
+C. the projector's second layer starts as the codebook (column (slot, value) = vector / T),
+   so the model computes what A trained from pixels, then is trained through the frozen LM
+   from pixels (tower and first layer frozen) to read the units as they really fire.
+
+Backpropagating through the 135M LM costs ~0.6 GFLOP a token, so A and C see a few thousand
+sequences; V sees hundreds of thousands of pictures (a 64-px tower is cheap). The output holds
+the tower and projector (bf16) under transformers' LLaVA names.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from fovea.bench.demo_vlm_data import (
-    COLOURS,
-    POSITIONS,
-    SHAPES,
-    WORDS,
-    Picture,
-    picture,
-    question,
+from fovea.bench.demo_vlm_data import Picture, picture, question
+from fovea.bench.demo_vlm_layout import (
+    SLOT_ATTR,
+    SLOT_UNIT,
+    SLOTS,
+    T,
+    labels,
+    pixels,
+    schedule,
 )
-from fovea.launcher.demo_vlm import (
-    IMAGE_SIZE,
-    IMAGE_TOKEN,
-    IMAGE_TOKENS,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    demo_tokenizer,
-    llava_config,
-)
+from fovea.bench.demo_vlm_vision import save_vision, train_vision, unit_logits
+from fovea.launcher.demo_vlm import IMAGE_TOKEN, IMAGE_TOKENS, demo_tokenizer, llava_config
 
-_MEAN = np.array(OPENAI_CLIP_MEAN, dtype=np.float32)
-_STD = np.array(OPENAI_CLIP_STD, dtype=np.float32)
 PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-
-
-def pixels(image: Image.Image) -> torch.Tensor:
-    """[3, 64, 64]: what the processor makes of a square picture (bicubic resize, normalize)."""
-    small = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-    arr = (np.asarray(small, dtype=np.float32) / 255 - _MEAN) / _STD
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
 def build_model(smollm2: Path) -> Any:
@@ -87,60 +77,32 @@ def build_model(smollm2: Path) -> Any:
     return model
 
 
-def attributes(pic: Picture) -> list[int]:
-    """Row indices into Codebook's tables; the last row of a table means "not shown"."""
-    return [
-        list(COLOURS).index(pic.colour),
-        SHAPES.index(pic.shape) if pic.shape else len(SHAPES),
-        pic.count - 1 if pic.shape else 4,
-        POSITIONS.index(pic.position) if pic.position else len(POSITIONS),
-        WORDS.index(pic.word) if pic.word else len(WORDS),
-    ]
-
-
 class Codebook(nn.Module):
-    """Stage A's stand-in for the vision half: a picture's 16 soft tokens are the sum of one
-    learned [16, hidden] entry per attribute (colour, shape, count, position, word). Entries
-    start as the LM's embedding of the attribute's word on 3-4 slots of their own."""
+    """Per image token, one [values, hidden] table of its attribute's values; each entry
+    starts as the LM's embedding of the value's word."""
 
     def __init__(self, tok: Any, embed: torch.Tensor) -> None:
         super().__init__()
-        values = [
-            [c.capitalize() for c in COLOURS],
-            [s.capitalize() for s in SHAPES],
-            ["1", "2", "3", "4"],
-            [p.capitalize() for p in POSITIONS],
-            list(WORDS),
-        ]
-        slots = [range(0, 3), range(3, 6), range(6, 9), range(9, 12), range(12, 16)]
         self.tables = nn.ParameterList()
-        for words, where in zip(values, slots, strict=True):
-            table = torch.zeros(len(words) + 1, IMAGE_TOKENS, embed.shape[1])
-            for row, word in enumerate(words):
-                first = tok(word, add_special_tokens=False)["input_ids"][0]
-                table[row, list(where)] = embed[first]
-            self.tables.append(nn.Parameter(table))
+        for a in SLOT_ATTR:
+            words = SLOTS[a][1]
+            first = [tok(w, add_special_tokens=False)["input_ids"][0] for w in words]
+            self.tables.append(nn.Parameter(embed[first].clone()))
 
-    def forward(self, attrs: torch.Tensor) -> torch.Tensor:
-        """[N, 5] attribute rows -> [N, IMAGE_TOKENS, hidden]."""
-        out: torch.Tensor = self.tables[0][attrs[:, 0]]
-        for i in range(1, len(self.tables)):
-            out = out + self.tables[i][attrs[:, i]]
-        return out
-
-
-def schedule(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        """[N, attributes] value indices -> [N, IMAGE_TOKENS, hidden]."""
+        return torch.stack(
+            [t[values[:, a]] for t, a in zip(self.tables, SLOT_ATTR, strict=True)], dim=1
+        )
 
 
 class Sequences:
     """Chat-formatted training sequences after the shared prefix: token ids with the image
     token at IMAGE_TOKENS places per picture, and a label per id (-100 outside answers)."""
 
-    def __init__(self, tok: Any) -> None:
+    def __init__(self, tok: Any, repeat_share: float = 0.0) -> None:
         self.tok = tok
+        self.repeat_share = repeat_share
         self.image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
         self.prefix = tok(PREFIX, add_special_tokens=False)["input_ids"]
         self.head = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
@@ -152,12 +114,24 @@ class Sequences:
         last one. Returns ids, labels and the pictures in order."""
         messages: list[dict[str, Any]] = []
         answers, pics = [], []
+        kind, q = "", ""
         for pic in turns:
             parts: list[dict[str, Any]] = []
             if pic is not None:
                 pics.append(pic)
                 parts.append({"type": "image"})
-            _, q, a = question(rng, pics[-1])
+            # A new picture asked the last question again: the answer is this picture's,
+            # whatever the earlier answer said (a frozen LM likes to repeat itself).
+            if (
+                self.repeat_share
+                and pic is not None
+                and len(pics) > 1
+                and kind in pic.kinds()
+                and rng.random() < self.repeat_share
+            ):
+                a = pic.answer(kind)
+            else:
+                kind, q, a = question(rng, pics[-1])
             parts.append({"type": "text", "text": q})
             messages += [{"role": "user", "content": parts}, {"role": "assistant", "content": a}]
             answers.append(a)
@@ -175,139 +149,129 @@ class Sequences:
         return ids, labels, pics
 
 
-def train_codebook(model: Any, tok: Any, steps: int, batch: int, lr: float, log: Any) -> Codebook:
-    """Stage A: the codebook through the frozen LM, the loss on the answers."""
-    embed = model.model.language_model.get_input_embeddings()
-    book = Codebook(tok, embed.weight.detach())
+Soft = Callable[[list[Picture], bool], torch.Tensor]  # (pictures, training) -> [N, 16, hidden]
 
-    def soft(pics: list[Picture]) -> torch.Tensor:
-        out: torch.Tensor = book(torch.tensor([attributes(p) for p in pics]))
-        return out
 
-    groups = [{"params": list(book.parameters()), "peak": lr}]
-    train_through_lm(model, tok, soft, groups, steps, batch, 0, True, "A", log)
+def train_codebook(model: Any, tok: Any, args: argparse.Namespace, log: Any) -> Codebook:
+    """Stage A: the codebook through the frozen LM from pictures' true attributes. In training
+    each slot's vector is scaled by a factor near 1 (the classifier's one-hot is T only up to
+    a few per cent)."""
+    book = Codebook(tok, model.model.language_model.get_input_embeddings().weight.detach())
+
+    def soft(pics: list[Picture], training: bool) -> torch.Tensor:
+        tokens: torch.Tensor = book(torch.tensor([labels(p) for p in pics]))
+        if training:
+            tokens = tokens * torch.empty(len(pics), IMAGE_TOKENS, 1).uniform_(0.93, 1.07)
+        return tokens
+
+    train_through_lm(model, tok, soft, list(book.parameters()), "A", args.a_steps, args.a_lr,
+                     args.a_batch, 0, log)  # fmt: skip
     return book
 
 
-def finetune_vision(model: Any, tok: Any, steps: int, batch: int, lr: float, log: Any) -> None:
-    """Stage C: tower and projector through the frozen LM (one or two pictures a sequence)."""
+def train_output_layer(model: Any, tok: Any, args: argparse.Namespace, log: Any) -> None:
+    """Stage C: the projector's second layer, started as the codebook (write_projector_output),
+    through the frozen LM from pixels, the tower and first layer frozen: it learns to read the
+    classifier's units as they really fire, near-misses included. A new picture is often asked
+    the question the one before was (repeat_share): the answer must follow the picture."""
+    projector = model.model.multi_modal_projector
 
-    def soft(pics: list[Picture]) -> torch.Tensor:
-        pixel_values = torch.stack([pixels(p.image) for p in pics])
-        out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-        return torch.stack(list(out.pooler_output))
+    def soft(pics: list[Picture], training: bool) -> torch.Tensor:
+        with torch.no_grad():
+            units = projector.act(unit_logits(model, torch.stack([pixels(p.image) for p in pics])))
+        out: torch.Tensor = projector.linear_2(units)
+        return out
 
-    groups = [
-        {"params": list(model.model.multi_modal_projector.parameters()), "peak": lr},
-        {"params": list(model.model.vision_tower.parameters()), "peak": lr / 3},
-    ]
-    train_through_lm(model, tok, soft, groups, steps, batch, 70_000_000, False, "C", log)
+    train_through_lm(model, tok, soft, list(projector.linear_2.parameters()), "C", args.c_steps,
+                     args.c_lr, args.a_batch, 20_000_000, log, repeat_share=0.6)  # fmt: skip
 
 
 def train_through_lm(
     model: Any,
     tok: Any,
-    soft: Any,
-    groups: list[dict[str, Any]],
+    soft: Soft,
+    params: list[nn.Parameter],
+    stage: str,
     steps: int,
+    lr: float,
     batch: int,
     first: int,
-    follow_ups: bool,
-    stage: str,
     log: Any,
+    repeat_share: float = 0.0,
 ) -> None:
-    """Teacher-forced answers through the frozen LM; `soft(pictures)` gives each picture's
-    [IMAGE_TOKENS, hidden] soft tokens, the only thing the loss reaches."""
+    """Teacher-forced answers through the frozen LM, one to three user turns a sequence (a
+    second picture in some); `soft` gives the pictures' image tokens, the only thing the loss
+    reaches. Every 25 steps, the answer-token accuracy on 16 held-out sequences (split
+    "a-check", neither trained on nor the eval split)."""
     from transformers import DynamicCache
 
-    seqs = Sequences(tok)
+    seqs = Sequences(tok, repeat_share)
     lm = model.model.language_model
     embed = lm.get_input_embeddings()
     with torch.no_grad():
         prefix_cache = DynamicCache()
         lm(input_ids=torch.tensor([seqs.prefix]), cache=prefix_cache)
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam(params, lr=lr)
     rng = random.Random(f"stage-{stage.lower()}")
-    index = first
-    for step in range(steps):
+
+    def batch_loss(
+        rng: random.Random, split: str, first: int, n: int, training: bool
+    ) -> tuple[torch.Tensor, float]:
         rows = []
-        for _ in range(batch):
-            turns: list[Picture | None] = [picture("train", index)]
+        for k in range(n):
+            turns: list[Picture | None] = [picture(split, first + 3 * k)]
+            r = rng.random()
+            if r < 0.35:
+                turns.append(picture(split, first + 3 * k + 1))
+            elif r < 0.6:
+                turns.append(None)
             if rng.random() < 0.3:
-                turns.append(picture("train", index + 1))
-            elif follow_ups:
-                turns.append(None)
-            if follow_ups:
-                turns.append(None)
-            index += 2
+                turns.append(picture(split, first + 3 * k + 2) if r < 0.35 else None)
             rows.append(seqs.make(rng, turns))
         width = max(len(ids) for ids, _, _ in rows)
         # Right-padded: causal attention keeps padding out of every labelled position.
         ids = torch.tensor([r[0] + [tok.eos_token_id] * (width - len(r[0])) for r in rows])
-        labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
+        target = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
         embeds = embed(ids.clamp(max=seqs.image_id - 1))
+        tokens = soft([p for r in rows for p in r[2]], training)  # [pictures, 16, hidden]
         mask = (ids == seqs.image_id).unsqueeze(-1)
-        tokens = soft([p for r in rows for p in r[2]])  # [pictures, IMAGE_TOKENS, hidden]
         embeds = embeds.masked_scatter(mask, tokens.reshape(-1, embeds.shape[-1]))
         cache = DynamicCache()
-        layers: list[Any] = list(prefix_cache.layers)
-        for i, layer in enumerate(layers):
-            cache.update(layer.keys.expand(batch, -1, -1, -1).contiguous(),
-                         layer.values.expand(batch, -1, -1, -1).contiguous(), i)  # fmt: skip
+        for i, layer in enumerate(list(prefix_cache.layers)):
+            cache.update(layer.keys.expand(n, -1, -1, -1).contiguous(),  # type: ignore[union-attr]
+                         layer.values.expand(n, -1, -1, -1).contiguous(), i)  # type: ignore[union-attr]  # fmt: skip
         hidden = lm(inputs_embeds=embeds, cache=cache).last_hidden_state
-        pos = labels[:, 1:] != -100  # position t predicts label t + 1
+        pos = target[:, 1:] != -100  # position t predicts label t + 1
         logits = model.lm_head(hidden[:, :-1][pos])
-        target = labels[:, 1:][pos]
-        loss = F.cross_entropy(logits, target)
+        gold = target[:, 1:][pos]
+        return F.cross_entropy(logits, gold), float((logits.argmax(-1) == gold).float().mean())
+
+    index = first
+    for step in range(steps):
+        loss, acc = batch_loss(rng, "train", index, batch, training=True)
+        index += 3 * batch
         for g in opt.param_groups:
-            g["lr"] = schedule(step, steps, g["peak"], warmup=3)
+            g["lr"] = schedule(step, steps, lr, warmup=5)
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
-        acc = float((logits.argmax(-1) == target).float().mean())
-        log({"stage": stage, "step": step, "loss": round(loss.item(), 4), "acc": round(acc, 3)})
+        row: dict[str, Any] = {"stage": stage, "step": step, "loss": round(loss.item(), 4)}
+        if step % 25 == 0 or step == steps - 1:
+            with torch.no_grad():
+                check = random.Random("a-check")
+                _, row["check_acc"] = batch_loss(check, "a-check", 0, 16, training=False)
+        log(row | {"acc": round(acc, 3)})
 
 
-def train_vision(
-    model: Any, book: Codebook, steps: int, batch: int, lr: float, first: int, log: Any
-) -> None:
-    """Stage B: tower and projector regress each picture's codebook tokens (no LM)."""
-    for p in book.parameters():
-        p.requires_grad_(False)
-    params = [
-        *model.model.vision_tower.parameters(),
-        *model.model.multi_modal_projector.parameters(),
-    ]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    index = first  # pictures apart from stage A's
-    for step in range(steps):
-        pics = [picture("train", index + i) for i in range(batch)]
-        index += batch
-        target = book(torch.tensor([attributes(p) for p in pics]))  # [B, 16, hidden]
-        features = model.model.get_image_features(
-            pixel_values=torch.stack([pixels(p.image) for p in pics]), return_dict=True
-        ).pooler_output
-        out = torch.stack(list(features))  # [B, 16, hidden]
-        loss = F.mse_loss(out, target) / target.var()
-        for g in opt.param_groups:
-            g["lr"] = schedule(step, steps, lr, warmup=30)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 20 == 0 or step == steps - 1:
-            log({"stage": "B", "step": step, "loss": round(loss.item(), 4)})
-
-
-def save_vision(model: Any, out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
-    from safetensors.torch import save_file
-
-    state = {
-        k: v.detach().to(dtype).contiguous()
-        for k, v in model.state_dict().items()
-        if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata={"format": "pt"})
+def write_projector_output(model: Any, book: Codebook) -> None:
+    """The projector's second layer: unit (slot, value) writes that value's vector / T."""
+    linear_2 = model.model.multi_modal_projector.linear_2
+    with torch.no_grad():
+        linear_2.weight.zero_()
+        linear_2.bias.zero_()
+        for i, table in enumerate(book.tables):
+            first = SLOT_UNIT[i]
+            linear_2.weight[:, first : first + table.shape[0]] = table.detach().T / T
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,15 +279,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="the vision weights (safetensors)")
     ap.add_argument("--work", type=Path, default=Path("demo_vlm_work"), help="stage results")
     ap.add_argument("--smollm2", type=Path, help="converted SmolLM2 dir (default: the alias's)")
-    ap.add_argument("--only", choices=["pretrain", "a", "b", "c"], help="run one stage")
-    ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--a-steps", type=int, default=60)
-    ap.add_argument("--a-batch", type=int, default=4)
-    ap.add_argument("--a-lr", type=float, default=3e-2)
-    ap.add_argument("--b-steps", type=int, default=200)
-    ap.add_argument("--b-batch", type=int, default=16)
-    ap.add_argument("--c-steps", type=int, default=100)
-    ap.add_argument("--c-batch", type=int, default=8)
+    ap.add_argument("--only", choices=["a", "v", "c"], help="run one stage")
+    ap.add_argument("--a-steps", type=int, default=300)
+    ap.add_argument("--a-batch", type=int, default=8)
+    ap.add_argument("--a-lr", type=float, default=1e-2)
+    ap.add_argument("--v-steps", type=int, default=5000)
+    ap.add_argument("--v-batch", type=int, default=64)
+    ap.add_argument("--v-lr", type=float, default=1e-3)
+    ap.add_argument("--v-low", type=float, default=0.05, help="weight of the units-off hinge")
+    ap.add_argument("--v-init", type=Path, help="stage V starts from this classifier")
+    ap.add_argument("--v-first", type=int, default=0, help="stage V's first training picture")
+    ap.add_argument("--c-steps", type=int, default=200)
+    ap.add_argument("--c-lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -334,8 +301,7 @@ def main(argv: list[str] | None = None) -> None:
 
         args.smollm2 = Path(resolve_model_path(SMOLLM2))
     args.work.mkdir(parents=True, exist_ok=True)
-    pretrained, codebook = args.work / "pretrained.safetensors", args.work / "codebook.pt"
-    regressed = args.work / "regressed.safetensors"
+    codebook, classifier = args.work / "codebook.pt", args.work / "classifier.safetensors"
     start = time.time()
 
     def log(row: dict[str, Any]) -> None:
@@ -343,30 +309,19 @@ def main(argv: list[str] | None = None) -> None:
 
     model = build_model(args.smollm2)
     tok = demo_tokenizer(args.smollm2)
-    embed = model.model.language_model.get_input_embeddings().weight.detach()
-    # The tower first learns the untrained codebook (the attributes' own words): it needs
-    # nothing from stage A, so the two may run at once (--only pretrain, --only a).
-    if args.only in (None, "pretrain"):
-        train_vision(
-            model, Codebook(tok, embed), args.pretrain_steps, args.b_batch, 1e-3, 50_000_000, log
-        )
-        save_vision(model, pretrained, torch.float32)
     if args.only in (None, "a"):
-        book = train_codebook(model, tok, args.a_steps, args.a_batch, args.a_lr, log)
-        torch.save(book.state_dict(), codebook)
-    if args.only in (None, "b"):
-        from safetensors.torch import load_file
-
-        book = Codebook(tok, embed)
-        book.load_state_dict(torch.load(codebook))
-        model.load_state_dict(load_file(pretrained), strict=False)
-        train_vision(model, book, args.b_steps, args.b_batch, 5e-4, 60_000_000, log)
-        save_vision(model, regressed, torch.float32)
+        torch.save(train_codebook(model, tok, args, log).state_dict(), codebook)
+    if args.only in (None, "v"):
+        train_vision(model, args, log)
+        save_vision(model, classifier, torch.float32)
     if args.only in (None, "c"):
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(regressed), strict=False)
-        finetune_vision(model, tok, args.c_steps, args.c_batch, 1e-3, log)
+        book = Codebook(tok, model.model.language_model.get_input_embeddings().weight.detach())
+        book.load_state_dict(torch.load(codebook))
+        model.load_state_dict(load_file(classifier), strict=False)
+        write_projector_output(model, book)
+        train_output_layer(model, tok, args, log)
         save_vision(model, args.out)
         log({"done": str(args.out)})
 
