@@ -84,7 +84,7 @@ class Picture:
     position: str | None
     word: str | None
     # Where the shapes or the word are drawn (L mode, 255 inside) and each shape's centre in
-    # pixels: training's per-patch targets (bench/demo_vlm_train.py).
+    # pixels: training's per-patch targets (bench/demo_vlm_vision.py).
     mask: Image.Image | None = None
     centres: tuple[tuple[float, float], ...] = ()
 
@@ -119,8 +119,9 @@ def picture(split: str, index: int, word_share: float = 0.15) -> Picture:
     mask = Image.new("L", (size, size), 0)
     if rng.random() < word_share:
         word = rng.choice(WORDS)
-        spot = _draw_word(rng, background, word, rgb)
-        _draw_word(random.Random(), mask, word, 255, spot)
+        spot = _word_spot(rng, background, word)
+        _draw_word(background, word, rgb, spot)
+        _draw_word(mask, word, 255, spot)
         return Picture(background, None, colour, 1, None, word, mask)
     shape = rng.choice(SHAPES)
     count = rng.randint(1, 4)
@@ -245,22 +246,22 @@ def _draw_shape(
         draw.polygon([(x - r * 0.98, y - r * 0.12), (x + r * 0.98, y - r * 0.12), (x, y + r)], rgb)
 
 
+def _word_spot(rng: random.Random, image: Image.Image, word: str) -> tuple[float, float, float]:
+    """(font size, x, y) of `word` drawn at a random size and place wholly inside `image`."""
+    size = image.width
+    font_size = size * rng.uniform(0.2, 0.28)
+    font = ImageFont.load_default(size=font_size)
+    left, top, right, bottom = ImageDraw.Draw(image).textbbox((0, 0), word, font=font)
+    x = rng.uniform(0, max(0.0, size - (right - left))) - left
+    y = rng.uniform(0, max(0.0, size - (bottom - top))) - top
+    return font_size, x, y
+
+
 def _draw_word(
-    rng: random.Random,
     image: Image.Image,
     word: str,
     fill: tuple[int, int, int] | int,
-    spot: tuple[float, float, float] | None = None,
-) -> tuple[float, float, float]:
-    """Draws `word` at `spot` (font size, x, y), or at one drawn from `rng`; returns the spot."""
-    size = image.width
-    font_size = spot[0] if spot else size * rng.uniform(0.2, 0.28)
-    font = ImageFont.load_default(size=font_size)
-    draw = ImageDraw.Draw(image)
-    if spot is None:
-        left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
-        x = rng.uniform(0, max(0.0, size - (right - left))) - left
-        y = rng.uniform(0, max(0.0, size - (bottom - top))) - top
-        spot = (font_size, x, y)
-    draw.text(spot[1:], word, fill=fill, font=font)
-    return spot
+    spot: tuple[float, float, float],
+) -> None:
+    font_size, x, y = spot
+    ImageDraw.Draw(image).text((x, y), word, fill=fill, font=ImageFont.load_default(size=font_size))

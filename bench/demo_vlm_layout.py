@@ -28,6 +28,7 @@ SLOTS: tuple[tuple[str, tuple[str, ...], int], ...] = (
 SLOT_ATTR = [a for a, (_, _, n) in enumerate(SLOTS) for _ in range(n)]  # token -> attribute
 SLOT_VALUES = [len(SLOTS[a][1]) for a in SLOT_ATTR]
 SLOT_UNIT = [sum(SLOT_VALUES[:i]) for i in range(len(SLOT_ATTR))]  # token -> first unit
+UNITS = sum(SLOT_VALUES)  # the projector's hidden units that stand for a value; the rest idle
 T = 8.0  # the one-hot's height: GELU(z) ~ z near +T
 MARGIN = 2.0  # every other unit below -MARGIN: GELU(-2) = -0.045, a 0.6% leak of its column
 

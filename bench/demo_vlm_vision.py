@@ -17,9 +17,8 @@ from fovea.bench.demo_vlm_data import SHAPES, Picture, picture
 from fovea.bench.demo_vlm_layout import (
     MARGIN,
     SLOT_ATTR,
-    SLOT_UNIT,
-    SLOT_VALUES,
     SLOTS,
+    UNITS,
     T,
     own_units,
     pixels,
@@ -66,7 +65,11 @@ def patch_targets(pics: list[Picture]) -> tuple[torch.Tensor, torch.Tensor, torc
         cover.append(share)
         kind.append(np.where(share > 0.05, what, len(SHAPES) + 1))
         centres.append(n)
-    return tuple(torch.from_numpy(np.stack(a)) for a in (cover, kind, centres))  # type: ignore[return-value]
+    return (
+        torch.from_numpy(np.stack(cover)),
+        torch.from_numpy(np.stack(kind)),
+        torch.from_numpy(np.stack(centres)),
+    )
 
 
 def sincos_positions(model: Any, scale: float = 0.5) -> None:
@@ -87,10 +90,10 @@ def sincos_positions(model: Any, scale: float = 0.5) -> None:
 def train_vision(model: Any, args: argparse.Namespace, log: Any) -> None:
     """Stage V: each token's own units classify its attribute (cross-entropy); the chosen unit
     is pulled to T and every other unit that the second layer reads pushed below -MARGIN (squared
-    hinges); the units beyond SLOT_UNIT's have zero columns."""
+    hinges); the units beyond UNITS have zero columns."""
     units = model.model.multi_modal_projector.linear_1.out_features
     own = own_units(units)
-    used = torch.arange(units) < SLOT_UNIT[-1] + SLOT_VALUES[-1]
+    used = torch.arange(units) < UNITS
     if args.v_init is None:
         sincos_positions(model)
     else:  # a longer run goes on from an earlier one's classifier
@@ -150,7 +153,7 @@ def vision_accuracy(model: Any, n: int) -> dict[str, float]:
     target = unit_targets(pics)  # [n, 16]
     right = z.masked_fill(~own_units(z.shape[-1]), -1e4).argmax(-1) == target
     high = z.gather(-1, target[..., None]).squeeze(-1) > 0.8 * T
-    z[..., SLOT_UNIT[-1] + SLOT_VALUES[-1] :] = -T  # units no column reads
+    z[..., UNITS:] = -T  # units no column reads
     z.scatter_(-1, target[..., None], -T)
     off = (z < 0).all(-1)  # every other unit's GELU is within -0.17 of 0
     attr = torch.tensor(SLOT_ATTR)

@@ -14,6 +14,7 @@ from fovea.bench.demo_vlm_layout import (
     SLOT_UNIT,
     SLOT_VALUES,
     SLOTS,
+    UNITS,
     T,
     labels,
     own_units,
@@ -28,7 +29,7 @@ def test_each_token_owns_a_run_of_units_one_per_value() -> None:
     assert len(SLOT_ATTR) == IMAGE_TOKENS == GRID * GRID
     assert SLOT_ATTR == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 4]
     assert SLOT_VALUES == [6, 6, 6, 6, 6, 6, 4, 4, 4, 5, 5, 5, 13, 13, 13, 13]
-    assert SLOT_UNIT[:4] == [0, 6, 12, 18] and SLOT_UNIT[-1] + SLOT_VALUES[-1] == 115
+    assert SLOT_UNIT[:4] == [0, 6, 12, 18] and SLOT_UNIT[-1] + SLOT_VALUES[-1] == UNITS == 115
     own = own_units(576)
     assert own.sum(1).tolist() == SLOT_VALUES and own.sum(0).max() == 1
 
@@ -73,4 +74,4 @@ def test_the_output_layer_writes_each_units_codebook_vector() -> None:
         units[SLOT_UNIT[i] + value] = T
         expected = book(torch.tensor([[value if a == SLOT_ATTR[i] else 0 for a in range(5)]]))
         assert torch.allclose(linear_2(units), expected[0, i], atol=1e-6)
-    assert int((linear_2.weight != 0).any(0).sum()) == SLOT_UNIT[-1] + SLOT_VALUES[-1]
+    assert int((linear_2.weight != 0).any(0).sum()) == UNITS
