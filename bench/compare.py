@@ -18,8 +18,9 @@ chat request with `image_url` parts fetched from a local image server (JPEG):
 - W6 multi-image: 32 requests, concurrency 4, three 448×448 images interleaved with the text.
 - W2+W4: W2 on the VLM server alone ("W2vlm"), then W2 while W4's client runs beside it
   (text latency while images are fetched, prepared and encoded).
-`--image-requests N` runs N requests of each instead (a slow CPU); W5 at least 16, so that each
-of its 8 images is sent at least twice.
+`--image-requests N` runs N requests of each instead (a slow CPU), except W5, which keeps its 64:
+its encoder work is its 8 distinct images whatever the count, and fewer requests would change
+which share of its TTFTs are cold (8 of 64; half of 16).
 Fovea's vision-encoder runs during each workload are read from /get_server_info.
 Each system runs in each mode (peers.py: `default`, `tuned`), one after the other, never
 overlapping; during W1 the server's whole process tree is sampled for resident memory.
@@ -155,10 +156,8 @@ def client_cmd(base_url: str, model_dir: str, label: str, workload: str, args: a
     extra = WORKLOADS[workload]
     if workload == "W2":
         extra = [*extra, "--num-prompts", str(args.w2_requests)]
-    if workload in IMAGE_WORKLOADS and args.image_requests:
-        # W5 keeps every one of its 8 images sent at least twice.
-        n = max(args.image_requests, 16) if workload == "W5" else args.image_requests
-        extra = [*extra, "--num-prompts", str(n)]
+    if workload in IMAGE_WORKLOADS and args.image_requests and workload != "W5":
+        extra = [*extra, "--num-prompts", str(args.image_requests)]
     return [sys.executable, "-m", "fovea.bench.serving", "--base-url", base_url, "--model", "m",
             "--tokenizer", model_dir, "--system", label, *extra]  # fmt: skip
 

@@ -222,6 +222,16 @@ class ServerArgs:
     mm_cache_mb: int = _opt(
         512, "Memory for vision-encoder outputs kept by image hash on each worker (MiB)."
     )
+    encoder_slice_patches: int = _opt(
+        8192,
+        "Images are encoded ahead of their prompt's prefill, a slice of the vision tower per "
+        "step, so that running requests keep decoding meanwhile: each step runs whole encoder "
+        "blocks until this many patch rows have passed through them (a 1024x768 image is "
+        "about 4,000 patches a block in Qwen2.5-VL; towers that cannot stop between blocks run "
+        "whole). Larger slices: fewer steps, so a little more throughput; smaller: shorter "
+        "waits for running requests' next tokens and for new text prompts. "
+        "0: an image is encoded inside its prompt's first step.",
+    )
     random_seed: int = _opt(0, "Seed for sampling of requests that give no seed.")
     grammar_compile_timeout: float = _opt(
         10.0,
@@ -397,4 +407,6 @@ def check_args(a: ServerArgs) -> str | None:
         return f"--max-request-bytes must be >= 1, got {a.max_request_bytes}"
     if a.mm_cache_mb < 0:
         return f"--mm-cache-mb must be >= 0, got {a.mm_cache_mb}"
+    if a.encoder_slice_patches < 0:
+        return f"--encoder-slice-patches must be >= 0, got {a.encoder_slice_patches}"
     return None

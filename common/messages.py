@@ -230,6 +230,9 @@ class StepPlan(msgspec.Struct, tag=True, gc=False):
     chunks: list[ScheduledChunk]
     # Sequences the workers forget before this step (finished, aborted, retracted).
     dropped: list[str]
+    # Images of waiting prompts to encode ahead of their prefill, a slice per step (each hash
+    # sent once; worker/encode_ahead.py).
+    encode: list[ImageInput] = []
 
 
 class SyncPing(msgspec.Struct, tag=True):
@@ -273,6 +276,7 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     kv_kind: str = "kv"  # what the KV pools hold per token (worker/kv_pool.py KVLayout)
     kv_bytes_per_token: int = 0  # in the global pool, on this rank, all its layers
     local_kv_bytes_per_token: int = 0  # in the local pool (0: one pool)
+    encode_ahead: bool = False  # takes StepPlan.encode (worker/encode_ahead.py)
 
 
 class StepResult(msgspec.Struct, tag=True, gc=False):
@@ -289,6 +293,8 @@ class StepResult(msgspec.Struct, tag=True, gc=False):
     # prompt tokens start+1 .. min(end, num_prompt - 1), in order (possibly none).
     prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
     cross_kv_computed: int = 0  # image slots whose cross-attention K/V were written this step
+    # Hashes of images sent in `StepPlan.encode` whose encoder outputs are ready now.
+    images_ready: list[bytes] = []
 
 
 class WorkerAlive(msgspec.Struct, tag=True):

@@ -8,7 +8,7 @@ workers apply them before that plan's new sequences, so a re-admitted key can re
 
 from __future__ import annotations
 
-from fovea.common.messages import NewSequence, ScheduledChunk, StepPlan
+from fovea.common.messages import ImageInput, NewSequence, ScheduledChunk, StepPlan
 from fovea.scheduler.request import Sequence
 
 
@@ -50,12 +50,15 @@ class PlanBuilder:
             seq.sent = True
         self._chunks.append(ScheduledChunk(seq.key, new_slots, sample, new_local or []))
 
-    def build(self) -> StepPlan | None:
-        """The plan of everything added since the last one; None when there is nothing to
-        compute (pending drops then wait for the next plan)."""
-        if not self._chunks:
+    def build(
+        self, encode: list[ImageInput] | None = None, encoding: bool = False
+    ) -> StepPlan | None:
+        """The plan of everything added since the last one, with images to encode ahead;
+        None when there is nothing to compute (no chunks, no images, and `encoding` False:
+        the workers hold no unfinished images), and pending drops then wait for the next."""
+        if not (self._chunks or encode or encoding):
             return None
-        plan = StepPlan(self.step, self._new, self._chunks, self._dropped)
+        plan = StepPlan(self.step, self._new, self._chunks, self._dropped, encode or [])
         self.step += 1
         self._new, self._chunks, self._dropped = [], [], []
         return plan

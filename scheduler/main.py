@@ -58,6 +58,7 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
         limits.sliding_window, addrs.dp_rank, kv_kind=limits.kv_kind,
         kv_bytes_per_token=limits.kv_bytes_per_token,
         local_kv_bytes_per_token=limits.local_kv_bytes_per_token,
+        encode_ahead=limits.encode_ahead,
     )  # fmt: skip
     core = Scheduler(config, limits.num_slots, num_local_slots=limits.num_local_slots)
     log.info(
@@ -168,6 +169,7 @@ class RankLimits(NamedTuple):
     local_kv_bytes_per_token: int  # rank 0's, local pool (0: one pool)
     num_local_slots: int = 0  # the sliding-window layers' pool; 0: one pool
     sliding_window: int = 0
+    encode_ahead: bool = False  # every rank takes StepPlan.encode
 
 
 def handshake(
@@ -195,6 +197,7 @@ def handshake(
         ready[0].local_kv_bytes_per_token,
         min(r.num_local_slots for r in ready.values()),
         ready[0].sliding_window,
+        all(r.encode_ahead for r in ready.values()),
     )
 
 

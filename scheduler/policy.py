@@ -60,6 +60,9 @@ class SchedulerConfig:
     kv_kind: str = "kv"
     kv_bytes_per_token: int = 0
     local_kv_bytes_per_token: int = 0
+    # The workers encode images ahead of their prefill (StepPlan.encode): a prompt with images
+    # waits for them without holding running sequences' decodes (scheduler/encode_ahead.py).
+    encode_ahead: bool = False
 
     @staticmethod
     def from_args(
@@ -74,6 +77,7 @@ class SchedulerConfig:
         kv_kind: str = "kv",
         kv_bytes_per_token: int = 0,
         local_kv_bytes_per_token: int = 0,
+        encode_ahead: bool = False,
     ) -> SchedulerConfig:
         """`max_seqs`: rows in the workers' request table, a hard cap on running sequences;
         `device`: the workers' device type; `cross_image_slots`: the smallest image pool of
@@ -97,6 +101,7 @@ class SchedulerConfig:
             kv_kind=kv_kind,
             kv_bytes_per_token=kv_bytes_per_token,
             local_kv_bytes_per_token=local_kv_bytes_per_token,
+            encode_ahead=encode_ahead,
         )
 
     @property
@@ -195,3 +200,21 @@ def usable_prefix(
         if cut == len(slots):
             return slots, local, node
         key = seq.cache_key[:cut]
+
+
+def finish_reason(seq: Sequence, token: int, cfg: SchedulerConfig) -> tuple[str | None, int | None]:
+    """(reason, matched stop token) once `token` (already appended) ends `seq`, else (None,
+    None)."""
+    sp = seq.sampling
+    n_out = len(seq.output_ids)
+    if sp.grammar is not None and token in cfg.eos_token_ids:
+        # The workers let EOS through only once the grammar is complete, and the grammar
+        # then has terminated: the sequence ends whatever ignore_eos and min_new_tokens say.
+        return "stop", token
+    if n_out >= sp.min_new_tokens:
+        eos = not sp.ignore_eos and token in cfg.eos_token_ids
+        if eos or token in sp.stop_token_ids:
+            return "stop", token
+    if n_out >= seq.max_new_tokens or seq.num_tokens >= cfg.context_length:
+        return "length", None
+    return None, None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from fovea.common.messages import ImageInput, TokenLogprobs, seq_key
+from fovea.common.messages import ImageInput, SeqOutput, TokenLogprobs, seq_key
 from fovea.common.sampling import SamplingParams
 from fovea.scheduler.radix_cache import RadixNode
 
@@ -151,3 +151,26 @@ class Sequence:
     def pending(self) -> int:
         """Known tokens whose KV is not computed yet (1 for a decoding sequence)."""
         return self.num_tokens - len(self.slots)
+
+
+def seq_output(
+    seq: Sequence,
+    tokens: list[int],
+    lp: TokenLogprobs | None,
+    reason: str | None,
+    matched: int | None,
+    prompt_lps: list[TokenLogprobs | None] | None = None,
+) -> SeqOutput:
+    """One step's output of `seq` (its token counts as of now)."""
+    return SeqOutput(
+        seq.rid,
+        seq.index,
+        tokens,
+        [lp] if lp is not None else None,
+        reason,
+        matched,
+        len(seq.prompt_ids),
+        seq.cached_tokens or 0,
+        len(seq.output_ids),
+        prompt_lps,
+    )

@@ -33,23 +33,24 @@ from fovea.common.messages import (
     StepPlan,
     StepResult,
     TokenizedRequest,
-    TokenLogprobs,
     ToScheduler,
 )
 from fovea.scheduler.abort_memory import ABORT_MEMORY_S, AbortMemory
 from fovea.scheduler.batch import PlanBuilder
 from fovea.scheduler.cross_images import CrossImageSlots, salted_key
+from fovea.scheduler.encode_ahead import EncodeAhead
 from fovea.scheduler.kv_allocator import KVAllocator
 from fovea.scheduler.policy import (
     SchedulerConfig,
     StepBudget,
     admission_order,
     decode_reserve,
+    finish_reason,
     usable_prefix,
     whole_image_chunk,
 )
 from fovea.scheduler.radix_cache import RadixCache
-from fovea.scheduler.request import SeqStatus, Sequence
+from fovea.scheduler.request import SeqStatus, Sequence, seq_output
 from fovea.scheduler.stats import flush_cache, snapshot
 from fovea.scheduler.window_slots import WindowSlots
 
@@ -81,6 +82,7 @@ class Scheduler:
         self.cross_images = (
             CrossImageSlots(config.cross_image_slots) if config.cross_image_slots else None
         )
+        self.ahead = EncodeAhead() if config.encode_ahead else None
         self.waiting: list[Sequence] = []  # retracted first, then arrival order
         self.running: list[Sequence] = []  # admission order: the newest retract first
         self.seqs: dict[str, Sequence] = {}  # every waiting or running sequence by key
@@ -110,7 +112,9 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Sequences to serve, or images the workers are still encoding ahead (finished even
+        when their prompt was aborted meanwhile: the output is cached for a retry)."""
+        return bool(self.waiting or self.running or (self.ahead and self.ahead.busy))
 
     def handle(self, msg: ToScheduler) -> None:
         self.handlers[type(msg)](msg)
@@ -190,7 +194,7 @@ class Scheduler:
             del self.seqs[seq.key]
             log.debug("request %s: sequence %s aborted (%s)", seq.rid, seq.key, msg.reason)
             if msg.reason != "stop":
-                self.outputs.append(self._output(seq, [], None, "abort", None))
+                self.outputs.append(seq_output(seq, [], None, "abort", None))
 
     def stats(self, msg: StatsRequest) -> None:
         flushed = msg.flush_cache and flush_cache(self)
@@ -210,7 +214,9 @@ class Scheduler:
         # Memory ran out this step: admitting more would only be retracted again.
         if self.num_retractions == retractions:
             self._admit_waiting(budget)
-        return self.plans.build()
+        if self.ahead is None:
+            return self.plans.build()
+        return self.plans.build(self.ahead.take_outbox(), self.ahead.busy)
 
     @property
     def _local_total(self) -> int:
@@ -260,10 +266,19 @@ class Scheduler:
                 return None
 
     def _admit_waiting(self, budget: StepBudget) -> None:
+        """Admit in policy order until one does not fit; a prompt whose images are still
+        being encoded is passed over (the ones behind it may go first), and every waiting
+        prompt's images are asked for, so they are ready by the time it fits."""
         cap = self.config.max_running_requests
+        full = False
         for seq in admission_order(self.waiting, self.config.schedule_policy, self.cache):
-            if len(self.running) >= cap or not self._admit(seq, budget):
-                return
+            if self.ahead is not None and seq.images and self.ahead.waits(seq):
+                continue
+            if full:
+                if self.ahead is None:
+                    return
+                continue  # only to ask for the images of the prompts behind
+            full = len(self.running) >= cap or not self._admit(seq, budget)
 
     def _admit(self, seq: Sequence, budget: StepBudget, use_cache: bool = True) -> bool:
         """Admit `seq` with its first chunk if budget and memory allow; False otherwise."""
@@ -328,6 +343,8 @@ class Scheduler:
         """Append each sampled token, check stop conditions, emit one SeqOutput per token;
         the first output of a sequence computing prompt logprobs carries them all."""
         self.images_encoded += result.images_encoded
+        if self.ahead is not None:
+            self.ahead.done(result.images_ready)
         self.cross_kv_computed += result.cross_kv_computed
         for key, entries in result.prompt_logprobs.items():
             if (seq := self.seqs.get(key)) is not None and seq.computing_prompt_logprobs:
@@ -339,29 +356,14 @@ class Scheduler:
             prompt_lps = seq.take_prompt_logprobs()
             seq.output_ids.append(token)
             self.generated_tokens += 1
-            reason, matched = self._finish_reason(seq, token)
-            self.outputs.append(self._output(seq, [token], lp, reason, matched, prompt_lps))
+            reason, matched = finish_reason(seq, token, self.config)
+            self.outputs.append(seq_output(seq, [token], lp, reason, matched, prompt_lps))
             if reason is not None:
                 self._release(seq)
                 self.running.remove(seq)
                 seq.status = SeqStatus.FINISHED
                 seq.finish_reason = reason
                 del self.seqs[key]
-
-    def _finish_reason(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
-        sp = seq.sampling
-        n_out = len(seq.output_ids)
-        if sp.grammar is not None and token in self.config.eos_token_ids:
-            # The workers let EOS through only once the grammar is complete, and the grammar
-            # then has terminated: the sequence ends whatever ignore_eos and min_new_tokens say.
-            return "stop", token
-        if n_out >= sp.min_new_tokens:
-            eos = not sp.ignore_eos and token in self.config.eos_token_ids
-            if eos or token in sp.stop_token_ids:
-                return "stop", token
-        if n_out >= seq.max_new_tokens or seq.num_tokens >= self.config.context_length:
-            return "length", None
-        return None, None
 
     # ------------------------------------------------------------------ memory
 
@@ -429,28 +431,6 @@ class Scheduler:
         return got, got_local
 
     # ------------------------------------------------------------------ helpers
-
-    def _output(
-        self,
-        seq: Sequence,
-        tokens: list[int],
-        lp: TokenLogprobs | None,
-        reason: str | None,
-        matched: int | None,
-        prompt_lps: list[TokenLogprobs | None] | None = None,
-    ) -> SeqOutput:
-        return SeqOutput(
-            seq.rid,
-            seq.index,
-            tokens,
-            [lp] if lp is not None else None,
-            reason,
-            matched,
-            len(seq.prompt_ids),
-            seq.cached_tokens or 0,
-            len(seq.output_ids),
-            prompt_lps,
-        )
 
     def _reject(self, rid: str, message: str) -> None:
         log.warning("%s", message)

@@ -103,6 +103,7 @@ def run_worker(args: ServerArgs, addrs: Addresses, model: ModelInfo, rank: int) 
             local_kv_bytes_per_token=runner.pool.bytes_per_token(local=True),
             num_local_slots=runner.num_local_slots,
             sliding_window=runner.sliding_window if runner.num_local_slots else 0,
+            encode_ahead=runner.ahead is not None,
         )
         results.send(ready)
         return True

@@ -6,7 +6,9 @@ each a Protocol the runner checks with isinstance:
 - `EncodesImages`: `encode_images(images) -> [num_tokens, hidden] each` (the vision tower;
   outputs are kept by image hash in an EmbeddingCache) and `embed_tokens(ids [T])`, whose
   image placeholder rows are replaced by their image's embeddings before
-  `forward(..., input_embeds=[T, hidden])`.
+  `forward(..., input_embeds=[T, hidden])` (worker/image_embeddings.py). Images a plan sends
+  in `encode` are encoded ahead of their prefill, a slice of the tower per step
+  (worker/encode_ahead.py; `EncodesInStages` towers stop between blocks).
 - `MRopePositions`: `mrope_positions(prompt_ids, images) -> (Tensor [3, L] int64, delta)`:
   M-RoPE positions of the prompt; a later token i (an output) sits at i + delta on all axes.
 - Bidirectional images (the architecture table's capability, which the scheduler reads too):
@@ -47,6 +49,7 @@ from fovea.worker.attention.torch_native import TorchNativeBackend
 from fovea.worker.cpu_threads import cpu_flags
 from fovea.worker.cross_attention import CrossAttentionState
 from fovea.worker.grammar import WorkerGrammars
+from fovea.worker.image_embeddings import ImageEmbeddings, Overlap
 from fovea.worker.kv_pool import KVPool, plan_hybrid_slots, plan_num_slots
 from fovea.worker.loader import load_model
 from fovea.worker.mm_cache import EmbeddingCache
@@ -210,7 +213,20 @@ class ModelRunner:
         self.mrope_model = self.model if isinstance(self.model, MRopePositions) else None
         caps = architecture(model.architecture).capabilities
         self.bidirectional_images = caps.bidirectional_images
-        self.images_encoded = 0  # vision-encoder runs, one per image (tests and stats count them)
+        self.embeddings: ImageEmbeddings | None = None
+        if self.image_encoder is not None and self.cross is None:
+            self.embeddings = ImageEmbeddings(
+                self.image_encoder, self.mm_cache, args.encoder_slice_patches
+            )
+        # Images encoded ahead of their prefill (None: encoded in it).
+        self.ahead = self.embeddings.ahead if self.embeddings is not None else None
+        self.cross_images_encoded = 0
+
+    @property
+    def images_encoded(self) -> int:
+        """Vision-encoder runs, one per image (tests and stats count them)."""
+        own = self.embeddings.encoded if self.embeddings is not None else 0
+        return own + self.cross_images_encoded
 
     # ------------------------------------------------------------------ state from diffs
 
@@ -267,6 +283,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         encoded = self.images_encoded
         kv_computed = self.cross.kv_computed if self.cross is not None else 0
+        ready = self.embeddings.encode_ahead(plan.encode) if self.embeddings else []
+        if plan.encode and self.embeddings is None:
+            raise RuntimeError("images sent to encode ahead to a worker that does not")
         out = self._compute(plan)
         sample_keys = out.sample_keys
         tokens, logprobs = self.sampler.sample(
@@ -293,6 +312,7 @@ class ModelRunner:
             self.images_encoded - encoded,
             prompt_lps,
             (self.cross.kv_computed if self.cross is not None else 0) - kv_computed,
+            ready,
         )
 
     @torch.inference_mode()
@@ -331,8 +351,7 @@ class ModelRunner:
         sample_idx: list[int] = []
         sample_keys: list[str] = []
         spans: list[PromptSpan] = []
-        # (image, first embedding row used, batch row it goes to, rows) per image overlap
-        overlaps: list[tuple[ImageInput, int, int, int]] = []
+        overlaps: list[Overlap] = []
         for chunk in plan.chunks:
             seq = self.seqs[chunk.key]
             start, n = seq.num_computed, len(chunk.new_slots)
@@ -393,11 +412,12 @@ class ModelRunner:
         ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
         pos_t = torch.cat(positions, dim=1) if positions else index_t  # [3, T] or [T]
         if self.cross is not None:
-            self.images_encoded += self.cross.fill_pending()
+            self.cross_images_encoded += self.cross.fill_pending()
             cross = self.cross.plan([c.key for c in plan.chunks], layouts, len(ids))
             hidden = self.cross.model(ids_t, pos_t, self.attn, cross=cross)
         elif overlaps:
-            embeds = self._merge_image_embeddings(ids_t, overlaps)
+            assert self.embeddings is not None  # _admit refused images otherwise
+            embeds = self.embeddings.merge(ids_t, overlaps)
             hidden = self.model(ids_t, pos_t, self.attn, input_embeds=embeds)
         else:
             hidden = self.model(ids_t, pos_t, self.attn)
@@ -416,40 +436,3 @@ class ModelRunner:
             tail = torch.arange(max(start, split), end, device=seq.mrope.device)
             parts.append((tail + seq.mrope_delta).expand(3, -1))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
-    def _image_embeddings(self, images: list[ImageInput]) -> dict[bytes, torch.Tensor]:
-        """Embeddings [num_tokens, hidden] of every image by hash: from the cache, or from one
-        encoder call over the images not in it."""
-        found: dict[bytes, torch.Tensor] = {}
-        todo: dict[bytes, ImageInput] = {}
-        for img in images:
-            emb = self.mm_cache.get(img.hash)
-            if emb is not None:
-                found[img.hash] = emb
-            elif img.hash not in todo:
-                todo[img.hash] = img
-        if todo:
-            assert self.image_encoder is not None  # _admit refused images otherwise
-            outs = self.image_encoder.encode_images(list(todo.values()))
-            self.images_encoded += len(todo)
-            for (h, img), emb in zip(todo.items(), outs, strict=True):
-                if emb.shape[0] != img.num_tokens:
-                    raise RuntimeError(
-                        f"image encoder gave {emb.shape[0]} embeddings for {img.num_tokens} "
-                        "placeholder tokens"
-                    )
-                found[h] = emb
-                self.mm_cache.put(h, emb)
-        return found
-
-    def _merge_image_embeddings(
-        self, ids: torch.Tensor, overlaps: list[tuple[ImageInput, int, int, int]]
-    ) -> torch.Tensor:
-        """Token embeddings [T, hidden] with each image's placeholder rows replaced by that
-        image's embedding rows (only the rows this step computes)."""
-        assert self.image_encoder is not None  # _admit refused images otherwise
-        embeds = self.image_encoder.embed_tokens(ids)
-        by_hash = self._image_embeddings([img for img, *_ in overlaps])
-        for img, first, at, n in overlaps:
-            embeds[at : at + n] = by_hash[img.hash][first : first + n].to(embeds.dtype)
-        return embeds

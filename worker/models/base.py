@@ -22,8 +22,8 @@ processes that never import torch (tests/test_architectures.py checks both agree
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import Generator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
@@ -105,6 +105,30 @@ class EncodesImages(Protocol):
     def encode_images(self, images: list[ImageInput]) -> list[torch.Tensor]: ...
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+
+# A vision tower run a piece at a time: each `next()` computes one piece (a block over every
+# patch) and yields how many patch rows it computed; the generator's return value is the output.
+EncoderStages = Generator[int, None, torch.Tensor]
+R = TypeVar("R")
+
+
+def run_stages(stages: Generator[int, None, R]) -> R:
+    """Every stage at once: the result of the whole computation."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+@runtime_checkable
+class EncodesInStages(Protocol):
+    """An image encoder that can stop between blocks (worker/encode_ahead.py)."""
+
+    def encode_stages(
+        self, images: list[ImageInput]
+    ) -> Generator[int, None, list[torch.Tensor]]: ...
 
 
 @runtime_checkable

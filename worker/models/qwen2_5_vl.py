@@ -13,6 +13,7 @@ from torch import nn
 
 from fovea.worker.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from fovea.worker.layers.norm import RMSNorm
+from fovea.worker.models.base import EncoderStages
 from fovea.worker.models.qwen2_vl import (
     ACTIVATIONS,
     PatchMerger,
@@ -86,7 +87,7 @@ class Qwen25VisionTransformer(VisionTransformer):  # type: ignore[misc,unused-ig
     block_cls: ClassVar[type[VisionBlock]] = Qwen25VisionBlock
     merger_cls: ClassVar[type[PatchMerger]] = Qwen25PatchMerger
 
-    def forward(self, pixels: torch.Tensor, grids: list[list[int]]) -> torch.Tensor:
+    def stages(self, pixels: torch.Tensor, grids: list[list[int]]) -> EncoderStages:
         v = self.vcfg
         unit = v.merge_size**2  # patches per merged token, consecutive in every order
         window = v.window_size // v.merge_size // v.patch_size
@@ -106,6 +107,8 @@ class Qwen25VisionTransformer(VisionTransformer):  # type: ignore[misc,unused-ig
         full_bounds = frame_bounds(grids)
         for i, block in enumerate(self.blocks):
             bounds = full_bounds if i in v.full_attention_blocks else window_bounds
+            if i:
+                yield n
             x = block(x, cos_sin, bounds)
         merged = self.merger(x)  # [N / unit, out], window order
         return merged[torch.argsort(order)]  # type: ignore[no-any-return,unused-ignore]

@@ -10,7 +10,7 @@ the column/row-parallel layers: every rank sees every patch, the row layer all-r
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,7 +29,7 @@ from fovea.worker.layers.linear import (
     set_weight_loader,
 )
 from fovea.worker.layers.rotary import MRotaryEmbedding, RotaryEmbedding, apply_rotary
-from fovea.worker.models.base import EncodesImages, MRopePositions
+from fovea.worker.models.base import EncoderStages, EncodesImages, MRopePositions, run_stages
 from fovea.worker.models.llama import DecoderConfig
 from fovea.worker.models.qwen2 import Qwen2ForCausalLM
 
@@ -239,10 +239,17 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels: torch.Tensor, grids: list[list[int]]) -> torch.Tensor:
         """pixels [N, patch_dim] of all images, grids [t, h, w] each -> [N / merge², out]."""
+        return run_stages(self.stages(pixels, grids))
+
+    def stages(self, pixels: torch.Tensor, grids: list[list[int]]) -> EncoderStages:
+        """forward, a block at a time: yields N (the patch rows computed) between blocks,
+        returns the output (the last stage is the last block and the merger)."""
         x = self.patch_embed(pixels)  # [N, hidden]
         cos_sin = self.rotary(vision_positions(grids, self.vcfg.merge_size, x.device))
         bounds = frame_bounds(grids)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if i:
+                yield x.shape[0]
             x = block(x, cos_sin, bounds)
         return self.merger(x)  # type: ignore[no-any-return]
 
@@ -291,6 +298,11 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM, EncodesImages, MRopePosi
 
     def encode_images(self, images: list[ImageInput]) -> list[torch.Tensor]:
         """One tower call over all images -> [num_tokens, hidden] each, in the model dtype."""
+        return run_stages(self.encode_stages(images))
+
+    def encode_stages(self, images: list[ImageInput]) -> Generator[int, None, list[torch.Tensor]]:
+        """encode_images one tower block at a time (worker/encode_ahead.py): yields the patch
+        rows each block computed."""
         grids = [[int(g) for g in img.grid] for img in images]
         for img, (t, h, w) in zip(images, grids, strict=True):
             tokens = t * h * w // self.merge_size**2
@@ -301,8 +313,9 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM, EncodesImages, MRopePosi
                 )
         weight = self.model.embed_tokens.weight
         pixels = torch.from_numpy(np.concatenate([img.pixel_values for img in images]))
-        out = self.visual(pixels.to(weight.device, weight.dtype), grids)
-        return list(out.split([img.num_tokens for img in images]))
+        stages: EncoderStages = self.visual.stages(pixels.to(weight.device, weight.dtype), grids)
+        out = yield from stages
+        return list(torch.split(out, [img.num_tokens for img in images]))
 
     def temporal_positions(self, t: int, second_per_grid_t: float) -> torch.Tensor:
         """[t] int64: the temporal M-RoPE index of each grid step (Qwen2-VL: the step)."""
