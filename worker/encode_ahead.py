@@ -47,7 +47,10 @@ def checked(img: ImageInput, emb: torch.Tensor) -> torch.Tensor:
 
 
 class EncoderQueue:
-    """Encoder jobs in arrival order; each job is the images of one plan, encoded together."""
+    """Encoder jobs in arrival order, one image each: images become ready one by one, so a
+    prompt waits only for the images sent before its own. (Batching the images of a plan
+    into one tower call made every prompt wait for all of them, and on a CPU its larger
+    activations ran no faster: W4 on 2 vCPUs took 380.8 s against 302.7 s unsliced.)"""
 
     def __init__(self, encoder: EncodesImages, cache: EmbeddingCache, slice_patches: int) -> None:
         self.encoder = encoder
@@ -64,13 +67,14 @@ class EncoderQueue:
         """Queue the images not cached; returns the hashes of those already cached (ready
         now). The scheduler sends each hash once."""
         cached = [img.hash for img in images if self.cache.get(img.hash) is not None]
-        todo = [img for img in images if img.hash not in cached]
-        if todo:
+        for img in images:
+            if img.hash in cached:
+                continue
             if isinstance(self.encoder, EncodesInStages):
-                stages = self.encoder.encode_stages(todo)
+                stages = self.encoder.encode_stages([img])
             else:
-                stages = _whole(self.encoder, todo)
-            self.jobs.append((todo, stages, sum(int(i.pixel_values.shape[0]) for i in todo)))
+                stages = _whole(self.encoder, [img])
+            self.jobs.append(([img], stages, int(img.pixel_values.shape[0])))
         return cached
 
     def advance(self) -> list[bytes]:

@@ -72,15 +72,17 @@ def test_stages_compute_exactly_the_whole_tower(model_path: Path) -> None:
 def test_slices_and_prefill_after_encoding_ahead_exact(model_path: Path) -> None:
     ahead = make_runner(model_path, encoder_slice_patches=1)  # one block a step
     plain = make_runner(model_path, encoder_slice_patches=0)
-    # The images ride with a plan that has no chunks: one block per step, so the 2-block
-    # tower finishes in the second step; nothing is reported ready before.
-    first = ahead.step(StepPlan(0, [], [], [], [A, B]))
-    assert (first.images_ready, first.images_encoded, first.keys) == ([], 0, [])
-    second = ahead.step(StepPlan(1, [], [], [], []))
-    assert (second.images_ready, second.images_encoded) == ([A.hash, B.hash], 2)
-    # Sent again (a retry after the scheduler forgot them): cached, ready at once, no run.
-    third = ahead.step(StepPlan(2, [], [], [], [A]))
-    assert (third.images_ready, third.images_encoded) == ([A.hash], 0)
+    # The images ride with a plan that has no chunks; each is a job of its own, one block a
+    # step, so A (2 blocks) is ready after the second step and B after the fourth.
+    r0 = ahead.step(StepPlan(0, [], [], [], [A, B]))
+    assert (r0.images_ready, r0.images_encoded, r0.keys) == ([], 0, [])
+    r1 = ahead.step(StepPlan(1, [], [], [], []))
+    assert (r1.images_ready, r1.images_encoded) == ([A.hash], 1)
+    # A sent again (a retry after the scheduler forgot it): cached, ready at once, no run.
+    r2 = ahead.step(StepPlan(2, [], [], [], [A]))
+    assert (r2.images_ready, r2.images_encoded) == ([A.hash], 0)
+    r3 = ahead.step(StepPlan(3, [], [], [], []))
+    assert (r3.images_ready, r3.images_encoded) == ([B.hash], 1)
     got, runs_ahead = prefill(ahead, "s", [])
     want, runs_plain = prefill(plain, "s", [])
     assert (runs_ahead, runs_plain) == (0, 2)
@@ -89,15 +91,18 @@ def test_slices_and_prefill_after_encoding_ahead_exact(model_path: Path) -> None
 
 
 def test_a_slice_runs_whole_blocks_until_its_patch_rows(model_path: Path) -> None:
-    """Slices of 100 patch rows: one stage of [A, B] (256 rows) ends a slice, both stages of
-    C (64 rows each) fit in one, and a later plan's image waits behind the earlier job."""
+    """Slices of 100 patch rows: both of A's 64-row stages fit in one, one of B's 192-row
+    stages ends a slice, and a later plan's image waits behind the earlier ones."""
     runner = make_runner(model_path, encoder_slice_patches=100)
     c = image(3, 8, 8, 2)
-    r0 = runner.step(StepPlan(0, [], [], [], [A, B]))
-    r1 = runner.step(StepPlan(1, [], [], [], [c]))
-    r2 = runner.step(StepPlan(2, [], [], [], []))
-    assert (r0.images_ready, r1.images_ready, r2.images_ready) == ([], [A.hash, B.hash], [c.hash])
-    assert [r.images_encoded for r in (r0, r1, r2)] == [0, 2, 1]
+    results = [
+        runner.step(StepPlan(0, [], [], [], [A, B])),
+        runner.step(StepPlan(1, [], [], [], [c])),
+        runner.step(StepPlan(2, [], [], [], [])),
+        runner.step(StepPlan(3, [], [], [], [])),
+    ]
+    assert [r.images_ready for r in results] == [[A.hash], [], [B.hash], [c.hash]]
+    assert [r.images_encoded for r in results] == [1, 0, 1, 1]
 
 
 def test_a_worker_without_encode_ahead_refuses_images_to_encode(model_path: Path) -> None:
