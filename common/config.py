@@ -223,14 +223,14 @@ class ServerArgs:
         512, "Memory for vision-encoder outputs kept by image hash on each worker (MiB)."
     )
     encoder_slice_patches: int = _opt(
-        8192,
-        "Images are encoded ahead of their prompt's prefill, a slice of the vision tower per "
-        "step, so that running requests keep decoding meanwhile: each step runs whole encoder "
-        "blocks until this many patch rows have passed through them (a 1024x768 image is "
-        "about 4,000 patches a block in Qwen2.5-VL; towers that cannot stop between blocks run "
-        "whole). Larger slices: fewer steps, so a little more throughput; smaller: shorter "
-        "waits for running requests' next tokens and for new text prompts. "
-        "0: an image is encoded inside its prompt's first step.",
+        0,
+        "Encode images ahead of their prompt's prefill, a slice of the vision tower per step, "
+        "so that running requests keep decoding and text prompts keep being admitted while a "
+        "large image is encoded: each step runs whole encoder blocks until this many patch "
+        "rows have passed through them (a 1024x768 image is about 4,000 patches a block in "
+        "Qwen2.5-VL; towers that cannot stop between blocks run whole). It costs throughput "
+        "where the tower is slow (CPUs: every slice step also runs the decodes; see "
+        "bench/RESULTS.md). 0 (default): an image is encoded inside its prompt's first step.",
     )
     random_seed: int = _opt(0, "Seed for sampling of requests that give no seed.")
     grammar_compile_timeout: float = _opt(

@@ -24,7 +24,12 @@ def chat(*names: str, question: str = "What is it?") -> list[dict[str, Any]]:
     return [SYSTEM, {"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
 
 
-def test_engine_generate_with_images(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+# 64 patch rows a slice: the tiny tower's blocks run one a step, images encoded ahead of
+# their prefill (worker/encode_ahead.py) through every process: the same tokens.
+@pytest.mark.parametrize("slice_patches", [0, 64])
+def test_engine_generate_with_images(
+    tiny_qwen2_vl: Path, tmp_path: Path, slice_patches: int
+) -> None:
     from fovea import Engine
 
     ref = Reference(tiny_qwen2_vl)
@@ -44,6 +49,7 @@ def test_engine_generate_with_images(tiny_qwen2_vl: Path, tmp_path: Path) -> Non
             max_total_tokens=3000,
             chat_template="qwen2-vl",
             allowed_local_media_path=str(tmp_path),
+            encoder_slice_patches=slice_patches,
         ) as llm:
             cases = [
                 (chat("cat"), Image.open(io.BytesIO(png("cat")))),  # a PIL image
