@@ -5,28 +5,20 @@ fails a prefill whose images it has not finished encoding."""
 
 from __future__ import annotations
 
-import hashlib
+from fake_worker import (
+    assert_idle_invariant,
+    image,
+    image_req,
+    make,
+    req,
+    run_to_idle,
+    tokens_of,
+)
 
-import numpy as np
-from fake_worker import assert_idle_invariant, make, req, run_to_idle, tokens_of
-
-from fovea.common.messages import AbortRequest, ImageInput, StepPlan, TokenizedRequest
-from fovea.common.sampling import SamplingParams
+from fovea.common.messages import AbortRequest, StepPlan
 from fovea.scheduler.encode_ahead import MAX_IN_FLIGHT
 
 PAD = 9
-
-
-def image(name: str, offset: int, n: int) -> ImageInput:
-    digest = hashlib.blake2b(name.encode(), digest_size=32).digest()
-    return ImageInput(digest, offset, n, np.zeros((n, 4), np.float32), [1, n, 1])
-
-
-def image_req(
-    rid: str, ids: list[int], images: list[ImageInput], max_new: int = 2
-) -> TokenizedRequest:
-    sampling = SamplingParams(max_new_tokens=max_new)
-    return TokenizedRequest(rid=rid, index=0, input_ids=ids, sampling=sampling, images=images)
 
 
 # 3 text tokens, image "cat" at [3, 7), 2 text, image "dog" at [9, 15), 2 text: 17 tokens.

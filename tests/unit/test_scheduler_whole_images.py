@@ -4,31 +4,15 @@ the image's start. Exact plans against the fake worker."""
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
 import pytest
-from fake_worker import assert_idle_invariant, make, run_to_idle
+from fake_worker import assert_idle_invariant, image, image_req, make, run_to_idle
 
 from fovea.common.config import ServerArgs, parse_args
-from fovea.common.messages import ImageInput, ScheduledChunk, TokenizedRequest
+from fovea.common.messages import ScheduledChunk, TokenizedRequest
 from fovea.common.model_config import ModelInfo
-from fovea.common.sampling import SamplingParams
 from fovea.scheduler.policy import SchedulerConfig, whole_image_chunk, whole_image_prefix
 
 PAD = 9
-
-
-def image(name: str, offset: int, n: int) -> ImageInput:
-    digest = hashlib.blake2b(name.encode(), digest_size=32).digest()
-    return ImageInput(digest, offset, n, np.zeros((n, 4), np.float32), [1, n, 1])
-
-
-def image_req(
-    rid: str, ids: list[int], images: list[ImageInput], max_new: int = 2
-) -> TokenizedRequest:
-    sampling = SamplingParams(max_new_tokens=max_new)
-    return TokenizedRequest(rid=rid, index=0, input_ids=ids, sampling=sampling, images=images)
 
 
 # 3 text tokens, image "cat" at [3, 7), 2 text, image "dog" at [9, 15), 2 text: 17 tokens.
