@@ -56,25 +56,21 @@ class EncoderQueue:
         self.encoder = encoder
         self.cache = cache
         self.slice_patches = slice_patches
-        # (images, their stages, their patch rows), oldest first
-        self.jobs: collections.deque[tuple[list[ImageInput], ImageStages, int]] = (
-            collections.deque()
-        )
+        self.jobs: collections.deque[tuple[ImageInput, ImageStages]] = collections.deque()
         self.ready: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
         self.encoded = 0  # images whose encoding finished here (vision-encoder runs)
 
     def add(self, images: list[ImageInput]) -> list[bytes]:
         """Queue the images not cached; returns the hashes of those already cached (ready
         now). The scheduler sends each hash once."""
-        cached = [img.hash for img in images if self.cache.get(img.hash) is not None]
+        cached: list[bytes] = []
         for img in images:
-            if img.hash in cached:
-                continue
-            if isinstance(self.encoder, EncodesInStages):
-                stages = self.encoder.encode_stages([img])
+            if self.cache.get(img.hash) is not None:
+                cached.append(img.hash)
+            elif isinstance(self.encoder, EncodesInStages):
+                self.jobs.append((img, self.encoder.encode_stages([img])))
             else:
-                stages = _whole(self.encoder, [img])
-            self.jobs.append(([img], stages, int(img.pixel_values.shape[0])))
+                self.jobs.append((img, _whole(self.encoder, [img])))
         return cached
 
     def advance(self) -> list[bytes]:
@@ -84,19 +80,18 @@ class EncoderQueue:
         done: list[bytes] = []
         spent = 0
         while self.jobs and spent < self.slice_patches:
-            images, stages, rows = self.jobs[0]
+            img, stages = self.jobs[0]
             try:
                 spent += max(1, next(stages))
                 continue
             except StopIteration as finished:
-                outs: list[torch.Tensor] = finished.value
-                spent += rows
+                (emb,) = finished.value
+                spent += int(img.pixel_values.shape[0])
             self.jobs.popleft()
-            for img, emb in zip(images, outs, strict=True):
-                self.cache.put(img.hash, checked(img, emb))
-                self.ready[img.hash] = emb
-                done.append(img.hash)
-            self.encoded += len(images)
+            self.cache.put(img.hash, checked(img, emb))
+            self.ready[img.hash] = emb
+            done.append(img.hash)
+            self.encoded += 1
             while len(self.ready) > KEEP_READY:
                 self.ready.popitem(last=False)
         return done

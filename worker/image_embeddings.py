@@ -33,15 +33,6 @@ class ImageEmbeddings:
         """Vision-encoder runs, one per image, ahead or in a step."""
         return self.encoded_in_step + (self.ahead.encoded if self.ahead is not None else 0)
 
-    def encode_ahead(self, images: list[ImageInput]) -> list[bytes]:
-        """Queue a plan's images to encode ahead and run one slice of the queue; returns the
-        hashes that are ready (cached, or finished in this slice)."""
-        if self.ahead is None:
-            if images:
-                raise RuntimeError("images sent to encode ahead to a worker that does not")
-            return []
-        return self.ahead.add(images) + self.ahead.advance()
-
     def merge(self, ids: torch.Tensor, overlaps: list[Overlap]) -> torch.Tensor:
         """Token embeddings [T, hidden] with each image's placeholder rows replaced by that
         image's embedding rows (only the rows this step computes)."""

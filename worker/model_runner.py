@@ -283,8 +283,10 @@ class ModelRunner:
         t0 = time.perf_counter()
         encoded = self.images_encoded
         kv_computed = self.cross.kv_computed if self.cross is not None else 0
-        ready = self.embeddings.encode_ahead(plan.encode) if self.embeddings else []
-        if plan.encode and self.embeddings is None:
+        ready: list[bytes] = []  # images sent to encode ahead that are ready now
+        if self.ahead is not None:  # queue the plan's images, run one slice of the queue
+            ready = self.ahead.add(plan.encode) + self.ahead.advance()
+        elif plan.encode:
             raise RuntimeError("images sent to encode ahead to a worker that does not")
         out = self._compute(plan)
         sample_keys = out.sample_keys
