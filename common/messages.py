@@ -96,11 +96,16 @@ class ImageInput(msgspec.Struct, array_like=True, gc=False):
     hash: bytes  # 32-byte blake2b digest of the image file's bytes
     offset: int
     num_tokens: int
-    pixel_values: np.ndarray  # float32; the family's layout (Qwen2-VL: [patches, C*T*P*P])
+    # float32, normalized, in the family's layout (Qwen2-VL: [patches, C*T*P*P]); or, where
+    # pixel_scale is set, a still image's raw uint8 values (Qwen2-VL: [patches, C*P*P], one
+    # frame) whose normalized value is raw * pixel_scale[c] + pixel_shift[c].
+    pixel_values: np.ndarray
     grid: list[int]  # the family's geometry (Qwen2-VL: [t, h, w] in patches)
     # A video's seconds per temporal grid step (Qwen2.5-VL's M-RoPE spaces its frames by
     # tokens_per_second * this); 0.0 for a still image.
     second_per_grid_t: float = 0.0
+    pixel_scale: list[float] = []  # per channel; empty: pixel_values is normalized float32
+    pixel_shift: list[float] = []
 
 
 class TokenizedRequest(msgspec.Struct, tag=True, kw_only=True):

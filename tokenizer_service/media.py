@@ -18,17 +18,7 @@ is served from memory with no request, then revalidated with a conditional GET. 
 that does go out takes the path below; data URIs and local files are never cached.
 
 Address rule (SSRF): unless `allow_private`, every address a URL's host resolves to must be
-globally routable: private, loopback, link-local (cloud metadata at 169.254.169.254), CGNAT,
-unspecified, reserved and multicast are refused, also when wrapped in IPv6 (IPv4-mapped, NAT64,
-6to4). The check resolves the host, then httpx resolves it again to connect: a DNS server the
-attacker controls may answer a public address to the first query and a private one to the second
-(DNS rebinding). We accept that window: it needs an attacker-run DNS zone with TTL 0 and a racing
-answer, while the check still stops literal addresses, names of internal hosts and redirects to
-them. Closing it means connecting to the checked address itself (an httpx transport that pins the
-resolved IP, with the Host header and TLS SNI kept) or fetching through an egress proxy that
-enforces the rule; deployments serving untrusted clients should have egress filtering anyway.
-Environment proxies are ignored (`trust_env=False`): a proxy would connect on our behalf and make
-the local address check meaningless.
+globally routable (tokenizer_service/address_check.py says which and why).
 """
 
 from __future__ import annotations
@@ -37,9 +27,7 @@ import asyncio
 import base64
 import hashlib
 import io
-import ipaddress
 import os
-import socket
 import urllib.parse
 import warnings
 from collections.abc import Iterable
@@ -50,10 +38,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fovea.common.config import ServerArgs
 from fovea.common.messages import ImageRef
+from fovea.tokenizer_service.address_check import host_refusal
 from fovea.tokenizer_service.url_cache import Fetched, UrlCache
 
 _FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _SHOWN_URL_CHARS = 200
 
 
@@ -249,21 +237,6 @@ def _read_local_file(path: str, allowed: str | None, kind: MediaKind) -> bytes:
     return data
 
 
-def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address):
-        # IPv4-mapped and NAT64 addresses reach the IPv4 address they embed, and only that one
-        # counts (::/8, which holds both, is reserved as a whole). 6to4 must pass both ways.
-        embedded = address.ipv4_mapped
-        if embedded is None and address in _NAT64:
-            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if embedded is not None:
-            return _is_public(embedded)
-        if address.sixtofour is not None and not _is_public(address.sixtofour):
-            return False
-    # is_global alone lets multicast (224/4, ff00::/8) through on Python 3.11.
-    return address.is_global and not address.is_multicast and not address.is_reserved
-
-
 class MediaLoader:
     """Loads a request's images under one `MediaPolicy`. Owns its httpx client unless given
     one; `aclose` closes only an owned client. `url_cache` (default: one from the policy's
@@ -396,7 +369,8 @@ class MediaLoader:
                 raise MediaError(
                     f"{noun} URL {shown} redirects to unsupported scheme {target.scheme!r}"
                 )
-            await self._check_host(target.host, noun)
+            if not self._policy.allow_private and (why := await host_refusal(target.host, noun)):
+                raise MediaError(why)
             async with self._client.stream(
                 "GET",
                 target,
@@ -439,33 +413,3 @@ class MediaLoader:
             if len(body) > max_bytes:
                 raise _too_big(f"{kind.noun} {shown}", kind)
         return bytes(body)
-
-    async def _check_host(self, host: str, noun: str) -> None:
-        if self._policy.allow_private:
-            return
-        if not host:
-            raise MediaError(f"{noun} URL has no host")
-        try:
-            addresses = [ipaddress.ip_address(host)]
-        except ValueError:
-            addresses = await self._resolve(host, noun)
-        for address in addresses:
-            if not _is_public(address):
-                raise MediaError(
-                    f"{noun} URL host {host} resolves to a private or local address ({address}); "
-                    "start the server with --allow-private-media-urls to allow it"
-                )
-
-    async def _resolve(
-        self, host: str, noun: str
-    ) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            infos = []
-        # A scope id (fe80::1%eth0) is dropped: it does not change the address's class.
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-        if not addresses:
-            raise MediaError(f"{noun} URL host {host} could not be resolved")
-        return addresses

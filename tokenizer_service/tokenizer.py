@@ -97,6 +97,8 @@ def image_inputs(
                     part.pixel_values,
                     part.grid,
                     part.second_per_grid_t,
+                    list(part.pixel_scale),
+                    list(part.pixel_shift),
                 )
             )
     return out

@@ -1,5 +1,7 @@
 """Image processors against transformers' PIL-backend processors: same grid exactly, same
-pixel_values within 1e-6 (shape, dtype float32), on random images of assorted sizes."""
+pixel_values within 1e-6 (shape, dtype float32), on random images of assorted sizes. Qwen2-VL
+sends raw uint8 patches with an affine map instead: `normalized` must give transformers' array
+and the affine map (what the tower folds into its patch embedding) must agree with it."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from vision_helpers import still_as_transformers
 
 from fovea.tokenizer_service.processors import ImageProcessor, ProcessedImage, load_processor
 from fovea.tokenizer_service.processors.qwen2_vl import Qwen2VLProcessor
@@ -39,10 +42,17 @@ def assert_matches(
     grid = expected["image_grid_thw"][0].tolist()
     assert got.grid == grid
     assert got.num_tokens == grid[0] * grid[1] * grid[2] // hf.merge_size**2
-    assert got.pixel_values.dtype == np.float32
+    want = expected["pixel_values"]
+    assert isinstance(ours, Qwen2VLProcessor)
+    assert got.pixel_values.dtype == np.uint8
     assert got.pixel_values.flags.c_contiguous
-    assert got.pixel_values.shape == expected["pixel_values"].shape
-    assert np.abs(got.pixel_values - expected["pixel_values"]).max() <= 1e-6
+    T = ours.temporal_patch_size
+    assert got.pixel_values.shape == (want.shape[0], want.shape[1] // T)
+    assert np.abs(ours.normalized(got) - want).max() <= 1e-6
+    # The affine map, applied to one frame and repeated, is transformers' arithmetic up to
+    # float rounding (|values| <= ~2.6 here).
+    affine = still_as_transformers(got.pixel_values, got.pixel_scale, got.pixel_shift, T)
+    assert np.abs(affine - want).max() <= 2e-6
     return got
 
 
@@ -81,7 +91,9 @@ def test_qwen2_vl_bit_identical(small: tuple[Qwen2VLImageProcessorPil, ImageProc
     # The value table reproduces transformers' dtype steps, so there is no rounding slack at all.
     hf, ours = small
     image = random_image(300, 200, seed=3)
-    assert np.array_equal(ours.preprocess(image).pixel_values, hf(image)["pixel_values"])
+    assert isinstance(ours, Qwen2VLProcessor)
+    normalized = ours.normalized(ours.preprocess(image))
+    assert np.array_equal(normalized, hf(image)["pixel_values"])
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "L", "LA"])
@@ -99,7 +111,7 @@ def test_qwen2_vl_defaults_1024(tmp_path: Path) -> None:
     got = assert_matches(hf, load(tmp_path), random_image(1024, 1024, seed=5))
     assert got.grid == [1, 70, 70]
     assert got.num_tokens == 1225
-    assert got.pixel_values.shape == (4900, 1176)
+    assert got.pixel_values.shape == (4900, 588)  # one frame of C*P*P, not T of them
 
 
 def test_qwen2_vl_other_settings(tmp_path: Path) -> None:
@@ -120,7 +132,7 @@ def test_qwen2_vl_other_settings(tmp_path: Path) -> None:
     got = assert_matches(hf, ours, random_image(250, 130, seed=9))
     assert got.grid == [1, 12, 24]
     assert got.num_tokens == 32
-    assert got.pixel_values.shape == (288, 3 * 3 * 8 * 8)
+    assert got.pixel_values.shape == (288, 3 * 8 * 8)
     assert_matches(hf, ours, random_image(10, 10, seed=10))
 
 
@@ -128,7 +140,8 @@ def test_qwen2_vl_no_rescale_no_normalize(tmp_path: Path) -> None:
     hf = Qwen2VLImageProcessorPil(**SMALL, do_rescale=False, do_normalize=False)
     hf.save_pretrained(tmp_path)
     got = assert_matches(hf, load(tmp_path), random_image(64, 80, seed=4))
-    assert got.pixel_values.max() > 1  # raw 0..255 values
+    assert got.pixel_scale == (1.0, 1.0, 1.0)  # the raw 0..255 values as they are
+    assert got.pixel_shift == (0.0, 0.0, 0.0)
 
 
 def test_qwen2_vl_old_key_style(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,7 @@ from worker_driver import GREEDY, Driver, greedy, make_runner, prefill_logits
 
 from fovea.common.messages import ImageInput, NewSequence, ScheduledChunk, StepPlan
 from fovea.common.model_config import read_model_info
+from fovea.tokenizer_service.processors import load_processor
 from fovea.worker.loader import WeightLoadError
 from fovea.worker.model_runner import ModelRunner
 
@@ -74,8 +76,9 @@ def runner(model_path: Path) -> ModelRunner:
 
 
 class Prompt:
-    """Token ids with each image's placeholder expanded, the ImageInputs, and transformers'
-    inputs for the same prompt."""
+    """Token ids with each image's placeholder expanded, the ImageInputs as Fovea's processor
+    makes them (raw uint8 patches that the tower normalizes in its patch embedding), and
+    transformers' inputs (its processor's float32 pixel_values) for the same prompt."""
 
     def __init__(self, model_path: Path, turns: list[tuple[str, list[Part]]]) -> None:
         from transformers import AutoTokenizer
@@ -85,6 +88,9 @@ class Prompt:
 
         tok = AutoTokenizer.from_pretrained(str(model_path))
         proc = Qwen2VLImageProcessorPil.from_pretrained(str(model_path))
+        config = json.loads((model_path / "config.json").read_text())
+        ours = load_processor(str(model_path), config)
+        assert ours is not None
         messages = [
             {
                 "role": role,
@@ -109,9 +115,22 @@ class Prompt:
             feats = proc(images=[IMAGES[name]], return_tensors="np")
             pv = feats["pixel_values"].astype(np.float32)
             grid = [int(g) for g in feats["image_grid_thw"][0]]
-            n = int(np.prod(grid)) // 4
+            got = ours.preprocess(IMAGES[name])
+            assert got.grid == grid and got.pixel_values.dtype == np.uint8
+            n = got.num_tokens
             digest = hashlib.blake2b(IMAGES[name].tobytes(), digest_size=32).digest()
-            self.images.append(ImageInput(digest, len(self.ids), n, pv, grid))
+            scale, shift = list(got.pixel_scale), list(got.pixel_shift)
+            self.images.append(
+                ImageInput(
+                    digest,
+                    len(self.ids),
+                    n,
+                    got.pixel_values,
+                    grid,
+                    pixel_scale=scale,
+                    pixel_shift=shift,
+                )
+            )
             self.ids.extend([PAD] * n)
             pixels.append(pv)
             grids.append(grid)
@@ -167,8 +186,6 @@ def hf_rope_index(hf_model: Any, p: Prompt) -> tuple[torch.Tensor, int]:
         torch.tensor([p.ids]), kw["mm_token_type_ids"], kw["image_grid_thw"]
     )
     return pos[:, 0], int(delta)
-
-
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -273,9 +290,7 @@ def test_embedding_cache_counts(model_path: Path, prompts: dict[str, Prompt]) ->
     one, turn2 = prompts["one_image"], prompts["second_turn"]  # images A and B
     assert d.step([one.new_seq("a")], [("a", len(one.ids), True)]).images_encoded == 1
     # The same image in another request (not a prefix hit): cached, not encoded again.
-    shifted = [
-        ImageInput(i.hash, i.offset + 2, i.num_tokens, i.pixel_values, i.grid) for i in one.images
-    ]
+    shifted = [msgspec.structs.replace(i, offset=i.offset + 2) for i in one.images]
     again = NewSequence("b", [7, 8, *one.ids], len(one.ids) + 2, GREEDY, [], shifted)
     assert d.step([again], [("b", len(again.input_ids), True)]).images_encoded == 0
     # A different image: one more encoder run.
@@ -323,3 +338,24 @@ def test_both_checkpoint_layouts_and_flat_config(
     save_file(renamed, str(out / "model.safetensors"))
     with pytest.raises(WeightLoadError, match=r"visual\.blocks\.1\.attn\.qkv\.bias"):
         make_runner(out)
+
+
+def test_still_images_normalize_inside_the_patch_embedding(
+    runner: ModelRunner, model_path: Path
+) -> None:
+    """The processor's raw uint8 frame through PatchEmbed.still equals transformers' normalized,
+    T-times repeated patches through the Conv3d-as-Linear, up to float32 rounding."""
+    config = json.loads((model_path / "config.json").read_text())
+    processor = load_processor(str(model_path), config)
+    assert processor is not None
+    got = processor.preprocess(IMAGES["B"])
+    assert got.pixel_values.shape == (12 * 18, 3 * 14 * 14)
+    embed = runner.model.visual.patch_embed  # type: ignore[union-attr]
+    with torch.inference_mode():
+        still = embed.still(torch.from_numpy(got.pixel_values), got.pixel_scale, got.pixel_shift)
+        full = embed(torch.from_numpy(processor.normalized(got)))  # type: ignore[attr-defined]
+    assert still.shape == full.shape == (12 * 18, 64)
+    top = full.abs().max().item()
+    assert top > 0.1
+    # Sums of 1,176 float32 products in another order: within 1e-5 of the largest value.
+    assert (still - full).abs().max().item() < 1e-5 * top

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from video_helpers import decode_all, load_torchvision, make_video
+from vision_helpers import still_as_transformers
 from worker_driver import GREEDY, greedy, make_runner, prefill_logits
 
 from fovea.common.messages import (
@@ -241,8 +242,10 @@ def test_processor_output_matches_transformers(
         sgt = [float(s) for s in ref.out["second_per_grid_ts"]]
         assert [np.float32(v.second_per_grid_t) for v in videos] == [np.float32(s) for s in sgt]
     if "pixel_values" in ref.out:
-        stills = [img for img in ours.images if img.second_per_grid_t == 0]
-        assert np.array_equal(stills[0].pixel_values, ref.out["pixel_values"].numpy())
+        still = next(img for img in ours.images if img.second_per_grid_t == 0)
+        assert still.pixel_values.dtype == np.uint8  # sent raw, normalized in the tower
+        got = still_as_transformers(still.pixel_values, still.pixel_scale, still.pixel_shift, 2)
+        assert np.abs(got - ref.out["pixel_values"].numpy()).max() <= 2e-6
 
 
 @pytest.mark.parametrize("case", list(CASES))

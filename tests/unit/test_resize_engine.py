@@ -64,6 +64,6 @@ def test_the_qwen2_vl_processor_resizes_with_the_engine_it_is_given(
     a, b = pil.preprocess(image), torch.preprocess(image)
     assert a.grid == b.grid == [1, 54, 74] and a.num_tokens == b.num_tokens == 999
     assert not np.array_equal(a.pixel_values, b.pixel_values)
-    # The torch engine's pixels are the torchvision-resized image, normalized as the PIL ones.
+    # The torch engine's pixels are the torchvision-resized image, laid out as the PIL ones.
     resized = resize_uint8(image, 1036, 756, R.BICUBIC, "torch")
     assert np.array_equal(b.pixel_values, pil.preprocess(PIL.Image.fromarray(resized)).pixel_values)

@@ -78,6 +78,15 @@ class PixelOptions:
         """The resize filter (ValueError for a value PIL does not have)."""
         return PIL.Image.Resampling(self.resample)
 
+    def affine(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(scale, shift) per channel: rescale then normalize as one map, value = raw * scale +
+        shift (the value_table's arithmetic up to float rounding)."""
+        std = per_channel(self.image_std, "image_std") if self.do_normalize else [1.0] * CHANNELS
+        mean = per_channel(self.image_mean, "image_mean") if self.do_normalize else [0.0] * CHANNELS
+        rescale = self.rescale_factor if self.do_rescale else 1.0
+        scale = tuple(rescale / s for s in std)
+        return scale, tuple(-m / s for m, s in zip(mean, std, strict=True))
+
     def value_table(self) -> np.ndarray:
         """[C, 256]: the rescale and normalize lookup table (`value_table`)."""
         return value_table(
@@ -100,10 +109,12 @@ def rgb_input(image: PIL.Image.Image, convert: bool) -> PIL.Image.Image:
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    """One image, ready for the vision tower. `pixel_values` is float32 and C-contiguous because
-    it is sent as a zero-copy ZMQ frame."""
+    """One image, ready for the vision tower. `pixel_values` is C-contiguous because it is sent
+    as a zero-copy ZMQ frame: float32 and normalized, or (where `pixel_scale` is set) the raw
+    uint8 values, which the tower normalizes inside its patch embedding (Qwen2-VL still images:
+    one frame instead of T copies, 1 byte a value instead of 4)."""
 
-    pixel_values: np.ndarray  # float32, C-contiguous; family layout (Qwen2-VL: [h*w, C*T*P*P])
+    pixel_values: np.ndarray  # C-contiguous; family layout (Qwen2-VL: [h*w, C*T*P*P] float32)
     grid: list[int]  # family geometry (Qwen2-VL: [t, h, w] in patches)
     num_tokens: int  # placeholder tokens this image takes in the prompt
     # Non-empty when the result depends on more than the image's bytes (LLaVA-OneVision: an
@@ -117,6 +128,9 @@ class ProcessedImage:
     spans: tuple[ProcessedImage, ...] = ()
     # A video's seconds per temporal grid step (Qwen2.5-VL M-RoPE); 0.0 for a still image.
     second_per_grid_t: float = 0.0
+    # Set for raw uint8 pixel_values: the normalized value is raw * scale[c] + shift[c].
+    pixel_scale: tuple[float, ...] = ()
+    pixel_shift: tuple[float, ...] = ()
 
     @property
     def parts(self) -> tuple[ProcessedImage, ...]:

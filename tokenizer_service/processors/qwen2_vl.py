@@ -2,15 +2,15 @@
 
 The image is resized in uint8 PIL space to a size `smart_resize` picks (both sides multiples of
 patch_size * merge_size, pixel count within [min_pixels, max_pixels]), then cut into
-patch_size² patches ordered merge-block by merge-block, each patch repeated temporal_patch_size
-times (a still image is one frame of a video).
+patch_size² patches ordered merge-block by merge-block. transformers then rescales, normalizes
+and repeats each patch temporal_patch_size times (a still image is one frame of a video).
 
-Why it is faster than transformers with the same output: rescale and normalize act on one uint8
-value of one channel at a time, so they are a 3×256 lookup table computed once with
-transformers' exact dtype steps (float64 rescale, float32 cast, float32 (x - mean) / std); the
-layout transpose runs on uint8, before the values widen to float32. The result is bit-identical,
-not merely close; a fused float32 multiply-add would be ~2 ms (of ~30) faster per 1024² image
-but differs by up to ~5e-7.
+What is sent instead: the patches' raw uint8 values, one frame, with the per-channel affine map
+of rescale + normalize (`pixel_scale`, `pixel_shift`). The tower folds both the map and the
+repeat into its patch-embedding weight (worker/models/qwen2_vl.py, PatchEmbed.still), so
+nothing widens to float32 here: 1/8 of the bytes (a 1024×768 image: 2.3 MB, not 18.8 MB) and
+no normalize pass. `normalized` rebuilds transformers' float32 array bit for bit (a 3×256
+lookup table computed once with their exact dtype steps), for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def smart_resize(
 
 class Qwen2VLProcessor(ImageProcessor):
     """Qwen2-VL and Qwen2.5-VL (the same preprocessing). One image gives grid [1, h, w] in
-    patches, pixel_values [h*w, C*T*P*P] and h*w / merge_size² placeholder tokens."""
+    patches, pixel_values [h*w, C*P*P] uint8 (raw, one frame; `normalized` widens it to
+    transformers' [h*w, C*T*P*P] float32) and h*w / merge_size² placeholder tokens."""
 
     def __init__(
         self,
@@ -89,6 +90,7 @@ class Qwen2VLProcessor(ImageProcessor):
         self.pixels = pixels
         self.resample = pixels.resampling
         self._table = pixels.value_table()  # [C, 256]
+        self._scale, self._shift = pixels.affine()
 
     @classmethod
     def from_pretrained(cls, model_dir: str, hf_config: dict[str, Any]) -> Qwen2VLProcessor:
@@ -140,23 +142,29 @@ class Qwen2VLProcessor(ImageProcessor):
             pixels = resize_uint8(image, width, height, self.resample, self.resize_engine)
         else:
             pixels = np.asarray(image)  # [H, W, C] uint8
-        P, M, T = self.patch_size, self.merge_size, self.temporal_patch_size
+        P, M = self.patch_size, self.merge_size
         gh, gw = height // P, width // P
         n = gh * gw
-        # [C, n, P*P] uint8, patches in transformers' order: merge block by merge block
-        # (row-major), then the M×M patches within a block (row-major).
+        # [n, C*P*P] uint8, patches in transformers' order: merge block by merge block
+        # (row-major), then the M×M patches within a block (row-major); each patch channel by
+        # channel, rows then columns (the Conv3d weight's (C, P, P) order).
         blocks = pixels.reshape(gh // M, M, P, gw // M, M, P, CHANNELS)
-        planes = np.ascontiguousarray(blocks.transpose(6, 0, 3, 1, 4, 2, 5)).reshape(
-            CHANNELS, n, P * P
-        )
-        out = np.empty((n, CHANNELS, T, P * P), dtype=np.float32)
-        value = np.empty((n, P * P), dtype=np.float32)
-        for c in range(CHANNELS):
-            # uint8 indices are always in range: mode="clip" only skips the bounds check.
-            np.take(self._table[c], planes[c], out=value, mode="clip")
-            out[:, c] = value[:, None]  # the frame repeated temporal_patch_size times
+        patches = np.ascontiguousarray(blocks.transpose(0, 3, 1, 4, 6, 2, 5))
         return ProcessedImage(
-            pixel_values=out.reshape(n, CHANNELS * T * P * P),
+            pixel_values=patches.reshape(n, CHANNELS * P * P),
             grid=[1, gh, gw],
             num_tokens=n // (M * M),
+            pixel_scale=self._scale,
+            pixel_shift=self._shift,
         )
+
+    def normalized(self, image: ProcessedImage) -> np.ndarray:
+        """[n, C*T*P*P] float32: `image`'s values as transformers' processor gives them
+        (rescaled, normalized, each patch repeated T times), bit for bit."""
+        T, PP = self.temporal_patch_size, self.patch_size**2
+        raw = image.pixel_values.reshape(-1, CHANNELS, PP)
+        out = np.empty((raw.shape[0], CHANNELS, T, PP), dtype=np.float32)
+        for c in range(CHANNELS):
+            # uint8 indices are always in range: mode="clip" only skips the bounds check.
+            out[:, c] = np.take(self._table[c], raw[:, c], mode="clip")[:, None]
+        return out.reshape(raw.shape[0], -1)

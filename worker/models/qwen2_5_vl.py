@@ -87,14 +87,13 @@ class Qwen25VisionTransformer(VisionTransformer):  # type: ignore[misc,unused-ig
     block_cls: ClassVar[type[VisionBlock]] = Qwen25VisionBlock
     merger_cls: ClassVar[type[PatchMerger]] = Qwen25PatchMerger
 
-    def stages(self, pixels: torch.Tensor, grids: list[list[int]]) -> EncoderStages:
+    def stages(self, x: torch.Tensor, grids: list[list[int]]) -> EncoderStages:
         v = self.vcfg
         unit = v.merge_size**2  # patches per merged token, consecutive in every order
         window = v.window_size // v.merge_size // v.patch_size
         if window < 1:
             raise ValueError(f"window_size {v.window_size} is under one merged patch")
-        x = self.patch_embed(pixels)  # [N, hidden], image order
-        n = x.shape[0]
+        n = x.shape[0]  # x [N, hidden]: patch embeddings, image order
         order, window_bounds = window_order(grids, v.merge_size, window, x.device)
 
         def to_windows(t: torch.Tensor) -> torch.Tensor:  # rows: image -> window order

@@ -14,7 +14,6 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,11 +92,30 @@ def _load_conv_as_linear(param: nn.Parameter, loaded: Loaded, shard_id: Any = No
 class PatchEmbed(nn.Module):
     def __init__(self, v: VisionConfig) -> None:
         super().__init__()
+        self.vcfg = v
         self.proj = nn.Linear(v.patch_dim, v.hidden, bias=False)
         set_weight_loader(self.proj.weight, _load_conv_as_linear)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N, C*T*P*P] normalized, in the weight's dtype -> [N, hidden]."""
         return self.proj(pixels)  # type: ignore[no-any-return]
+
+    def still(
+        self, raw: torch.Tensor, scale: Sequence[float], shift: Sequence[float]
+    ) -> torch.Tensor:
+        """A still image as the processor sends it: raw [N, C*P*P] uint8, one frame, whose
+        normalized value is raw * scale[c] + shift[c], repeated over the T frames -> [N, hidden].
+        Both are linear, so they fold into the weight: W' = scale[c] * sum_t W[:, c, t],
+        bias = sum over (c, p) of shift[c] * sum_t W[:, c, t]. Equal to forward on the
+        normalized, repeated input up to float32 rounding (a different summation order)."""
+        v = self.vcfg
+        w = self.proj.weight.float().view(v.hidden, v.in_channels, v.temporal_patch_size, -1)
+        w = w.sum(2)  # [hidden, C, P*P]
+        dev = w.device
+        weight = (w * torch.tensor(scale, device=dev)[:, None]).flatten(1)
+        bias = w.sum(2) @ torch.tensor(shift, device=dev)  # [hidden]
+        out = F.linear(raw.to(dev, torch.float32), weight, bias)
+        return out.to(self.proj.weight.dtype)
 
 
 class VisionRotary(nn.Module):
@@ -239,12 +257,12 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels: torch.Tensor, grids: list[list[int]]) -> torch.Tensor:
         """pixels [N, patch_dim] of all images, grids [t, h, w] each -> [N / merge², out]."""
-        return run_stages(self.stages(pixels, grids))
+        return run_stages(self.stages(self.patch_embed(pixels), grids))
 
-    def stages(self, pixels: torch.Tensor, grids: list[list[int]]) -> EncoderStages:
-        """forward, a block at a time: yields N (the patch rows computed) between blocks,
-        returns the output (the last stage is the last block and the merger)."""
-        x = self.patch_embed(pixels)  # [N, hidden]
+    def stages(self, x: torch.Tensor, grids: list[list[int]]) -> EncoderStages:
+        """forward from the patch embeddings x [N, hidden], a block at a time: yields N (the
+        patch rows computed) between blocks, returns the output (the last stage is the last
+        block and the merger)."""
         cos_sin = self.rotary(vision_positions(grids, self.vcfg.merge_size, x.device))
         bounds = frame_bounds(grids)
         for i, block in enumerate(self.blocks):
@@ -311,11 +329,20 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM, EncodesImages, MRopePosi
                     f"image grid {img.grid} does not fit {img.pixel_values.shape[0]} patches "
                     f"and {img.num_tokens} placeholder tokens"
                 )
-        weight = self.model.embed_tokens.weight
-        pixels = torch.from_numpy(np.concatenate([img.pixel_values for img in images]))
-        stages: EncoderStages = self.visual.stages(pixels.to(weight.device, weight.dtype), grids)
+        x = torch.cat([self.embed_patches(img) for img in images])  # [N, hidden]
+        stages: EncoderStages = self.visual.stages(x, grids)
         out = yield from stages
         return list(torch.split(out, [img.num_tokens for img in images]))
+
+    def embed_patches(self, img: ImageInput) -> torch.Tensor:
+        """[patches, hidden]: one image's patch embeddings, from the processor's compact still
+        image (uint8 with pixel_scale/pixel_shift) or from normalized frames (videos)."""
+        pixels = torch.from_numpy(img.pixel_values)
+        embed: PatchEmbed = self.visual.patch_embed
+        if img.pixel_scale:
+            return embed.still(pixels, img.pixel_scale, img.pixel_shift)
+        weight = embed.proj.weight
+        return embed(pixels.to(weight.device, weight.dtype))  # type: ignore[no-any-return]
 
     def temporal_positions(self, t: int, second_per_grid_t: float) -> torch.Tensor:
         """[t] int64: the temporal M-RoPE index of each grid step (Qwen2-VL: the step)."""
