@@ -20,6 +20,7 @@ def kernels() -> None:
     if not cpu_kernels.load():
         pytest.fail("the CPU kernels did not build on this machine (see the warning above)")
 
+
 def _torch_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,9 +44,11 @@ def test_fused_bf16_equal_torch_bit_for_bit() -> None:
     assert torch.equal(total, want_total)
     assert torch.equal(out, want_out)
 
-    gate_up = _acts(bf, 37, 2 * 1536)
-    gate, up = gate_up.chunk(2, dim=-1)
-    assert torch.equal(torch.ops.fovea.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+    for inter in (1536, 3420, 13):  # 3420: Qwen2.5-VL's vision MLP, a tail of 4 (of 12 on
+        gate_up = _acts(bf, 37, 2 * inter)  # AVX-512); 13: all but 5 columns in the tail
+        gate, up = gate_up.chunk(2, dim=-1)
+        want = torch.nn.functional.silu(gate) * up
+        assert torch.equal(torch.ops.fovea.silu_mul(gate_up), want), inter
 
     qkv = _acts(bf, 37, 960)  # q: 9 heads of 64, k: 3 heads, v: 3 heads
     q, k = qkv[:, :576].view(37, 9, 64), qkv[:, 576:768].view(37, 3, 64)
@@ -67,16 +70,17 @@ def test_fused_float32_close_to_torch() -> None:
     want_out, want_total = _torch_rms_norm(x, res, w, 1e-6)
     assert torch.equal(total, want_total)
     torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-6)
-    gate_up = _acts(torch.float32, 3, 32)
-    gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(
-        fused_cpu.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6
-    )
+    for inter in (16, 3420):
+        gate_up = _acts(torch.float32, 3, 2 * inter)
+        gate, up = gate_up.chunk(2, dim=-1)
+        got = fused_cpu.silu_mul(gate_up)
+        assert got.shape == (3, inter)
+        torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
 
 
 def test_fused_falls_back_where_kernels_do_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Odd widths, float16 and a process without the kernels take torch's ops."""
-    gate_up = _acts(torch.float32, 2, 20)  # I = 10: not a multiple of 8
+    """float16 and a process without the kernels take torch's ops."""
+    gate_up = _acts(torch.float16, 2, 20)
     gate, up = gate_up.chunk(2, dim=-1)
     assert torch.equal(fused_cpu.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
     assert fused_cpu.rms_norm(_acts(torch.float16, 2, 64), None, torch.ones(64), 1e-6) is None
@@ -97,8 +101,10 @@ def test_fused_falls_back_where_kernels_do_not_apply(monkeypatch: pytest.MonkeyP
         (lambda: torch.ops.fovea.rms_norm(torch.zeros(2, 8), torch.zeros(3, 8), torch.ones(8),
                                           1e-6),
          "residual must be a contiguous tensor like x"),
-        (lambda: torch.ops.fovea.silu_mul(torch.zeros(2, 24)),
-         "gate_up must be a contiguous [T, 2 * I] with I a multiple of 8"),
+        (lambda: torch.ops.fovea.silu_mul(torch.zeros(2, 25)),
+         "gate_up must be a contiguous [T, 2 * I]"),
+        (lambda: torch.ops.fovea.silu_mul(torch.zeros(2, 24, 2)),
+         "gate_up must be a contiguous [T, 2 * I]"),
         (lambda: torch.ops.fovea.silu_mul(torch.zeros(2, 32, dtype=torch.float64)),
          "gate_up must be float32 or bfloat16"),
         (lambda: torch.ops.fovea.causal_prefill(torch.zeros(2, 2, 8), torch.zeros(3, 1, 8),

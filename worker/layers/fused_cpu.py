@@ -39,16 +39,14 @@ def rms_norm(
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] (gate columns, then up) -> silu(gate) * up [T, I]."""
-    if _usable(gate_up, 16) and gate_up.dim() == 2 and gate_up.is_contiguous():
+    if _usable(gate_up, 2) and gate_up.dim() == 2 and gate_up.is_contiguous():
         out: torch.Tensor = torch.ops.fovea.silu_mul(gate_up)
         return out
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-def rotary_inplace(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> bool:
+def rotary_inplace(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """q [T, heads, D], k [T, kv_heads, D] rotated in place (their rows may be views into one
     qkv tensor); False, untouched, where the kernel does not apply."""
     ok = (

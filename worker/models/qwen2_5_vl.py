@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from fovea.worker.layers import fused_cpu
 from fovea.worker.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from fovea.worker.layers.norm import RMSNorm
 from fovea.worker.models.base import EncoderStages
@@ -30,6 +31,8 @@ class VisionRMSNorm(RMSNorm):  # type: ignore[misc,unused-ignore]
     """RMSNorm returning just the normed tensor (no fused residual)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override,unused-ignore]
+        if (fused := fused_cpu.rms_norm(x, None, self.weight, self.eps)) is not None:
+            return fused[0]
         return self._norm(x)  # type: ignore[no-any-return,unused-ignore]
 
 
@@ -40,9 +43,13 @@ class GatedVisionMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(v.hidden, [v.mlp_hidden] * 2, bias=True)
         self.down_proj = RowParallelLinear(v.mlp_hidden, v.hidden, bias=True)
         self.act = ACTIVATIONS[v.act]
+        self.silu = v.act == "silu"  # the checkpoints' choice: one fused pass on CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [N, 2 * mlp_hidden]
+        if self.silu:
+            return self.down_proj(fused_cpu.silu_mul(gate_up))  # type: ignore[no-any-return]
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)  # type: ignore[no-any-return]
 
 

@@ -27,7 +27,7 @@ from fovea.worker.layers.linear import (
     read_full,
     set_weight_loader,
 )
-from fovea.worker.layers.rotary import MRotaryEmbedding, RotaryEmbedding, apply_rotary
+from fovea.worker.layers.rotary import MRotaryEmbedding, RotaryEmbedding, apply_rotary_inplace
 from fovea.worker.models.base import EncoderStages, EncodesImages, MRopePositions, run_stages
 from fovea.worker.models.llama import DecoderConfig
 from fovea.worker.models.qwen2 import Qwen2ForCausalLM
@@ -171,7 +171,9 @@ class VisionAttention(nn.Module):
         """x [N, hidden]; attention only within each [bounds[i], bounds[i+1]) segment."""
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = apply_rotary(q.float(), k.float(), cos_sin)  # rotary in float32, as HF
+        # Rotary in float32, as HF: on float32 weights q and k are views of this call's qkv,
+        # rotated in place; on bf16 .float() made copies.
+        q, k = apply_rotary_inplace(q.float(), k.float(), cos_sin)
         q, k = q.to(v.dtype), k.to(v.dtype)
         out = torch.empty_like(v)  # [N, heads, head_dim]
         # Segments of one length run as one batched SDPA call (windows are mostly equal).

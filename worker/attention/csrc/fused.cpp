@@ -83,11 +83,13 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x,
   return {out, sum};
 }
 
-// gate_up [T, 2I] contiguous (gate columns first) -> silu(gate) * up [T, I].
+// gate_up [T, 2I] contiguous (gate columns first) -> silu(gate) * up [T, I]. Any I: the last
+// I % W columns take a scalar loop (Qwen2.5-VL's vision MLP has I = 3420).
 at::Tensor silu_mul(const at::Tensor& gate_up) {
-  check_act(gate_up, "gate_up");
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 16 == 0,
-              "gate_up must be a contiguous [T, 2 * I] with I a multiple of 8");
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat || gate_up.scalar_type() == at::kBFloat16,
+              "gate_up must be float32 or bfloat16");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "gate_up must be a contiguous [T, 2 * I]");
   const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
   at::Tensor out = at::empty({rows, inter}, gate_up.options());
   fovea::dispatch_float_bf16(gate_up.scalar_type(), [&](auto tag) {
@@ -96,13 +98,18 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     T* op = out.data_ptr<T>();
     auto row = [&](auto width, int64_t r, float* a) {
       constexpr int W = decltype(width)::value;
+      const int64_t body = inter - inter % W;
       const T* g = gp + r * 2 * inter;
       const T* u = g + inter;
-      for (int64_t d = 0; d < inter; d += W) store<W>(a + d, load<W>(g + d));
+      T* o = op + r * inter;
+      for (int64_t d = 0; d < body; d += W) store<W>(a + d, load<W>(g + d));
+      for (int64_t d = body; d < inter; ++d) a[d] = static_cast<float>(g[d]);
       // A plain loop over floats: gcc vectorises its exp through glibc's libmvec.
       for (int64_t d = 0; d < inter; ++d) a[d] = a[d] / (1.f + std::exp(-a[d]));
-      for (int64_t d = 0; d < inter; d += W)
-        store<W>(op + r * inter + d, round_to<W>(load<W>(a + d), T{}) * load<W>(u + d));
+      for (int64_t d = 0; d < body; d += W)
+        store<W>(o + d, round_to<W>(load<W>(a + d), T{}) * load<W>(u + d));
+      for (int64_t d = body; d < inter; ++d)  // T(float) rounds as store<W> does
+        o[d] = static_cast<T>(static_cast<float>(static_cast<T>(a[d])) * static_cast<float>(u[d]));
     };
     at::parallel_for(0, rows, grain(inter), [&](int64_t lo, int64_t hi) {
       std::vector<float> act(inter);
