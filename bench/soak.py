@@ -2,7 +2,9 @@
 image server) for a fixed time against a running Fovea server. Checks that nothing is lost:
 every response completes with a finish_reason, no request errors, the KV cache is all free or in
 the prefix tree afterwards; samples the resident memory of each of the server's processes in
-equal windows (`--windows`) and reports each one's growth from the first window to the last.
+equal windows (`--windows`) and reports each one's growth from the first window to the last,
+also net of the worker's vision-encoder output cache (read from /get_server_info at each
+window's end), which fills up to --mm-cache-mb with new images by design.
 Prints one JSON line.
 
     launch_server --model-path M --chat-template T --allow-private-media-urls &
@@ -53,6 +55,9 @@ class MemoryWindows:
         self.root, self.n = root, n
         self.by_process: dict[str, list[float]] = {}
         self.total: list[float] = []
+        # The worker's vision-encoder output cache (MB) at each window's end: bounded by
+        # --mm-cache-mb, it grows with every new image until full, which is not a leak.
+        self.image_cache: list[float] = []
 
     def add_window(self, samples: list[dict[str, int]]) -> None:
         k = len(self.total)
@@ -66,8 +71,11 @@ class MemoryWindows:
         return {f"{label(p)} [{p}]": rss_bytes(p) for p in tree_pids(self.root)}
 
 
-def growth(windows: list[float]) -> float | None:
-    """Growth of the last window's peak over the first window's (the warm-up minute)."""
+def growth(windows: list[float], cache: list[float] | None = None) -> float | None:
+    """Growth of the last window's peak over the first window's (the warm-up minute); with
+    `cache`, of what the process holds besides the encoder cache."""
+    if cache:
+        windows = [w - c for w, c in zip(windows, cache, strict=True)]
     if len(windows) < 2 or not windows[0]:
         return None
     return round(windows[-1] / windows[0] - 1, 4)
@@ -137,6 +145,8 @@ async def soak(args: argparse.Namespace) -> SoakResult:
                     samples.append(mem.sample())
                     await asyncio.sleep(min(1.0, window / 4))
                 mem.add_window(samples)
+                info = (await client.get("/get_server_info")).json()["scheduler"]
+                mem.image_cache.append(round(info.get("image_cache_bytes", 0) / 2**20, 3))
 
         tasks = [asyncio.create_task(worker(i)) for i in range(args.concurrency)]
         if args.server_pid:
@@ -161,11 +171,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res = asyncio.run(soak(args))
     s = idle_stats(args.base_url)
     mem = res.memory or MemoryWindows(0, 0)
-    procs = [
+    procs: list[dict[str, Any]] = [
         {"name": name, "rss_windows_mb": w, "growth_after_first_window": growth(w)}
         for name, w in sorted(mem.by_process.items(), key=lambda kv: -max(kv[1]))
     ]
     growths = [p["growth_after_first_window"] for p in procs]
+    workers = [p for p in procs if "worker" in str(p["name"])]
+    if len(workers) == 1 and mem.image_cache:  # the cache lives in the one worker
+        workers[0]["growth_net_of_image_cache"] = growth(
+            workers[0]["rss_windows_mb"], mem.image_cache
+        )
     return {
         "bench": "soak",
         "concurrency": args.concurrency,
@@ -180,6 +195,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "idle": s["running"] == 0 and s["waiting"] == 0,
         "rss_windows_mb": mem.total,
         "rss_growth_after_first_window": growth(mem.total),
+        "image_cache_mb_windows": mem.image_cache,
+        "rss_growth_net_of_image_cache": growth(mem.total, mem.image_cache),
         "max_process_growth": max((g for g in growths if g is not None), default=None),
         "processes": procs,
     }

@@ -157,6 +157,9 @@ class SchedulerStats(msgspec.Struct, tag=True, kw_only=True):
     prompt_tokens: int
     generated_tokens: int
     images_encoded: int = 0  # vision-encoder runs on rank 0 since start
+    # Bytes rank 0's vision-encoder output cache holds (bounded by --mm-cache-mb): it grows
+    # with every new image until full, so a soak's worker memory grows by up to that much.
+    image_cache_bytes: int = 0
     retractions: int = 0  # sequences sent back to the queue for lack of KV memory
     # Cross-attention image state (Mllama): slots in the workers' pool, free ones, references
     # to slots in use by running sequences (more than the slots in use when images are
@@ -300,6 +303,7 @@ class StepResult(msgspec.Struct, tag=True, gc=False):
     cross_kv_computed: int = 0  # image slots whose cross-attention K/V were written this step
     # Hashes of images sent in `StepPlan.encode` whose encoder outputs are ready now.
     images_ready: list[bytes] = []
+    image_cache_bytes: int = 0  # what the encoder output cache holds after this step
 
 
 class WorkerAlive(msgspec.Struct, tag=True):

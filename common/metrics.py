@@ -35,6 +35,7 @@ class Metrics:
     token_usage: Any
     cache_hit_rate: Any
     image_cache_hit_rate: Any
+    image_cache_bytes: Any
     requests: Any
     time_to_first_token: Any
     inter_token_latency: Any
@@ -87,6 +88,10 @@ def _create() -> Metrics:
         cache_hit_rate=gauge("fovea:cache_hit_rate", "Prompt tokens served by the cache / all."),
         image_cache_hit_rate=gauge(
             "fovea:image_cache_hit_rate", "Images not encoded (prefix or encoder cache) / all."
+        ),
+        image_cache_bytes=gauge(
+            "fovea:image_cache_bytes",
+            "Bytes of vision-encoder outputs kept by image hash (rank 0; --mm-cache-mb bounds).",
         ),
         requests=Counter("fovea:requests", "Finished requests.", ["finish_reason"]),
         time_to_first_token=Histogram(

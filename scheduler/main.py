@@ -155,6 +155,7 @@ class MetricsPublisher:
         m.image_cache_hit_rate.labels(dp).set(
             1 - core.images_encoded / max(1, core.images_received)
         )
+        m.image_cache_bytes.labels(dp).set(core.image_cache_bytes)
 
 
 class RankLimits(NamedTuple):

@@ -98,6 +98,7 @@ class Scheduler:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.images_encoded = 0
+        self.image_cache_bytes = 0  # rank 0's encoder output cache, as of the last step
         self.cross_kv_computed = 0
         self.images_received = 0
         self.handlers: dict[type, Callable[[Any], None]] = {
@@ -343,6 +344,7 @@ class Scheduler:
         """Append each sampled token, check stop conditions, emit one SeqOutput per token;
         the first output of a sequence computing prompt logprobs carries them all."""
         self.images_encoded += result.images_encoded
+        self.image_cache_bytes = result.image_cache_bytes
         if self.ahead is not None:
             self.ahead.done(result.images_ready)
         self.cross_kv_computed += result.cross_kv_computed

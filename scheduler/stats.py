@@ -33,6 +33,7 @@ class Core(Protocol):
     prompt_tokens: int
     generated_tokens: int
     images_encoded: int
+    image_cache_bytes: int
     cross_kv_computed: int
     num_retractions: int
     requests_seen: int
@@ -75,6 +76,7 @@ def snapshot(core: Core, query_id: str, flushed: bool = False, dp_rank: int = 0)
         prompt_tokens=core.prompt_tokens,
         generated_tokens=core.generated_tokens,
         images_encoded=core.images_encoded,
+        image_cache_bytes=core.image_cache_bytes,
         retractions=core.num_retractions,
         image_slots=images.capacity if images else 0,
         free_image_slots=images.free if images else 0,

@@ -315,6 +315,7 @@ class ModelRunner:
             prompt_lps,
             (self.cross.kv_computed if self.cross is not None else 0) - kv_computed,
             ready,
+            self.mm_cache.used,
         )
 
     @torch.inference_mode()

@@ -65,6 +65,10 @@ def test_soak_ci_sized(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
         assert out["incomplete"] == 0 and out["completed"] >= 32
         assert out["idle"] and out["kv_leak_slots"] == 0
         assert len(out["rss_windows_mb"]) == 6
+        cache = out["image_cache_mb_windows"]  # six small images: the cache never evicts
+        assert len(cache) == 6 and cache == sorted(cache) and cache[-1] > 0
+        (worker,) = [p for p in out["processes"] if "worker" in p["name"]]
+        assert worker["growth_net_of_image_cache"] is not None
         roles = {p["name"].split(" [")[0] for p in out["processes"]}
         assert {"fovea-scheduler", "fovea-tokenizer"} <= roles, roles
     finally:

@@ -182,6 +182,7 @@ def test_image_metrics(server: Server) -> None:
     assert m["fovea:image_preprocess_seconds_count"] == m["fovea:images_total"] > 0
     assert m["fovea:image_fetch_seconds_count"] >= 1
     assert 0 < m["fovea:image_cache_hit_rate"] < 1
+    assert m["fovea:image_cache_bytes"] == stats["image_cache_bytes"] > 0
     # fox.png (at least) was served from the fetched-URL cache.
     urls = {
         s.labels["result"]: s.value

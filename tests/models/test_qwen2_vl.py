@@ -288,7 +288,11 @@ def test_embedding_cache_counts(model_path: Path, prompts: dict[str, Prompt]) ->
     runner = make_runner(model_path)  # a fresh embedding cache
     d = Driver(runner)
     one, turn2 = prompts["one_image"], prompts["second_turn"]  # images A and B
-    assert d.step([one.new_seq("a")], [("a", len(one.ids), True)]).images_encoded == 1
+    first = d.step([one.new_seq("a")], [("a", len(one.ids), True)])
+    assert first.images_encoded == 1
+    # The cache holds the image's float32 embeddings: its tokens x the decoder's width x 4.
+    width = runner.model.config.hidden_size
+    assert first.image_cache_bytes == one.images[0].num_tokens * width * 4 == runner.mm_cache.used
     # The same image in another request (not a prefix hit): cached, not encoded again.
     shifted = [msgspec.structs.replace(i, offset=i.offset + 2) for i in one.images]
     again = NewSequence("b", [7, 8, *one.ids], len(one.ids) + 2, GREEDY, [], shifted)

@@ -24,6 +24,8 @@ def test_windows_keep_each_process_peak_and_fill_late_starters() -> None:
     }
     assert soak.growth(mem.by_process["a"]) == 0.0833
     assert soak.growth(mem.by_process["c"]) is None  # absent in the first window
+    # Net of the encoder cache: 100 -> 130 MB with the cache 0 -> 20 MB is 100 -> 110.
+    assert soak.growth([100.0, 120.0, 130.0], [0.0, 10.0, 20.0]) == 0.1
 
 
 def test_sample_names_this_process_by_label_and_pid() -> None:
