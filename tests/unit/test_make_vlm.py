@@ -90,6 +90,11 @@ def test_the_tokenizer_covers_and_decodes_every_id(family: str) -> None:
     assert prompt.count(added[image]) == 1
     if spec.bos_on_encode is not None:  # Gemma's tokenizer adds <bos>; the template has its own
         assert tok.encode("a")[0] == added[spec.bos_on_encode] == prompt[0]
+    if family == "gemma3":  # newlines are whole tokens, as in Gemma's vocabulary (vLLM needs it)
+        nl, nl2 = added["\n"], added["\n\n"]
+        assert (tok.get_vocab()["\n"], tok.get_vocab()["\n\n"]) == (nl, nl2)
+        a, b = tok.encode("a", add_special_tokens=False), tok.encode("b", add_special_tokens=False)
+        assert tok.encode("a\n\nb\n", add_special_tokens=False) == [*a, nl2, *b, nl]
 
 
 def test_the_tokenizer_refuses_ids_outside_the_vocabulary() -> None:
