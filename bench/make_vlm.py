@@ -48,12 +48,13 @@ _QWEN_ADDED = (
 QWEN_ADDED: dict[str, int] = {tok: 151_643 + i for i, tok in enumerate(_QWEN_ADDED)}
 
 # gemma-3-4b-it's: <end_of_turn> is its second EOS (106); the image tokens are config.json's
-# boi_token_index, eoi_token_index and image_token_index. "\n" and "\n\n" are whole tokens in
-# Gemma's vocabulary (107, 108), plain text; vLLM's Gemma 3 processing looks both up.
-GEMMA3_NEWLINES = ("\n", "\n\n")
+# boi_token_index, eoi_token_index and image_token_index. Runs of one to four newlines are whole
+# plain-text tokens from 107 on, as in Gemma's vocabulary; vLLM's Gemma 3 processing looks
+# them up (it merges the "\n\n" it inserts around an image with a neighbouring newline).
+GEMMA3_NEWLINES = tuple("\n" * n for n in range(1, 5))
 GEMMA3_ADDED: dict[str, int] = {
     "<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4,
-    "<start_of_turn>": 105, "<end_of_turn>": 106, "\n": 107, "\n\n": 108,
+    "<start_of_turn>": 105, "<end_of_turn>": 106, **{nl: 106 + len(nl) for nl in GEMMA3_NEWLINES},
     "<start_of_image>": 255_999, "<end_of_image>": 256_000, "<image_soft_token>": 262_144,
 }  # fmt: skip
 

@@ -91,10 +91,11 @@ def test_the_tokenizer_covers_and_decodes_every_id(family: str) -> None:
     if spec.bos_on_encode is not None:  # Gemma's tokenizer adds <bos>; the template has its own
         assert tok.encode("a")[0] == added[spec.bos_on_encode] == prompt[0]
     if family == "gemma3":  # newlines are whole tokens, as in Gemma's vocabulary (vLLM needs it)
-        nl, nl2 = added["\n"], added["\n\n"]
-        assert (tok.get_vocab()["\n"], tok.get_vocab()["\n\n"]) == (nl, nl2)
+        nl, nl2, nl3, nl4 = (added["\n" * n] for n in range(1, 5))
+        assert [tok.get_vocab()["\n" * n] for n in range(1, 5)] == [nl, nl2, nl3, nl4]
         a, b = tok.encode("a", add_special_tokens=False), tok.encode("b", add_special_tokens=False)
         assert tok.encode("a\n\nb\n", add_special_tokens=False) == [*a, nl2, *b, nl]
+        assert tok.encode("a\n\n\n\n\n\nb", add_special_tokens=False) == [*a, nl4, nl2, *b]
 
 
 def test_the_tokenizer_refuses_ids_outside_the_vocabulary() -> None:
