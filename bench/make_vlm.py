@@ -297,6 +297,26 @@ def save_processor(family: str, tokenizer: Any, out: Path) -> None:
 VISION_PREFIXES = ("model.visual.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
+def gemma3_hub_names(out: Path) -> int:
+    """Renames the SigLIP tower's tensors in out/model.safetensors from what transformers v5
+    saves (`vision_tower.encoder.*`) to the published gemma-3-4b-it's names
+    (`vision_tower.vision_model.encoder.*`), which vLLM 0.32 requires; returns how many."""
+    from safetensors.torch import load_file, save_file
+
+    path = out / "model.safetensors"
+    tensors = load_file(str(path))
+    old = "vision_tower."
+    new = {
+        (f"{old}vision_model.{k[len(old):]}" if k.startswith(old) and ".vision_model." not in k
+         else k): v
+        for k, v in tensors.items()
+    }  # fmt: skip
+    renamed = sum(a != b for a, b in zip(tensors, new, strict=True))
+    if renamed:
+        save_file(new, str(path), metadata={"format": "pt"})
+    return renamed
+
+
 def build(family: str, out: Path, dtype: str = "bfloat16", seed: int = 0) -> dict[str, Any]:
     """Writes the checkpoint into `out`; returns the summary line's fields."""
     import torch
@@ -318,6 +338,8 @@ def build(family: str, out: Path, dtype: str = "bfloat16", seed: int = 0) -> dic
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     del model
+    if family == "gemma3":
+        gemma3_hub_names(out)
     tokenizer = family_tokenizer(family, config.text_config.vocab_size)
     save_processor(family, tokenizer, out)
     generation = GenerationConfig(**TOKENIZERS[family].generation)  # type: ignore[no-untyped-call]

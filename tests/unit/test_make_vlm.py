@@ -4,6 +4,7 @@ every id of a (scaled-down) vocabulary with a token that decodes. No model is bu
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -103,3 +104,20 @@ def test_the_tokenizer_refuses_ids_outside_the_vocabulary() -> None:
         make_vlm.byte_bpe_tokenizer(300, {"<a>": 300})
     with pytest.raises(ValueError, match="256 byte tokens"):
         make_vlm.byte_bpe_tokenizer(257, {"<a>": 0, "<b>": 1})
+
+
+def test_gemma3_tower_takes_the_published_names(tmp_path: Path) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    t = torch.zeros(2)
+    names = ["vision_tower.encoder.layers.0.w", "vision_tower.vision_model.post_layernorm.w",
+             "language_model.model.norm.weight", "multi_modal_projector.w"]  # fmt: skip
+    save_file({n: t for n in names}, str(tmp_path / "model.safetensors"))
+    assert make_vlm.gemma3_hub_names(tmp_path) == 1
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(
+            ["vision_tower.vision_model.encoder.layers.0.w", *names[1:]]
+        )
+    assert make_vlm.gemma3_hub_names(tmp_path) == 0  # already published names
