@@ -111,10 +111,9 @@ def test_gemma3_tower_takes_the_published_names(tmp_path: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    t = torch.zeros(2)
     names = ["vision_tower.encoder.layers.0.w", "vision_tower.vision_model.post_layernorm.w",
              "language_model.model.norm.weight", "multi_modal_projector.w"]  # fmt: skip
-    save_file({n: t for n in names}, str(tmp_path / "model.safetensors"))
+    save_file({n: torch.zeros(2) for n in names}, str(tmp_path / "model.safetensors"))
     assert make_vlm.gemma3_hub_names(tmp_path) == 1
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert sorted(f.keys()) == sorted(
