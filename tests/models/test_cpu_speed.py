@@ -13,6 +13,8 @@ from fovea.worker.layers import cpu_layout
 from fovea.worker.layers.cpu_layout import (
     CpuWeights,
     column_major,
+    onednn_pack,
+    packed_rows,
 )
 from fovea.worker.layers.embedding import ParallelLMHead
 from fovea.worker.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -43,6 +45,36 @@ def test_head_weights_give_the_plain_product(
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
+def test_packed_weights_serve_rows_from_min_up_to_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_layout, "PACKED_MIN_ROWS", 4)
+    monkeypatch.setattr(cpu_layout, "PACKED_MAX_ROWS", 256)
+    assert [packed_rows(n) for n in (1, 3, 4, 255, 256, 3996)] == [
+        False,
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
+    monkeypatch.setattr(cpu_layout, "PACKED_MAX_ROWS", None)  # AVX-512 CPUs: no upper bound
+    assert [packed_rows(n) for n in (3, 4, 3996)] == [False, True, True]
+
+
+@pytest.mark.parametrize(("rows", "packed"), [(3, False), (4, True), (255, True), (256, False)])
+def test_each_row_count_takes_its_layout(
+    rows: int, packed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The packed copy is made of 2 * w here, so the output says which layout computed it."""
+    monkeypatch.setattr(cpu_layout, "PACKED_MIN_ROWS", 4)
+    monkeypatch.setattr(cpu_layout, "PACKED_MAX_ROWS", 256)
+    w = torch.randn(48, 32, generator=torch.Generator().manual_seed(1))
+    layouts = CpuWeights(w)
+    layouts.packed = onednn_pack(2 * w)
+    x = torch.randn(rows, 32, generator=torch.Generator().manual_seed(2))
+    expected = F.linear(x, 2 * w if packed else w)
+    torch.testing.assert_close(layouts.linear(x), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_prepare_for_cpu_keeps_every_output() -> None:
     torch.manual_seed(0)
     model = torch.nn.ModuleDict(
@@ -54,6 +86,7 @@ def test_prepare_for_cpu_keeps_every_output() -> None:
     )
     for p in model.parameters():
         p.data.normal_()
+
     def run() -> torch.Tensor:
         # 6 rows take the packed layouts, 2 the column-major ones; [2, 3, 32]: a 3-D input
         outs = []

@@ -3,7 +3,8 @@
 Every linear layer, the LM head included, keeps both layouts (CpuWeights): the plain weight
 re-laid column-major in place (no copy; MKL's GEMV reads it in its fast direction, so a decode
 step's few rows run faster), and a oneDNN-packed copy (one extra copy of the weights), faster
-from PACKED_MIN_ROWS rows on. A head tied to the input embedding keeps a column-major copy too:
+from PACKED_MIN_ROWS rows on and, on AVX2 CPUs, up to PACKED_MAX_ROWS (from there MKL's GEMM on
+the plain layout is faster again: prefills and vision towers). A head tied to the input embedding keeps a column-major copy too:
 the lookups need the row-major original. Nothing here changes results beyond float rounding
 order. Measurements: docs/cpu.md.
 """
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 # four on AVX2 ones, where the column-major layout is faster for one to three rows
 # (docs/cpu.md). Fixed per machine, so results never depend on a timing probe.
 PACKED_MIN_ROWS = 1 if "avx512f" in cpu_flags() else 4
+# From this many rows on the column-major layout is used again: on AVX2 CPUs MKL's GEMM beat the
+# packed weights by 5-20% from 256-512 rows on (fp32, docs/cpu.md). Not measured on AVX-512 CPUs:
+# there the packed weights serve every row count, as before.
+PACKED_MAX_ROWS: int | None = None if "avx512f" in cpu_flags() else 256
 # The batch size oneDNN's packing is tuned for (a decode batch of a loaded server).
 PACK_HINT_ROWS = 32
 
@@ -44,6 +49,11 @@ def onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def packed_rows(rows: int) -> bool:
+    """Whether a matmul of this many rows uses the oneDNN-packed weight."""
+    return rows >= PACKED_MIN_ROWS and (PACKED_MAX_ROWS is None or rows < PACKED_MAX_ROWS)
+
+
 class CpuWeights:
     """A linear layer's two CPU layouts: `linear(x, b)` == F.linear(x, w, b) for x [..., in]."""
 
@@ -53,7 +63,7 @@ class CpuWeights:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if self.packed is not None and rows.shape[0] >= PACKED_MIN_ROWS:
+        if self.packed is not None and packed_rows(rows.shape[0]):
             out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
                 rows.contiguous(), self.packed, bias, "none", [], ""
             )
