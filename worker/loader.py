@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from fovea.worker.layers.cpu_layout import CpuWeights, column_major
+from fovea.worker.layers.cpu_layout import CpuWeights, column_major, encoders_packed
 from fovea.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from fovea.worker.layers.linear import _ParallelLinear, default_weight_loader
 from fovea.worker.models.base import CausalLM, DeclaresWeightNames
@@ -142,10 +142,12 @@ def prepare_for_cpu(model: nn.Module) -> None:
         for m in model.modules()
         if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
     }
-    for m in model.modules():
+    pack_encoders = encoders_packed()
+    for name, m in model.named_modules():
         if isinstance(m, _ParallelLinear):
             m.weight.data = column_major(m.weight.data)
-            m.cpu_weights = CpuWeights(m.weight.data)
+            decoder = name.startswith("model.")  # every family's decoder is `model`
+            m.cpu_weights = CpuWeights(m.weight.data, pack=decoder or pack_encoders)
         elif isinstance(m, ParallelLMHead):
             if m.weight.data_ptr() not in embeddings:
                 m.weight.data = column_major(m.weight.data)

@@ -75,7 +75,8 @@ def test_each_row_count_takes_its_layout(
     torch.testing.assert_close(layouts.linear(x), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_prepare_for_cpu_keeps_every_output() -> None:
+def test_prepare_for_cpu_keeps_every_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_layout, "PACKED_MAX_ROWS", None)  # packed copies outside `model` too
     torch.manual_seed(0)
     model = torch.nn.ModuleDict(
         {
@@ -152,3 +153,28 @@ def test_negative_cpu_threads_is_refused() -> None:
     assert check_args(ServerArgs(model_path="m", cpu_threads=-1)) == (
         "--cpu-threads must be >= 0, got -1"
     )
+
+
+@pytest.mark.parametrize(("max_rows", "encoder_packed"), [(256, False), (None, True)])
+def test_only_the_decoder_is_packed_where_packing_has_a_row_bound(
+    max_rows: int | None, encoder_packed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers outside `model` (vision towers, projectors) compute hundreds of patch rows; where
+    MKL takes over from PACKED_MAX_ROWS rows they keep no packed copy."""
+    monkeypatch.setattr(cpu_layout, "PACKED_MAX_ROWS", max_rows)
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {
+            "model": torch.nn.ModuleDict({"up": ColumnParallelLinear(32, 48, bias=False)}),
+            "visual": torch.nn.ModuleDict({"fc": RowParallelLinear(48, 32, bias=True)}),
+        }
+    )
+    for p in model.parameters():
+        p.data.normal_()
+    x = torch.randn(8, 48)
+    before = model["visual"]["fc"](x)
+    prepare_for_cpu(model)
+    decoder, encoder = model["model"]["up"].cpu_weights, model["visual"]["fc"].cpu_weights
+    assert decoder is not None and decoder.packed is not None
+    assert encoder is not None and (encoder.packed is not None) == encoder_packed
+    torch.testing.assert_close(model["visual"]["fc"](x), before, rtol=1e-5, atol=1e-4)

@@ -1,12 +1,12 @@
 """Weight layouts for CPU matmuls, chosen once after the checkpoint is loaded.
 
-Every linear layer, the LM head included, keeps both layouts (CpuWeights): the plain weight
-re-laid column-major in place (no copy; MKL's GEMV reads it in its fast direction, so a decode
-step's few rows run faster), and a oneDNN-packed copy (one extra copy of the weights), faster
-from PACKED_MIN_ROWS rows on and, on AVX2 CPUs, up to PACKED_MAX_ROWS (from there MKL's GEMM on
-the plain layout is faster again: prefills and vision towers). A head tied to the input embedding keeps a column-major copy too:
-the lookups need the row-major original. Nothing here changes results beyond float rounding
-order. Measurements: docs/cpu.md.
+Every linear layer, the LM head included, keeps the plain weight re-laid column-major in place
+(no copy; MKL's GEMV reads it in its fast direction, so a decode step's few rows run faster,
+and MKL's GEMM is the fastest on many rows), and most keep a oneDNN-packed copy (one extra copy
+of the weights), faster from PACKED_MIN_ROWS rows on and, on AVX2 CPUs, up to PACKED_MAX_ROWS.
+Where that bound exists only the decoder's layers are packed (encoders_packed). A head tied to
+the input embedding keeps a column-major copy too: the lookups need the row-major original.
+Nothing here changes results beyond float rounding order. Measurements: docs/cpu.md.
 """
 
 from __future__ import annotations
@@ -28,6 +28,15 @@ PACKED_MIN_ROWS = 1 if "avx512f" in cpu_flags() else 4
 # packed weights by 5-20% from 256-512 rows on (fp32, docs/cpu.md). Not measured on AVX-512 CPUs:
 # there the packed weights serve every row count, as before.
 PACKED_MAX_ROWS: int | None = None if "avx512f" in cpu_flags() else 256
+
+
+def encoders_packed() -> bool:
+    """Whether the layers outside the decoder (vision towers, projectors) get a packed copy.
+    Their inputs are an image's patch rows, hundreds to thousands, so where PACKED_MAX_ROWS
+    bounds the packed copy they would hardly use it (Qwen2.5-VL-3B's tower: 1.7 GB of copies)."""
+    return PACKED_MAX_ROWS is None
+
+
 # The batch size oneDNN's packing is tuned for (a decode batch of a loaded server).
 PACK_HINT_ROWS = 32
 
@@ -57,9 +66,10 @@ def packed_rows(rows: int) -> bool:
 class CpuWeights:
     """A linear layer's two CPU layouts: `linear(x, b)` == F.linear(x, w, b) for x [..., in]."""
 
-    def __init__(self, w: torch.Tensor) -> None:
+    def __init__(self, w: torch.Tensor, pack: bool = True) -> None:
+        """pack: False leaves out the packed copy (every row count takes the column-major one)."""
         self.col = column_major(w)  # w itself when w is already column-major
-        self.packed = onednn_pack(w)
+        self.packed = onednn_pack(w) if pack else None
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
