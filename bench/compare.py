@@ -18,6 +18,7 @@ chat request with `image_url` parts fetched from a local image server (JPEG):
 - W6 multi-image: 32 requests, concurrency 4, three 448×448 images interleaved with the text.
 - W2+W4: W2 on the VLM server alone ("W2vlm"), then W2 while W4's client runs beside it
   (text latency while images are fetched, prepared and encoded).
+- W4one: W4's requests one at a time (bench/image_workloads.py: the serial work W4 contains).
 `--image-requests N` runs N requests of each instead (a slow CPU), except W5, which keeps its 64:
 its encoder work is its 8 distinct images whatever the count, and fewer requests would change
 which share of its TTFTs are cold (8 of 64; half of 16).
@@ -47,9 +48,16 @@ from typing import Any
 import httpx
 
 from fovea.bench import peers
+from fovea.bench.image_workloads import (
+    BESIDE,
+    IMAGE_FLAGS,
+    IMAGE_ROWS,
+    IMAGE_WORKLOADS,
+    Row,
+    image_ratios,
+    pick,
+)
 from fovea.bench.procmem import MemorySampler
-
-Row = dict[str, Any]  # one JSON line of serving.py (or hf_generate.py)
 
 WORKLOADS: dict[str, list[str]] = {
     "W1": ["--num-prompts", "128", "--concurrency", "32", "--input-len", "200",
@@ -66,30 +74,7 @@ WORKLOADS: dict[str, list[str]] = {
     "W3cold": ["--num-prompts", "24", "--concurrency", "8", "--input-len", "1050",
                "--output-len", "16", "--seed", "4"],
 }  # fmt: skip
-# A request may wait behind several others' image encoding: minutes on a small CPU.
-_W4 = ["--images", "1", "--image-size", "448x448,1024x768", "--num-prompts", "64",
-       "--concurrency", "8", "--input-len", "40", "--output-len", "64",
-       "--request-timeout", "3600"]  # fmt: skip
-# Each image workload has images of its own (--image-offset), so none is an earlier one's hit.
-IMAGE_WORKLOADS: dict[str, list[str]] = {
-    "W4": [*_W4, "--seed", "5"],
-    "W5": [*_W4, "--seed", "6", "--distinct-images", "8", "--image-offset", "100000"],
-    "W6": ["--images", "3", "--interleave", "--image-size", "448x448", "--num-prompts", "32",
-           "--concurrency", "4", "--input-len", "40", "--output-len", "64", "--seed", "7",
-           "--image-offset", "200000", "--request-timeout", "3600"],
-    "W4data": [*_W4, "--seed", "8", "--image-transport", "data", "--image-offset", "300000"],
-    # 16 requests of a 10-second 640x360 video, 4 distinct (each sent 4 times: 4 cold, 12
-    # repeats), concurrency 4.
-    "W7": ["--videos", "1", "--video-seconds", "10", "--video-size", "640x360",
-           "--distinct-videos", "4", "--num-prompts", "16", "--concurrency", "4",
-           "--input-len", "40", "--output-len", "64", "--seed", "9", "--request-timeout", "3600"],
-}  # fmt: skip
-WORKLOADS.update(IMAGE_WORKLOADS)
-# W2 on the VLM server, alone ("W2vlm") and then while W4 runs beside it ("W2+W4"): text
-# latency under image load. W4's client starts first and is stopped once W2 is done.
-BESIDE = "W2+W4"
-IMAGE_WORKLOADS[BESIDE] = []
-IMAGE_ROWS = {*IMAGE_WORKLOADS, "W2vlm"}  # the rows of RESULTS.md's image section
+WORKLOADS.update(IMAGE_FLAGS)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -302,14 +287,6 @@ def run_overhead(args: argparse.Namespace, model_dir: str) -> list[Row]:
     return rows
 
 
-def pick(rows: list[Row], system: str, mode: str, workload: str) -> Row | None:
-    for r in rows:
-        name = r.get("peer", r["system"])
-        if name == system and r.get("mode") in (mode, "-") and r["workload"] == workload:
-            return r
-    return None
-
-
 def ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
     """Fovea / vLLM per mode (throughput: >1 is better; latency, memory, start-up: <1 is
     better), and W3's hit/cold TTFT per system."""
@@ -334,40 +311,6 @@ def ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
         hf = pick(rows, "hf", mode, "W1")
         if f1 and hf:
             r["W1_tok_s_over_hf"] = f1["output_tokens_per_s"] / hf["output_tokens_per_s"]
-        out[mode] = {k: round(v, 3) for k, v in r.items()}
-    return out
-
-
-def requests_per_s(row: Row) -> float:
-    """Completed requests over the run's duration, unrounded (serving.py rounds
-    request_throughput to 3 decimals, too coarse for image runs of a few hundredths)."""
-    return float(row["completed"]) / float(row["duration_s"])
-
-
-def image_ratios(rows: list[Row], modes: list[str]) -> dict[str, Any]:
-    """Fovea / vLLM on W4-W6 per mode, and W5's TTFT over W4's per system."""
-    out: dict[str, Any] = {}
-    for mode in modes:
-        r: dict[str, float] = {}
-        for w in ("W4", "W6", "W4data"):
-            f, v = pick(rows, "fovea", mode, w), pick(rows, "vllm", mode, w)
-            if f and v:
-                r[f"{w}_req_s"] = requests_per_s(f) / requests_per_s(v)
-                if w == "W4":
-                    r["W4_ttft_p50"] = f["ttft_ms"]["p50"] / v["ttft_ms"]["p50"]
-                    r["W4_memory"] = f["memory"]["peak_total_mb"] / v["memory"]["peak_total_mb"]
-            hf = pick(rows, "hf", mode, w)
-            if f and hf:
-                r[f"{w}_req_s_over_hf"] = requests_per_s(f) / requests_per_s(hf)
-        for system in ("fovea", "vllm"):
-            w4, w5 = pick(rows, system, mode, "W4"), pick(rows, system, mode, "W5")
-            if w4 and w5:
-                r[f"W5_over_W4_ttft_{system}"] = w5["ttft_ms"]["p50"] / w4["ttft_ms"]["p50"]
-            alone, beside = pick(rows, system, mode, "W2vlm"), pick(rows, system, mode, BESIDE)
-            if alone and beside:
-                r[f"W2_beside_W4_ttft_{system}"] = (
-                    beside["ttft_ms"]["p50"] / alone["ttft_ms"]["p50"]
-                )
         out[mode] = {k: round(v, 3) for k, v in r.items()}
     return out
 

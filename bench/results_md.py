@@ -33,6 +33,8 @@ RATIO_NOTES = {
     "W6_req_s_over_hf": "W6 requests/s, Fovea / transformers batched generate",
     "W2_beside_W4_ttft_fovea": "W2 TTFT p50 beside W4 / alone, Fovea (target: no growth)",
     "W2_beside_W4_ttft_vllm": "W2 TTFT p50 beside W4 / alone, vLLM",
+    "W4_over_serial_work_fovea": "W4 duration / its serial work (W4one's TTFTs + 63 steps), Fovea",
+    "W4_over_serial_work_vllm": "W4 duration / its serial work (W4one's TTFTs + 63 steps), vLLM",
 }
 
 IMAGE_HEADING = "## Image workloads"

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from fovea.bench import compare
+from fovea.bench.image_workloads import serial_work_s
 from fovea.bench.results_md import render
 from fovea.worker import cpu_threads
 
@@ -134,3 +135,16 @@ def test_hf_rows_are_picked_as_hf_for_the_floor_ratios() -> None:
     assert compare.image_ratios(rows, ["default"])["default"].get("W4_req_s_over_hf") is None
     rows[-1] |= {"peer": "hf", "mode": "-"}
     assert compare.image_ratios(rows, ["default"])["default"]["W4_req_s_over_hf"] == 2.5
+
+
+def test_w4_over_its_serial_work_adds_w4ones_ttfts_and_the_last_decodes() -> None:
+    """8 requests of W4one at a mean TTFT of 20 s are 160 s; 63 steps at W4's inter-token p50
+    of 200 ms are 12.6 s; W4 took 8 / 0.04 = 200 s: 200 / 172.6."""
+    w4 = _row("fovea", "W4", 0.04, 200, 900) | {"output_len": 64}
+    w4["itl_ms"] = {"p50": 200.0}
+    one = _row("fovea", "W4one", 0.01, 20_000, 900)
+    assert serial_work_s(w4, one) == pytest.approx(172.6)
+    ratios = compare.image_ratios([w4, one], ["default"])["default"]
+    assert ratios == {"W4_over_serial_work_fovea": 1.159}
+    assert compare.WORKLOADS["W4one"][-2:] == ["--concurrency", "1"]  # argparse: the last wins
+    assert compare.images_per_request("W4one") == 1
