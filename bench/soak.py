@@ -117,9 +117,14 @@ async def soak(args: argparse.Namespace) -> SoakResult:
     fresh = itertools.count(10**6)  # --distinct-images 0: every image request a new image
     end = time.monotonic() + args.duration
     limits = httpx.Limits(max_connections=args.concurrency)
-    async with httpx.AsyncClient(
-        base_url=args.base_url, timeout=args.request_timeout, limits=limits, trust_env=False
-    ) as client:
+    # The load holds all `concurrency` connections of its client; the window reads have a
+    # client of their own, or each would wait for a request to finish and the windows drift.
+    async with (
+        httpx.AsyncClient(
+            base_url=args.base_url, timeout=args.request_timeout, limits=limits, trust_env=False
+        ) as client,
+        httpx.AsyncClient(base_url=args.base_url, timeout=30.0, trust_env=False) as info_client,
+    ):
 
         async def worker(i: int) -> None:
             rng = random.Random(i)
@@ -145,7 +150,7 @@ async def soak(args: argparse.Namespace) -> SoakResult:
                     samples.append(mem.sample())
                     await asyncio.sleep(min(1.0, window / 4))
                 mem.add_window(samples)
-                info = (await client.get("/get_server_info")).json()["scheduler"]
+                info = (await info_client.get("/get_server_info")).json()["scheduler"]
                 mem.image_cache.append(round(info.get("image_cache_bytes", 0) / 2**20, 3))
 
         tasks = [asyncio.create_task(worker(i)) for i in range(args.concurrency)]

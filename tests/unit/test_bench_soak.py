@@ -46,3 +46,60 @@ def test_w4_loop_options() -> None:
         with pytest.raises(SystemExit) as e:
             soak.parse_args(["--model", "m", *bad])
         assert e.value.code == 2
+
+
+def test_window_reads_do_not_wait_for_the_loads_connections() -> None:
+    """Every one of the load's `concurrency` connections streams a 3 s response; the first
+    window ends after 0.25 s, and its /get_server_info read must find both still streaming
+    (it once shared their connection pool and waited for one to finish)."""
+    import asyncio
+    import socket
+    import threading
+    from collections.abc import AsyncIterator
+
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+    streaming: list[int] = [0]
+    seen_at_reads: list[int] = []
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            streaming[0] += 1
+            try:
+                await asyncio.sleep(3.0)
+                yield 'data: {"choices": [{"finish_reason": "length"}]}\n\n'
+                yield "data: [DONE]\n\n"
+            finally:
+                streaming[0] -= 1
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.get("/get_server_info")
+    async def info() -> dict[str, object]:
+        seen_at_reads.append(streaming[0])
+        idle = {"running": 0, "waiting": 0, "total_slots": 8, "free_slots": 8, "tree_slots": 0}
+        return {"scheduler": {**idle, "image_cache_bytes": 0}}
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        args = soak.parse_args([
+            "--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--concurrency", "2",
+            "--duration", "0.5", "--windows", "2", "--image-share", "0",
+            "--server-pid", str(os.getpid()),
+        ])  # fmt: skip
+        out = soak.run(args)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert (out["completed"], out["errors"], out["kv_leak_slots"]) == (2, 0, 0)
+    assert seen_at_reads[0] == 2
+    assert out["image_cache_mb_windows"] == [0.0, 0.0]
