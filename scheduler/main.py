@@ -20,6 +20,7 @@ from fovea.common.messages import (
     FromWorker,
     Heartbeat,
     KeepAlive,
+    StatsRequest,
     StepPlan,
     StepResult,
     SyncPing,
@@ -91,8 +92,9 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
             to_server.send(out)
         core.to_server = []
 
+    deferred: list[ToScheduler] = []  # arrived during a step, handled after it, in order
     while True:
-        msgs = inbox.recv_all()
+        msgs, deferred = [*deferred, *inbox.recv_all()], []
         if not msgs and not core.has_work:
             flush()
             msg = inbox.recv(timeout_ms=IDLE_POLL_MS)  # idle: block instead of spinning
@@ -106,7 +108,9 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
         # wake compete for the CPUs, and the worker should have its next plan first.
         flush()
         if plan is not None:
-            result = wait_result(results, plan, log, ranks)
+            step_inbox = StepInbox(inbox, core, to_server)
+            result = wait_result(results, plan, log, ranks, step_inbox)
+            deferred = step_inbox.deferred
             core.process_result(result)
             if publish is not None:
                 publish.step(plan, result.forward_s)
@@ -230,12 +234,49 @@ class RankWatch:
             fail(msg, self.log)
 
 
+class StepInbox:
+    """The scheduler's inbox while the workers compute a step (an image's encode can take
+    a minute on a CPU, longer than the HTTP server waits for /get_server_info): state queries
+    are answered at once, from the state as planned (the step changes nothing until its
+    result comes back; requests that arrived during the step are not in it yet); everything
+    else (new requests, aborts, cache flushes) waits in `deferred` for the step's end, in
+    arrival order."""
+
+    def __init__(self, inbox: Receiver[ToScheduler], core: Scheduler, to_server: Sender) -> None:
+        self.inbox, self.core, self.to_server = inbox, core, to_server
+        self.deferred: list[ToScheduler] = []
+
+    def take(self) -> None:
+        for msg in self.inbox.recv_all():
+            if isinstance(msg, StatsRequest) and not msg.flush_cache:
+                self.core.stats(msg)
+            else:
+                self.deferred.append(msg)
+        for out in self.core.to_server:
+            self.to_server.send(out)
+        self.core.to_server = []
+
+
 def wait_result(
-    results: Receiver[FromWorker], plan: StepPlan, log: logging.Logger, ranks: RankWatch
+    results: Receiver[FromWorker],
+    plan: StepPlan,
+    log: logging.Logger,
+    ranks: RankWatch,
+    step_inbox: StepInbox | None = None,
 ) -> StepResult:
-    """Block until rank 0 returns this plan's result. Late WorkerReady answers to extra pings
-    are skipped, keep-alive answers noted; a WorkerFailed ends the process."""
+    """Block until rank 0 returns this plan's result, answering `step_inbox`'s state queries
+    meanwhile. Late WorkerReady answers to extra pings are skipped, keep-alive answers noted;
+    a WorkerFailed ends the process."""
+    poller = zmq.Poller()
+    poller.register(results.sock, zmq.POLLIN)
+    if step_inbox is not None:
+        poller.register(step_inbox.inbox.sock, zmq.POLLIN)
     while True:
+        ready = dict(poller.poll())
+        if step_inbox is not None and step_inbox.inbox.sock in ready:
+            step_inbox.take()
+        if results.sock not in ready:
+            continue
         msg = results.recv()
         assert msg is not None  # no timeout
         ranks.take(msg)

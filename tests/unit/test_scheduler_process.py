@@ -1,5 +1,6 @@
 """The scheduler process over real sockets: handshake with 2 fake ranks, readiness, one
-request through plans and results, stats, and exit on WorkerFailed."""
+request through plans and results, stats (also while a step computes), and exit on
+WorkerFailed."""
 
 from __future__ import annotations
 
@@ -114,6 +115,14 @@ def test_scheduler_process_round_trip_and_worker_failure() -> None:
 
         inbox.send(TokenizedRequest(rid="s", index=0, input_ids=[9], sampling=sampling))
         next_plan(subs[0])
+        # While the step computes (no result yet), a state query is answered at once, from the
+        # state as planned; a request that arrives meanwhile waits for the step's end.
+        inbox.send(TokenizedRequest(rid="t", index=0, input_ids=[10], sampling=sampling))
+        inbox.send(StatsRequest("q2"))
+        during = server.recv(timeout_ms=TIMEOUT_MS)
+        assert isinstance(during, SchedulerStats)
+        got = (during.query_id, during.running, during.waiting, during.prompt_tokens, during.steps)
+        assert got == ("q2", 1, 0, 3, 3)
         results.send(WorkerFailed(0, "RuntimeError: boom"))
         proc.join(timeout=TIMEOUT_MS / 1000)
         assert proc.exitcode == 1
