@@ -30,6 +30,7 @@ from fovea.common.messages import (
     TextDelta,
     ToServer,
 )
+from fovea.server.request_build import APIError
 from fovea.server.request_log import RequestRecord
 
 log = logging.getLogger("fovea.server")
@@ -168,6 +169,12 @@ class RequestManager:
             sender.send(StatsRequest(qid, flush_cache))
         try:
             await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            # A scheduler answers state queries during a step, but a cache flush only between
+            # steps, and a replica whose workers hang answers nothing: a 503 to retry.
+            raise APIError(
+                503, f"the scheduler did not answer within {timeout:g} s; try again"
+            ) from None
         finally:
             self._stats.pop(qid, None)
         return sorted(answers, key=lambda a: a.dp_rank)
