@@ -28,15 +28,6 @@ PACKED_MIN_ROWS = 1 if "avx512f" in cpu_flags() else 4
 # packed weights by 5-20% from 256-512 rows on (fp32, docs/cpu.md). Not measured on AVX-512 CPUs:
 # there the packed weights serve every row count, as before.
 PACKED_MAX_ROWS: int | None = None if "avx512f" in cpu_flags() else 256
-
-
-def encoders_packed() -> bool:
-    """Whether the layers outside the decoder (vision towers, projectors) get a packed copy.
-    Their inputs are an image's patch rows, hundreds to thousands, so where PACKED_MAX_ROWS
-    bounds the packed copy they would hardly use it (Qwen2.5-VL-3B's tower: 1.7 GB of copies)."""
-    return PACKED_MAX_ROWS is None
-
-
 # The batch size oneDNN's packing is tuned for (a decode batch of a loaded server).
 PACK_HINT_ROWS = 32
 
@@ -61,6 +52,14 @@ def onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
 def packed_rows(rows: int) -> bool:
     """Whether a matmul of this many rows uses the oneDNN-packed weight."""
     return rows >= PACKED_MIN_ROWS and (PACKED_MAX_ROWS is None or rows < PACKED_MAX_ROWS)
+
+
+def encoders_packed() -> bool:
+    """Whether the layers outside the decoder (vision towers, projectors) get a packed copy.
+    Their inputs are an image's patch rows, hundreds to thousands, so where PACKED_MAX_ROWS
+    bounds the packed copy they would hardly use it (Qwen2.5-VL-3B's tower in float32: 2.2 GB
+    of copies)."""
+    return PACKED_MAX_ROWS is None
 
 
 class CpuWeights:
