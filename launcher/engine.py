@@ -192,7 +192,9 @@ class Engine:
             raise ValueError(e.message) from e
 
     def get_server_info(self) -> dict[str, Any]:
-        stats: dict[str, Any] = msgspec.to_builtins(self._call(self._mgr.stats()))
+        stats: dict[str, Any] = msgspec.to_builtins(
+            self._wrap(lambda: self._call(self._mgr.stats()))
+        )
         stats["kv_pools"] = kv_pools(stats)
         return {"scheduler": stats}
 

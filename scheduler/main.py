@@ -92,9 +92,9 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
             to_server.send(out)
         core.to_server = []
 
-    deferred: list[ToScheduler] = []  # arrived during a step, handled after it, in order
+    step_inbox = StepInbox(inbox, results, core, to_server)
     while True:
-        msgs, deferred = [*deferred, *inbox.recv_all()], []
+        msgs = [*step_inbox.take_deferred(), *inbox.recv_all()]
         if not msgs and not core.has_work:
             flush()
             msg = inbox.recv(timeout_ms=IDLE_POLL_MS)  # idle: block instead of spinning
@@ -108,9 +108,7 @@ def run_scheduler(args: ServerArgs, addrs: Addresses, model: ModelInfo) -> None:
         # wake compete for the CPUs, and the worker should have its next plan first.
         flush()
         if plan is not None:
-            step_inbox = StepInbox(inbox, core, to_server)
             result = wait_result(results, plan, log, ranks, step_inbox)
-            deferred = step_inbox.deferred
             core.process_result(result)
             if publish is not None:
                 publish.step(plan, result.forward_s)
@@ -242,9 +240,22 @@ class StepInbox:
     else (new requests, aborts, cache flushes) waits in `deferred` for the step's end, in
     arrival order."""
 
-    def __init__(self, inbox: Receiver[ToScheduler], core: Scheduler, to_server: Sender) -> None:
+    def __init__(
+        self,
+        inbox: Receiver[ToScheduler],
+        results: Receiver[FromWorker],
+        core: Scheduler,
+        to_server: Sender,
+    ) -> None:
         self.inbox, self.core, self.to_server = inbox, core, to_server
         self.deferred: list[ToScheduler] = []
+        self.poller = zmq.Poller()  # both sockets, made once: wait_result polls it every step
+        self.poller.register(results.sock, zmq.POLLIN)
+        self.poller.register(inbox.sock, zmq.POLLIN)
+
+    def take_deferred(self) -> list[ToScheduler]:
+        out, self.deferred = self.deferred, []
+        return out
 
     def take(self) -> None:
         for msg in self.inbox.recv_all():
@@ -262,18 +273,14 @@ def wait_result(
     plan: StepPlan,
     log: logging.Logger,
     ranks: RankWatch,
-    step_inbox: StepInbox | None = None,
+    step_inbox: StepInbox,
 ) -> StepResult:
     """Block until rank 0 returns this plan's result, answering `step_inbox`'s state queries
     meanwhile. Late WorkerReady answers to extra pings are skipped, keep-alive answers noted;
     a WorkerFailed ends the process."""
-    poller = zmq.Poller()
-    poller.register(results.sock, zmq.POLLIN)
-    if step_inbox is not None:
-        poller.register(step_inbox.inbox.sock, zmq.POLLIN)
     while True:
-        ready = dict(poller.poll())
-        if step_inbox is not None and step_inbox.inbox.sock in ready:
+        ready = dict(step_inbox.poller.poll())
+        if step_inbox.inbox.sock in ready:
             step_inbox.take()
         if results.sock not in ready:
             continue

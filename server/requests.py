@@ -30,7 +30,6 @@ from fovea.common.messages import (
     TextDelta,
     ToServer,
 )
-from fovea.server.request_build import APIError
 from fovea.server.request_log import RequestRecord
 
 log = logging.getLogger("fovea.server")
@@ -172,8 +171,8 @@ class RequestManager:
         except TimeoutError:
             # A scheduler answers state queries during a step, but a cache flush only between
             # steps, and a replica whose workers hang answers nothing: a 503 to retry.
-            raise APIError(
-                503, f"the scheduler did not answer within {timeout:g} s; try again"
+            raise RequestFailed(
+                f"the scheduler did not answer within {timeout:g} s; try again", status=503
             ) from None
         finally:
             self._stats.pop(qid, None)

@@ -9,8 +9,7 @@ import shutil
 import pytest
 
 from fovea.common.ipc import Addresses
-from fovea.server.request_build import APIError
-from fovea.server.requests import RequestManager
+from fovea.server.requests import RequestFailed, RequestManager
 
 
 def test_an_unanswered_state_query_is_a_503() -> None:
@@ -24,7 +23,7 @@ def test_an_unanswered_state_query_is_a_503() -> None:
             manager.close()
 
     try:
-        with pytest.raises(APIError) as e:
+        with pytest.raises(RequestFailed) as e:
             asyncio.run(query())
     finally:
         if addrs.ipc_dir:
